@@ -1,0 +1,28 @@
+"""tsqp: shielded split inference of LLaMA-family models.
+
+A trusted runner (TEE) keeps the data and the non-linear parts of the model and
+outsources the linear algebra to an untrusted accelerator server over ZeroMQ.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+PROCESS_STARTED = time.time()  # for "time to first token since start" in run-tee's timings
+
+# Client and server take turns on the same cores: OpenMP threads that spin after a
+# product would steal the core the other side is about to use. Must precede torch.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+__version__ = "0.1.0"
+__all__ = ["connect", "__version__"]
+
+
+def __getattr__(name: str) -> Any:  # keep `import tsqp` light: torch loads on first use
+    if name == "connect":
+        from tsqp.session import connect
+
+        return connect
+    raise AttributeError(name)

@@ -1,0 +1,3 @@
+from tsqp.cli import main
+
+main()

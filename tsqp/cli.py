@@ -1,0 +1,222 @@
+"""The `tsqp` command line: parse options, call the library, render. Errors become one red line here."""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from tsqp.errors import TsqpError
+
+app = typer.Typer(
+    help="""Shielded split inference of LLaMA-family models.
+
+A trusted runner (the TEE) keeps your prompt, the tokenizer and every non-linear step;
+an untrusted accelerator server does the heavy linear algebra over ZeroMQ.
+
+Examples:
+
+  tsqp run-tee --prompt "What is the capital of France?"   (starts a private server)
+
+  tsqp serve-gpu --endpoint tcp://127.0.0.1:5555 &
+
+  tsqp run-tee --endpoint tcp://127.0.0.1:5555 --prompt "Hi" --json
+
+  tsqp check-grad --path my_runner.py
+""",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+out = Console()
+err = Console(stderr=True)
+
+ModelOpt = Annotated[
+    str,
+    typer.Option("--model", "-m", envvar="TSQP_MODEL", help="`smollm2` (default, SmolLM2-135M-Instruct), a Hugging Face folder or a .gguf file."),
+]
+EndpointOpt = Annotated[
+    Optional[str],
+    typer.Option("--endpoint", "-e", envvar="TSQP_ENDPOINT", help="Server to use, e.g. tcp://127.0.0.1:5555 or ipc:///tmp/tsqp.sock. Default: start a private server for this run."),
+]
+DeviceOpt = Annotated[str, typer.Option(help="Where the server computes: auto (CUDA when available), cuda or cpu.")]
+DtypeOpt = Annotated[str, typer.Option(help="Server weight dtype: float32, bfloat16 or float16.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object instead of text, for scripts.")]
+
+
+def _progress(message: str) -> None:
+    err.log(message)
+
+
+def _fail(message: str, code: int = 1) -> None:
+    err.print(f"[bold red]error:[/] {message}", highlight=False)
+    raise typer.Exit(code)
+
+
+@app.command("serve-gpu")
+def serve_gpu(
+    model: ModelOpt = "smollm2",
+    endpoint: Annotated[str, typer.Option("--endpoint", "-e", envvar="TSQP_ENDPOINT", help="Where to listen: tcp://HOST:PORT or ipc://PATH.")] = "tcp://127.0.0.1:5555",
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "float32",
+    threads: Annotated[Optional[int], typer.Option(help="torch CPU threads for the products (default: torch's choice).")] = None,
+    quiet: Annotated[bool, typer.Option(help="Print only the ready line.")] = False,
+    log_level: Annotated[str, typer.Option(help="Logging level: debug, info, warning, error.")] = "warning",
+) -> None:
+    """Serve the model's linear layers (embedding, projections, lm_head) to trusted runners.
+
+    Example: tsqp serve-gpu --endpoint tcp://127.0.0.1:5555 --device cuda --dtype bfloat16
+    """
+    import torch
+
+    from tsqp.models import load
+    from tsqp.server import SERVER_DTYPES, Server
+
+    logging.basicConfig(level=log_level.upper(), stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if dtype not in SERVER_DTYPES:
+        _fail(f"--dtype {dtype!r} is not one of {', '.join(SERVER_DTYPES)}")
+    if device not in ("auto", "cuda", "cpu"):
+        _fail(f"--device {device!r} is not one of auto, cuda, cpu")
+    if threads:
+        torch.set_num_threads(threads)
+    with err.status("Loading model…", spinner="dots") if not quiet else _nothing():
+        loaded = load(model, with_tokenizer=False, progress=_progress)
+        try:
+            server = Server(loaded, endpoint, device, dtype)
+        except ValueError as e:
+            _fail(str(e))
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    print(f"tsqp serve-gpu ready on {server.endpoint} (device {server.device}, {dtype}, model {loaded.fingerprint[:12]})", flush=True)
+    try:
+        server.serve_forever(stop)
+    finally:
+        server.close()
+    if not quiet:
+        err.print("tsqp serve-gpu stopped")
+
+
+@app.command("run-tee")
+def run_tee(
+    prompt: Annotated[str, typer.Option("--prompt", "-p", help="The user's message (or raw text with --no-chat).")],
+    model: ModelOpt = "smollm2",
+    endpoint: EndpointOpt = None,
+    local: Annotated[bool, typer.Option("--local", help="Run the linear ops in this process too (the all-in-TEE baseline).")] = False,
+    chat: Annotated[bool, typer.Option("--chat/--no-chat", help="Apply the model's chat template to the prompt.")] = True,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n", min=1, help="Most tokens to generate.")] = 128,
+    temperature: Annotated[float, typer.Option(min=0.0, help="Sampling temperature; 0 is greedy.")] = 0.0,
+    top_p: Annotated[float, typer.Option(min=0.0, max=1.0, help="Nucleus sampling: keep the smallest set of tokens with this much probability.")] = 1.0,
+    seed: Annotated[Optional[int], typer.Option(help="Random seed for sampling.")] = None,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for any one server reply.")] = 60.0,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "float32",
+    as_json: JsonOpt = False,
+) -> None:
+    """Generate an answer; every linear op runs on the server, the rest here.
+
+    Example: tsqp run-tee --prompt "What is the capital of France?" --max-new-tokens 32
+    """
+    from tsqp.session import connect
+
+    with err.status("Loading model and connecting…", spinner="dots"):
+        session = connect(endpoint, model, local=local, device=device, dtype=dtype, timeout_s=timeout, progress=_progress)
+    with session:
+        stream = None if as_json else (lambda text: out.print(text, end="", markup=False, highlight=False, soft_wrap=True))
+        result = session.generate(prompt, max_new_tokens, temperature, top_p, seed, chat, on_text=stream)
+    if as_json:
+        print(json.dumps({"text": result.text, "token_ids": result.token_ids, "prompt_token_ids": result.prompt_token_ids, "timings": result.timings}))
+    else:
+        out.print()
+        t = result.timings
+        err.print(
+            f"[dim]{len(result.token_ids)} tokens · prefill {t['prefill_s']:.2f} s · {t['decode_tokens_per_s']:.1f} tok/s"
+            + (f" · {t['round_trips']:.0f} round trips" if "round_trips" in t else "") + "[/]"
+        )
+
+
+@app.command("check-grad")
+def check_grad(
+    model: ModelOpt = "smollm2",
+    endpoint: EndpointOpt = None,
+    path: Annotated[Optional[list[Path]], typer.Option("--path", help="Also scan this Python file for .numpy() calls that may see grad-tracking tensors (repeatable).")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Prove the split inference path never sends a grad-tracking tensor (exit 0 only when clean).
+
+    Runs a real forward through the server, records every tensor the protocol serializes,
+    and shows that the original `Can't call numpy() on Tensor that requires grad` failure
+    does occur when grad is left on (so this check can fail).
+
+    Example: tsqp check-grad --path tee_runner.py
+    """
+    from tsqp.checkgrad import GradReport, control_error, scan_paths
+    from tsqp.session import connect
+
+    report = GradReport()
+    for p in path or []:
+        if not p.is_file():
+            _fail(f"--path {p}: no such file")
+    try:
+        report.findings = scan_paths(path or [])
+    except SyntaxError as e:
+        _fail(f"cannot parse {e.filename}: {e.msg} (line {e.lineno})")
+    with err.status("Running a forward through the split path…", spinner="dots"):
+        with connect(endpoint, model, on_send=report.record, progress=_progress) as session:
+            session.generate([1, 2, 3, 4], max_new_tokens=2)
+    report.control_error = control_error()
+    if as_json:
+        print(json.dumps({
+            "clean": report.clean, "tensors_sent": len(report.sent), "tensors_requiring_grad": len(report.requiring_grad),
+            "grad_enabled_in_core": report.grad_enabled_in_core, "control_error": report.control_error,
+            "findings": [vars(f) for f in report.findings],
+        }))  # fmt: skip
+    else:
+        _render_grad_report(report)
+    raise typer.Exit(0 if report.clean else 1)
+
+
+def _render_grad_report(report: Any) -> None:
+    def status(ok: bool) -> str:
+        return "[green]ok[/]" if ok else "[bold red]FAIL[/]"
+
+    table = Table(title="check-grad: split inference path")
+    table.add_column("check")
+    table.add_column("result")
+    table.add_column("", justify="center")
+    table.add_row("grad mode inside the core", "enabled" if report.grad_enabled_in_core else "disabled (no_grad)", status(not report.grad_enabled_in_core))
+    table.add_row("tensors serialized for the wire", str(len(report.sent)), status(bool(report.sent)))
+    table.add_row("… of which require grad", str(len(report.requiring_grad)), status(not report.requiring_grad))
+    table.add_row("control: same conversion with grad on", report.control_error or "no error raised", status(report.control_reproduced))
+    table.add_row("static scan: unprotected .numpy() calls", str(len(report.findings)), status(not report.findings))
+    out.print(table)
+    for f in report.findings:
+        out.print(f"  {f.path}:{f.line}:{f.col}  in {f.function}: [bold]{f.code}[/] — {f.reason}", highlight=False)
+    out.print("[green]clean[/]" if report.clean else "[bold red]not clean[/]")
+
+
+class _nothing:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def main() -> None:
+    try:
+        app()
+    except TsqpError as e:
+        err.print(f"[bold red]error:[/] {e}", highlight=False)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        err.print("interrupted")
+        sys.exit(130)

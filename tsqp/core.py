@@ -1,0 +1,183 @@
+"""The one LLaMA forward pass of tsqp, as the trusted side (TEE) runs it.
+
+Everything cheap and non-linear happens here: RMSNorm, RoPE, causal grouped-query
+attention, SiLU, residuals, the KV cache. Every product with a weight matrix goes
+through one seam, a `LinearBackend`: the remote server (split inference), the same
+products in-process (the all-in-TEE baseline), or a shield wrapped around either.
+This module knows nothing of the wire or of masking.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    max_seq_len: int
+
+    @property
+    def n_rep(self) -> int:
+        """Query heads per key/value head (grouped-query attention)."""
+        return self.n_heads // self.n_kv_heads
+
+    @classmethod
+    def from_hf(cls, hf: Any) -> "ModelConfig":
+        n_heads = hf.num_attention_heads
+        head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // n_heads
+        return cls(
+            vocab_size=hf.vocab_size,
+            hidden_size=hf.hidden_size,
+            intermediate_size=hf.intermediate_size,
+            n_layers=hf.num_hidden_layers,
+            n_heads=n_heads,
+            n_kv_heads=getattr(hf, "num_key_value_heads", None) or n_heads,
+            head_dim=head_dim,
+            rms_norm_eps=hf.rms_norm_eps,
+            max_seq_len=hf.max_position_embeddings,
+        )
+
+
+class LinearBackend(Protocol):
+    """Where the weight products run. Shapes: x (B, T, K) -> (B, T, N)."""
+
+    def embed(self, token_ids: torch.Tensor) -> torch.Tensor: ...
+
+    def linear(self, layer: int, modules: Sequence[str], x: torch.Tensor) -> list[torch.Tensor]: ...
+
+    def lm_head(self, x: torch.Tensor) -> torch.Tensor: ...
+
+    def matmul(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor: ...
+
+
+class KVCache:
+    """Preallocated keys and values of every layer, (B, n_kv, max_len, head_dim) each."""
+
+    def __init__(self, config: ModelConfig, max_len: int, batch: int = 1, dtype: torch.dtype = torch.float32) -> None:
+        shape = (batch, config.n_kv_heads, max_len, config.head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype) for _ in range(config.n_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype) for _ in range(config.n_layers)]
+        self.max_len = max_len
+        self.length = 0  # positions filled, committed by `advance` after the last layer
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        start, end = self.length, self.length + k.shape[2]
+        if end > self.max_len:
+            raise ValueError(f"KV cache full: {end} positions needed, {self.max_len} allocated")
+        self.k[layer][:, :, start:end] = k
+        self.v[layer][:, :, start:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+    def advance(self, n: int) -> None:
+        self.length += n
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    # As transformers' LlamaRMSNorm: statistics in float32, scale after casting back.
+    x32 = x.float()
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x32.to(x.dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # x (B, H, T, hd); cos/sin (B, T, hd) -> broadcast over heads
+    return x * cos.unsqueeze(1) + rotate_half(x) * sin.unsqueeze(1)
+
+
+def causal_mask(q_len: int, kv_len: int) -> torch.Tensor:
+    # Query i sits at absolute position kv_len - q_len + i and sees keys 0..that position.
+    # (q_len, kv_len), True = may attend.
+    return torch.ones(q_len, kv_len, dtype=torch.bool).tril(diagonal=kv_len - q_len)
+
+
+class Llama:
+    """The TEE side of a LLaMA model: norms and RoPE here, products through `backend`.
+
+    `offload_attention_from` sends the attention matmuls QKᵀ and AV to the backend's
+    MATMUL when a call processes at least that many tokens (long prefills); by default
+    they stay in the TEE, where a decoded token costs only O(n·d).
+    """
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        hf_config: Any,
+        norms: Mapping[str, torch.Tensor],
+        backend: LinearBackend,
+        offload_attention_from: int | None = None,
+    ) -> None:
+        from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+        self.config = config
+        self.backend = backend
+        self.norms = {name: w.float() for name, w in norms.items()}
+        # transformers' own rotary embedding, so every rope_type (default, linear,
+        # llama3, dynamic, ...) matches the reference exactly.
+        self.rotary = LlamaRotaryEmbedding(hf_config)
+        self.offload_attention_from = offload_attention_from
+
+    def new_cache(self, max_len: int, batch: int = 1) -> KVCache:
+        return KVCache(self.config, min(max_len, self.config.max_seq_len), batch)
+
+    @torch.no_grad()
+    def forward(self, token_ids: torch.Tensor, cache: KVCache, all_logits: bool = False) -> torch.Tensor:
+        """token_ids (B, T) continuing `cache` -> logits (B, T, V), or (B, 1, V) for the last position."""
+        assert not torch.is_grad_enabled()  # the no_grad guarantee `tsqp check-grad` reports on
+        B, T = token_ids.shape
+        positions = torch.arange(cache.length, cache.length + T).expand(B, T)
+        h = self.backend.embed(token_ids).float()  # (B, T, D)
+        cos, sin = self.rotary(h, positions)  # (B, T, hd) each
+        for layer in range(self.config.n_layers):
+            h = h + self._attention(layer, rms_norm(h, self.norms[f"layers.{layer}.attn_norm"], self.config.rms_norm_eps), cos, sin, cache)
+            h = h + self._mlp(layer, rms_norm(h, self.norms[f"layers.{layer}.mlp_norm"], self.config.rms_norm_eps))
+        cache.advance(T)
+        h = rms_norm(h if all_logits else h[:, -1:], self.norms["norm"], self.config.rms_norm_eps)
+        return self.backend.lm_head(h).float()
+
+    def _attention(self, layer: int, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        c = self.config
+        B, T, _ = x.shape
+        q, k, v = self.backend.linear(layer, ("q_proj", "k_proj", "v_proj"), x)
+        q = q.view(B, T, c.n_heads, c.head_dim).transpose(1, 2)  # (B, H, T, hd)
+        k = k.view(B, T, c.n_kv_heads, c.head_dim).transpose(1, 2)  # (B, KV, T, hd)
+        v = v.view(B, T, c.n_kv_heads, c.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        k, v = cache.update(layer, k, v)  # (B, KV, S, hd), S = past + T
+        out = self._scaled_dot_product(q, k, v)  # (B, H, T, hd)
+        out = out.transpose(1, 2).reshape(B, T, c.n_heads * c.head_dim)
+        return self.backend.linear(layer, ("o_proj",), out)[0]
+
+    def _scaled_dot_product(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        T, S = q.shape[2], k.shape[2]
+        offload = self.offload_attention_from is not None and T >= self.offload_attention_from
+        if not offload:
+            mask = None if T == 1 else causal_mask(T, S)
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.config.head_dim**-0.5, enable_gqa=True)
+        # Offloaded: the two products go to the backend; mask and softmax stay here.
+        k = k.repeat_interleave(self.config.n_rep, dim=1)  # (B, H, S, hd)
+        v = v.repeat_interleave(self.config.n_rep, dim=1)
+        scores = self.backend.matmul(q, k.transpose(-2, -1).contiguous()) * self.config.head_dim**-0.5  # (B, H, T, S)
+        scores = scores.masked_fill(~causal_mask(T, S), float("-inf"))
+        return self.backend.matmul(torch.softmax(scores, dim=-1), v.contiguous())
+
+    def _mlp(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.backend.linear(layer, ("gate_proj", "up_proj"), x)
+        return self.backend.linear(layer, ("down_proj",), F.silu(gate) * up)[0]

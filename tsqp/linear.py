@@ -1,0 +1,104 @@
+"""The model's linear algebra: the part tsqp outsources to the accelerator.
+
+`LinearWeights` holds the embedding, every attention/MLP projection and the lm_head,
+pre-transposed to (in, out) so that a product is `x @ W` over contiguous rows (measured
+~2x the read bandwidth of `F.linear` for lm_head on CPU), with the projections that take
+the same input fused into one matrix (q|k|v, gate|up) so one call computes all of them.
+
+The server serves exactly this object; `LocalBackend` uses it in-process for the
+all-in-TEE baseline. There is no other place where these products are computed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+
+from tsqp.errors import ProtocolError
+
+MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# Modules that read the same input and therefore travel together in one LINEAR call.
+FUSED_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+CALL_GROUPS = FUSED_GROUPS + (("o_proj",), ("down_proj",))
+
+
+class LinearWeights:
+    """Embedding, projections and lm_head of one model, ready for products on one device."""
+
+    def __init__(
+        self,
+        weights: Mapping[str, torch.Tensor],
+        n_layers: int,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        self.n_layers = n_layers
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.embedding = weights["embed"].to(device=self.device, dtype=dtype).contiguous()  # (V, D)
+        self.lm_head_t = weights["lm_head"].to(device=self.device, dtype=dtype).t().contiguous()  # (D, V)
+        # (layer, modules) -> (W_t (K, sum N), output sizes)
+        self._groups: dict[tuple[int, tuple[str, ...]], tuple[torch.Tensor, list[int]]] = {}
+        for layer in range(n_layers):
+            for group in CALL_GROUPS:
+                mats = [weights[f"layers.{layer}.{name}"] for name in group]  # each (N_i, K)
+                fused = torch.cat(mats, dim=0).to(device=self.device, dtype=dtype).t().contiguous()
+                self._groups[(layer, group)] = (fused, [m.shape[0] for m in mats])
+
+    def check_linear(self, layer: int, modules: Sequence[str]) -> tuple[int, tuple[str, ...]]:
+        """Validate a (layer, modules) request; returns the fused group key."""
+        if not isinstance(layer, int) or isinstance(layer, bool) or not 0 <= layer < self.n_layers:
+            raise ProtocolError(f"layer index {layer!r} out of range 0..{self.n_layers - 1}")
+        key = (layer, tuple(modules))
+        if key not in self._groups:
+            unknown = [m for m in modules if m not in MODULES]
+            if unknown:
+                raise ProtocolError(f"unknown module {unknown[0]!r}; known: {', '.join(MODULES)}")
+            groups = [list(g) for g in CALL_GROUPS]
+            raise ProtocolError(f"modules {list(modules)} are not one call group; use one of {groups}")
+        return key
+
+    def linear(self, layer: int, modules: Sequence[str], x: torch.Tensor) -> list[torch.Tensor]:
+        """x (..., K) -> one (..., N_i) tensor per module, from a single fused product."""
+        fused, sizes = self._groups[self.check_linear(layer, modules)]
+        if x.shape[-1] != fused.shape[0]:
+            raise ProtocolError(f"input has {x.shape[-1]} features, {modules[0]} of layer {layer} expects {fused.shape[0]}")
+        y = x.to(self.device, self.dtype) @ fused
+        return list(y.split(sizes, dim=-1)) if len(sizes) > 1 else [y]
+
+    def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
+        vocab = self.embedding.shape[0]
+        if token_ids.numel() and (int(token_ids.min()) < 0 or int(token_ids.max()) >= vocab):
+            raise ProtocolError(f"token id out of range 0..{vocab - 1}")
+        return self.embedding[token_ids.to(self.device)]
+
+    def lm_head(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.lm_head_t.shape[0]:
+            raise ProtocolError(f"lm_head input has {x.shape[-1]} features, expects {self.lm_head_t.shape[0]}")
+        return x.to(self.device, self.dtype) @ self.lm_head_t
+
+    @staticmethod
+    def matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        if a.dim() < 2 or b.dim() < 2 or a.shape[-1] != b.shape[-2]:
+            raise ProtocolError(f"matmul shapes {list(a.shape)} @ {list(b.shape)} do not compose")
+        return a @ b
+
+
+class LocalBackend:
+    """Linear ops computed in-process: the all-in-TEE baseline."""
+
+    def __init__(self, weights: LinearWeights) -> None:
+        self.weights = weights
+
+    def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
+        return self.weights.embed(token_ids)
+
+    def linear(self, layer: int, modules: Sequence[str], x: torch.Tensor) -> list[torch.Tensor]:
+        return self.weights.linear(layer, modules, x)
+
+    def lm_head(self, x: torch.Tensor) -> torch.Tensor:
+        return self.weights.lm_head(x)
+
+    def matmul(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return self.weights.matmul(a, b)

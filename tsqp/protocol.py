@@ -1,0 +1,176 @@
+"""The tsqp wire protocol: one module, used by client and server alike.
+
+Transport: ZeroMQ, client DEALER, server ROUTER; `tcp://` or `ipc://` endpoints.
+
+A message (request or reply) is a multipart ZeroMQ message:
+
+    frame 0      header, msgpack map:
+                   v        [major, minor]      protocol version
+                   op       str                 request op, or "REPLY"
+                   id       int                 request id, echoed by the reply
+                   ok       bool                replies only: false means `error` says why
+                   error    str | None          replies only
+                   args     map                 op arguments (small values only)
+                   tensors  [[dtype, shape]]    one entry per following frame
+    frame 1..n   the raw bytes of each tensor, C order, sent and received without copies
+
+Never pickle: a pickle from an untrusted peer is remote code execution. Everything
+read from the wire is validated in `decode`, in a fixed order, and a violation raises
+`ProtocolError` naming the field.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgpack
+import torch
+
+from tsqp.errors import ProtocolError
+
+VERSION = (1, 0)
+OPS = ("HELLO", "EMBED", "LINEAR", "MATMUL", "LM_HEAD", "STATS")
+REPLY = "REPLY"
+
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float64": torch.float64,
+    "int64": torch.int64,
+    "int32": torch.int32,
+}
+DTYPE_NAMES = {dt: name for name, dt in DTYPES.items()}
+
+# Received frames are read-only buffers; tensors made on them are never written to.
+warnings.filterwarnings("ignore", message="The given buffer is not writable")
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What a peer accepts; anything larger is refused before it is allocated."""
+
+    max_header_bytes: int = 64 * 1024
+    max_tensors: int = 8
+    max_tensor_elements: int = 64 * 1024 * 1024
+    max_message_bytes: int = 512 * 1024 * 1024
+
+
+@dataclass
+class Message:
+    op: str
+    id: int
+    args: dict[str, Any] = field(default_factory=dict)
+    tensors: list[torch.Tensor] = field(default_factory=list)
+    ok: bool = True
+    error: str | None = None
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors)
+
+
+def request(op: str, id: int, args: dict[str, Any] | None = None, tensors: Sequence[torch.Tensor] = ()) -> Message:
+    return Message(op=op, id=id, args=args or {}, tensors=list(tensors))
+
+
+def reply(id: int, args: dict[str, Any] | None = None, tensors: Sequence[torch.Tensor] = ()) -> Message:
+    return Message(op=REPLY, id=id, args=args or {}, tensors=list(tensors))
+
+
+def error_reply(id: int, error: str) -> Message:
+    return Message(op=REPLY, id=id, ok=False, error=error)
+
+
+def encode(msg: Message) -> list[Any]:
+    """Message -> frames. Tensor frames are views of the tensors' memory (no copy)."""
+    header: dict[str, Any] = {"v": list(VERSION), "op": msg.op, "id": msg.id, "args": msg.args}
+    if msg.op == REPLY:
+        header.update(ok=msg.ok, error=msg.error)
+    frames: list[Any] = []
+    specs = []
+    for t in msg.tensors:
+        if t.dtype not in DTYPE_NAMES:
+            raise ProtocolError(f"dtype {t.dtype} cannot be sent; allowed: {', '.join(DTYPES)}")
+        specs.append([DTYPE_NAMES[t.dtype], list(t.shape)])
+        # `.numpy()` shares memory. It is also where a grad-tracking tensor would fail
+        # ("Can't call numpy() on Tensor that requires grad"): the core runs under no_grad.
+        frames.append(t.contiguous().reshape(-1).view(torch.uint8).numpy())
+    header["tensors"] = specs
+    return [msgpack.packb(header, use_bin_type=True), *frames]
+
+
+def decode(frames: Sequence[Any], limits: Limits = Limits(), expect_reply: bool = False) -> Message:
+    """Frames -> Message, validating version, frame count, op, dtypes, shapes and sizes."""
+    if not frames:
+        raise ProtocolError("empty message: no header frame")
+    raw = _buffer(frames[0])
+    if len(raw) > limits.max_header_bytes:
+        raise ProtocolError(f"header is {len(raw)} bytes, limit {limits.max_header_bytes}")
+    try:
+        header = msgpack.unpackb(raw, raw=False, strict_map_key=True)
+    except Exception as e:
+        raise ProtocolError(f"header is not valid msgpack: {e}") from None
+    if not isinstance(header, dict):
+        raise ProtocolError("header must be a map")
+    version = header.get("v")
+    if not isinstance(version, list) or len(version) != 2 or version[0] != VERSION[0]:
+        raise ProtocolError(f"protocol version {version!r} not supported; this side speaks {VERSION[0]}.x")
+    msg_id = header.get("id")
+    if not isinstance(msg_id, int) or isinstance(msg_id, bool):
+        raise ProtocolError(f"field 'id' must be an integer, got {msg_id!r}")
+    op = header.get("op")
+    allowed = (REPLY,) if expect_reply else OPS
+    if op not in allowed:
+        raise ProtocolError(f"unknown op {op!r}; expected one of {', '.join(allowed)}")
+    args = header.get("args", {})
+    if not isinstance(args, dict):
+        raise ProtocolError("field 'args' must be a map")
+    specs = header.get("tensors", [])
+    if not isinstance(specs, list):
+        raise ProtocolError("field 'tensors' must be a list")
+    if len(specs) > limits.max_tensors:
+        raise ProtocolError(f"{len(specs)} tensors, limit {limits.max_tensors}")
+    if len(frames) != len(specs) + 1:
+        raise ProtocolError(f"header declares {len(specs)} tensors but {len(frames) - 1} tensor frames arrived")
+    tensors = []
+    total = len(raw)
+    for i, (spec, frame) in enumerate(zip(specs, frames[1:])):
+        tensor = _tensor(i, spec, _buffer(frame), limits)
+        total += tensor.numel() * tensor.element_size()
+        if total > limits.max_message_bytes:
+            raise ProtocolError(f"message exceeds {limits.max_message_bytes} bytes")
+        tensors.append(tensor)
+    msg = Message(op=op, id=msg_id, args=args, tensors=tensors)
+    if expect_reply:
+        msg.ok = header.get("ok") is True
+        msg.error = str(header.get("error")) if not msg.ok else None
+    return msg
+
+
+def _buffer(frame: Any) -> memoryview:
+    return memoryview(frame.buffer if hasattr(frame, "buffer") else frame)
+
+
+def _tensor(i: int, spec: Any, buf: memoryview, limits: Limits) -> torch.Tensor:
+    if not (isinstance(spec, list) and len(spec) == 2 and isinstance(spec[1], list)):
+        raise ProtocolError(f"tensors[{i}] must be [dtype, shape]")
+    name, shape = spec
+    if name not in DTYPES:
+        raise ProtocolError(f"tensors[{i}] dtype {name!r} not allowed; allowed: {', '.join(DTYPES)}")
+    if not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape) or len(shape) > 8:
+        raise ProtocolError(f"tensors[{i}] shape {shape!r} must be at most 8 non-negative integers")
+    numel = math.prod(shape)
+    if numel > limits.max_tensor_elements:
+        raise ProtocolError(f"tensors[{i}] has {numel} elements, limit {limits.max_tensor_elements}")
+    dtype = DTYPES[name]
+    expected = numel * dtype.itemsize
+    if buf.nbytes != expected:
+        raise ProtocolError(f"tensors[{i}] shape {shape} {name} needs {expected} bytes, frame has {buf.nbytes}")
+    if numel == 0:
+        return torch.empty(shape, dtype=dtype)
+    return torch.frombuffer(buf, dtype=dtype).view(shape)

@@ -1,0 +1,214 @@
+"""`tsqp serve-gpu`: the untrusted accelerator service.
+
+It holds the linear weights (`LinearWeights`) on CUDA when present, else CPU, and
+answers the protocol's ops from a table of small handlers. Whatever a client sends,
+the server answers with a reply (an error naming the problem if need be) and goes on
+serving.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgpack
+import torch
+import zmq
+
+from tsqp import protocol
+from tsqp.errors import ProtocolError
+from tsqp.linear import CALL_GROUPS, LinearWeights
+from tsqp.models import LoadedModel
+from tsqp.protocol import Limits, Message
+
+log = logging.getLogger("tsqp.server")
+
+SERVER_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def pick_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda asked for, but torch sees no CUDA device; use --device cpu")
+    return torch.device(device)
+
+
+def default_limits(model: LoadedModel) -> Limits:
+    """Room for the largest legitimate request (a full-context prefill), and no more."""
+    c = model.config
+    widest = max(c.hidden_size, c.intermediate_size, c.vocab_size)
+    elements = c.max_seq_len * widest
+    attention = c.n_heads * c.max_seq_len * c.max_seq_len  # offloaded prefill scores
+    return Limits(max_tensor_elements=max(elements, attention), max_message_bytes=8 * max(elements, attention) + (1 << 20))
+
+
+@dataclass
+class OpStats:
+    calls: int = 0
+    errors: int = 0
+    bytes_in: int = 0
+    bytes_out: int = 0
+    compute_s: float = 0.0
+
+
+@dataclass
+class ServerStats:
+    ops: dict[str, OpStats] = field(default_factory=lambda: defaultdict(OpStats))
+    malformed: int = 0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"ops": {op: vars(s) for op, s in self.ops.items()}, "malformed": self.malformed}
+
+
+class Server:
+    def __init__(
+        self,
+        model: LoadedModel,
+        endpoint: str,
+        device: str = "auto",
+        dtype: str = "float32",
+        limits: Limits | None = None,
+        context: zmq.Context | None = None,
+    ) -> None:
+        self.model = model
+        self.device = pick_device(device)
+        self.dtype_name = dtype
+        self.weights = LinearWeights(model.weights, model.config.n_layers, self.device, SERVER_DTYPES[dtype])
+        self.limits = limits or default_limits(model)
+        self.stats = ServerStats()
+        self.context = context or zmq.Context.instance()
+        self.socket = self.context.socket(zmq.ROUTER)
+        self.socket.setsockopt(zmq.LINGER, 0)
+        # Hard cap per frame in libzmq: far beyond it the peer is dropped before we allocate.
+        self.socket.setsockopt(zmq.MAXMSGSIZE, 2 * self.limits.max_message_bytes)
+        self.socket.bind(endpoint)
+        self.endpoint = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
+        self._handlers: dict[str, tuple[int, Callable[[Message], Message]]] = {
+            "HELLO": (0, self._hello),
+            "EMBED": (1, self._embed),
+            "LINEAR": (1, self._linear),
+            "MATMUL": (2, self._matmul),
+            "LM_HEAD": (1, self._lm_head),
+            "STATS": (0, self._stats),
+        }
+
+    # --- serving -------------------------------------------------------------
+
+    def serve_forever(self, stop: threading.Event | None = None) -> None:
+        stop = stop or threading.Event()
+        while not stop.is_set():
+            if self.socket.poll(100):  # blocking wait, no busy polling: the client needs the core
+                self.serve_one()
+
+    def serve_one(self) -> None:
+        identity, *frames = self.socket.recv_multipart(copy=False)
+        reply = self.handle(frames)
+        self.socket.send_multipart([identity, *protocol.encode(reply)], copy=False)
+
+    def handle(self, frames: list[Any]) -> Message:
+        """Frames of one request -> the reply. Never raises."""
+        try:
+            msg = protocol.decode(frames, self.limits)
+        except ProtocolError as e:
+            self.stats.malformed += 1
+            log.warning("malformed request: %s", e)
+            return protocol.error_reply(_salvage_id(frames), f"bad request: {e}")
+        stats = self.stats.ops[msg.op]
+        stats.calls += 1
+        stats.bytes_in += msg.nbytes
+        started = time.perf_counter()
+        try:
+            n_tensors, handler = self._handlers[msg.op]
+            if len(msg.tensors) != n_tensors:
+                raise ProtocolError(f"{msg.op} takes {n_tensors} tensor(s), got {len(msg.tensors)}")
+            reply = handler(msg)
+        except ProtocolError as e:
+            stats.errors += 1
+            return protocol.error_reply(msg.id, f"bad {msg.op} request: {e}")
+        except Exception as e:  # a bug or a device failure must not kill the service
+            stats.errors += 1
+            log.exception("%s failed", msg.op)
+            return protocol.error_reply(msg.id, f"{msg.op} failed on the server: {type(e).__name__}: {e}")
+        elapsed = time.perf_counter() - started
+        stats.compute_s += elapsed
+        stats.bytes_out += reply.nbytes
+        reply.args.setdefault("compute_s", elapsed)
+        return reply
+
+    def close(self) -> None:
+        self.socket.close(linger=0)
+
+    # --- handlers ------------------------------------------------------------
+
+    def _hello(self, msg: Message) -> Message:
+        theirs = msg.args.get("fingerprint")
+        if theirs is not None and theirs != self.model.fingerprint:
+            raise ProtocolError(f"model fingerprint {theirs} does not match the server's {self.model.fingerprint}")
+        return protocol.reply(
+            msg.id,
+            {
+                "protocol": list(protocol.VERSION),
+                "fingerprint": self.model.fingerprint,
+                "config": vars(self.model.config),
+                "device": str(self.device),
+                "dtype": self.dtype_name,
+                "ops": list(self._handlers),
+                "call_groups": [list(g) for g in CALL_GROUPS],
+                "limits": vars(self.limits),
+            },
+        )
+
+    def _embed(self, msg: Message) -> Message:
+        ids = msg.tensors[0]
+        if ids.dtype != torch.int64:
+            raise ProtocolError(f"token ids must be int64, got {protocol.DTYPE_NAMES[ids.dtype]}")
+        return protocol.reply(msg.id, tensors=[self._out(self.weights.embed(ids), torch.float32)])
+
+    def _linear(self, msg: Message) -> Message:
+        layer, modules = msg.args.get("layer"), msg.args.get("modules")
+        if not isinstance(modules, list) or not all(isinstance(m, str) for m in modules):
+            raise ProtocolError("args.modules must be a list of module names")
+        x = _float_input(msg.tensors[0])
+        outputs = self.weights.linear(layer, modules, x)
+        return protocol.reply(msg.id, tensors=[self._out(y, x.dtype) for y in outputs])
+
+    def _matmul(self, msg: Message) -> Message:
+        a, b = (_float_input(t) for t in msg.tensors)
+        y = self.weights.matmul(a.to(self.device, self.weights.dtype), b.to(self.device, self.weights.dtype))
+        return protocol.reply(msg.id, tensors=[self._out(y, a.dtype)])
+
+    def _lm_head(self, msg: Message) -> Message:
+        x = _float_input(msg.tensors[0])
+        return protocol.reply(msg.id, tensors=[self._out(self.weights.lm_head(x), x.dtype)])
+
+    def _stats(self, msg: Message) -> Message:
+        return protocol.reply(msg.id, self.stats.as_dict())
+
+    @staticmethod
+    def _out(y: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        return y.to(dtype).cpu().contiguous()
+
+
+def _float_input(x: torch.Tensor) -> torch.Tensor:
+    if x.dtype not in FLOAT_DTYPES:
+        raise ProtocolError(f"activations must be floating point, got {protocol.DTYPE_NAMES[x.dtype]}")
+    if x.dim() < 1:
+        raise ProtocolError("activations must have at least one dimension")
+    return x
+
+
+def _salvage_id(frames: list[Any]) -> int:
+    """The request id of a message that failed validation, if its header yields one."""
+    try:
+        header = msgpack.unpackb(protocol._buffer(frames[0]), raw=False)
+        msg_id = header.get("id")
+        return msg_id if isinstance(msg_id, int) and not isinstance(msg_id, bool) else -1
+    except Exception:
+        return -1

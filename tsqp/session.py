@@ -1,0 +1,201 @@
+"""The Python API: a trusted session that generates text with linear ops on a server.
+
+    with tsqp.connect("tcp://127.0.0.1:5555") as session:
+        result = session.generate("What is the capital of France?", max_new_tokens=32)
+        print(result.text, result.timings["decode_tokens_per_s"])
+
+Without an endpoint, `connect` starts a private `tsqp serve-gpu` for the session and
+stops it on close; `local=True` runs the linear ops in-process (all-in-TEE baseline).
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from tsqp import PROCESS_STARTED
+from tsqp.client import RemoteBackend
+from tsqp.core import Llama
+from tsqp.errors import ServerUnavailable, TsqpError
+from tsqp.generation import Generation, generate
+from tsqp.linear import LinearWeights, LocalBackend
+from tsqp.models import DEFAULT_MODEL, LoadedModel, load, resolve
+
+READY = "tsqp serve-gpu ready"
+
+
+class PrivateServer:
+    """A `tsqp serve-gpu` child process on a private ipc:// endpoint."""
+
+    def __init__(self, model_folder: Path, device: str = "auto", dtype: str = "float32", startup_timeout_s: float = 120.0) -> None:
+        self._dir = tempfile.TemporaryDirectory(prefix="tsqp-")
+        self.endpoint = f"ipc://{self._dir.name}/server.sock"
+        command = [sys.executable, "-m", "tsqp", "serve-gpu", "--model", str(model_folder), "--endpoint", self.endpoint,
+                   "--device", device, "--dtype", dtype, "--quiet"]  # fmt: skip
+        self._stderr = open(Path(self._dir.name) / "server.log", "w+")
+        self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=self._stderr, text=True)
+        self.startup_timeout_s = startup_timeout_s
+
+    def wait_ready(self) -> None:
+        assert self.process.stdout is not None
+        deadline = time.monotonic() + self.startup_timeout_s
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([self.process.stdout], [], [], 0.2)
+            if ready:
+                line = self.process.stdout.readline()
+                if line.startswith(READY):
+                    return
+                if line:
+                    continue
+            if self.process.poll() is not None:
+                raise ServerUnavailable(f"the private tsqp server exited with status {self.process.returncode}: {self._log_tail()}")
+        self.close()
+        raise ServerUnavailable(f"the private tsqp server was not ready within {self.startup_timeout_s:g} s")
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def _log_tail(self) -> str:
+        self._stderr.seek(0)
+        lines = [l.strip() for l in self._stderr.read().splitlines() if l.strip()]
+        return lines[-1] if lines else "(no output)"
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(5)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        if self.process.stdout:
+            self.process.stdout.close()
+        self._stderr.close()
+        self._dir.cleanup()
+
+
+class Session:
+    """A loaded model (tokenizer and norms stay here) plus a backend for its linear ops."""
+
+    def __init__(self, model: LoadedModel, backend: Any, private_server: PrivateServer | None = None,
+                 offload_attention_from: int | None = None) -> None:  # fmt: skip
+        self.model = model
+        self.backend = backend
+        self.private_server = private_server
+        self.llama = Llama(model.config, model.hf_config, model.norms(), backend, offload_attention_from)
+
+    def prompt_ids(self, prompt: str, chat: bool = True) -> list[int]:
+        tokenizer = self.model.tokenizer
+        if tokenizer is None:
+            raise TsqpError(f"{self.model.path} has no tokenizer; pass token ids instead of text")
+        if chat and tokenizer.chat_template:
+            ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True)
+            return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+        return list(tokenizer(prompt)["input_ids"])
+
+    def generate(
+        self,
+        prompt: str | list[int],
+        max_new_tokens: int = 128,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        chat: bool = True,
+        on_text: Callable[[str], None] | None = None,
+    ) -> Generation:
+        ids = prompt if isinstance(prompt, list) else self.prompt_ids(prompt, chat)
+        streamer = _TextStream(self.model.tokenizer, on_text)
+        before = self._wire_snapshot()
+        result = generate(self.llama, ids, max_new_tokens, self.model.eos_token_ids(), temperature, top_p, seed,
+                          on_token=streamer.push)  # fmt: skip
+        result.text = streamer.text
+        result.timings.update(self._wire_delta(before))
+        result.timings["first_token_s_since_start"] = streamer.first_token_at - PROCESS_STARTED if streamer.first_token_at else 0.0
+        return result
+
+    def _wire_snapshot(self) -> dict[str, float]:
+        stats = getattr(self.backend, "stats", None)
+        return stats.as_dict() if stats is not None else {}
+
+    def _wire_delta(self, before: dict[str, float]) -> dict[str, float]:
+        after = self._wire_snapshot()
+        return {key: after[key] - before.get(key, 0) for key in after}
+
+    def close(self) -> None:
+        if isinstance(self.backend, RemoteBackend):
+            self.backend.close()
+        if self.private_server is not None:
+            self.private_server.close()
+
+    def __enter__(self) -> "Session":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class _TextStream:
+    """Turns generated ids into text deltas; decoding the whole tail keeps multi-byte characters whole."""
+
+    def __init__(self, tokenizer: Any, on_text: Callable[[str], None] | None) -> None:
+        self.tokenizer, self.on_text = tokenizer, on_text
+        self.ids: list[int] = []
+        self.text = ""
+        self.first_token_at: float | None = None
+
+    def push(self, token: int) -> None:
+        if self.first_token_at is None:
+            self.first_token_at = time.time()
+        self.ids.append(token)
+        if self.tokenizer is None:
+            return
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if text.endswith("\ufffd"):
+            return  # an incomplete multi-byte character: wait for the next token
+        delta, self.text = text[len(self.text):], text
+        if delta and self.on_text is not None:
+            self.on_text(delta)
+
+
+def connect(
+    endpoint: str | None = None,
+    model: str | os.PathLike[str] = DEFAULT_MODEL,
+    local: bool = False,
+    device: str = "auto",
+    dtype: str = "float32",
+    timeout_s: float = 60.0,
+    connect_timeout_s: float = 10.0,
+    offload_attention_from: int | None = None,
+    progress: Callable[[str], Any] | None = None,
+    on_send: Callable[[str, Any], None] | None = None,
+) -> Session:
+    """Open a session: to `endpoint`, to a private server (endpoint None), or in-process (`local`)."""
+    folder = resolve(model, progress)  # converts a GGUF once, before any server needs it
+    if local:
+        loaded = load(folder)
+        backend: Any = LocalBackend(LinearWeights(loaded.weights, loaded.config.n_layers))
+        return Session(loaded, backend, offload_attention_from=offload_attention_from)
+    server = PrivateServer(folder, device, dtype) if endpoint is None else None
+    try:
+        loaded = load(folder)  # while the private server loads its own copy
+        if server is not None:
+            server.wait_ready()
+        remote = RemoteBackend(server.endpoint if server else endpoint, timeout_s, connect_timeout_s,
+                               on_send=on_send, server_alive=server.alive if server else None)  # fmt: skip
+        try:
+            remote.hello(loaded.fingerprint)
+        except BaseException:
+            remote.close()
+            raise
+    except BaseException:
+        if server is not None:
+            server.close()
+        raise
+    return Session(loaded, remote, server, offload_attention_from)
