@@ -21,6 +21,7 @@ MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 # Modules that read the same input and therefore travel together in one LINEAR call.
 FUSED_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 CALL_GROUPS = FUSED_GROUPS + (("o_proj",), ("down_proj",))
+SMALL_PRODUCT_ROWS = 16
 
 
 class LinearWeights:
@@ -36,6 +37,7 @@ class LinearWeights:
         self.n_layers = n_layers
         self.device = torch.device(device)
         self.dtype = dtype
+        self._numpy_ok = self.device.type == "cpu" and dtype == torch.float32
         self.embedding = weights["embed"].to(device=self.device, dtype=dtype).contiguous()  # (V, D)
         self.lm_head_t = weights["lm_head"].to(device=self.device, dtype=dtype).t().contiguous()  # (D, V)
         # (layer, modules) -> (W_t (K, sum N), output sizes)
@@ -64,8 +66,16 @@ class LinearWeights:
         fused, sizes = self._groups[self.check_linear(layer, modules)]
         if x.shape[-1] != fused.shape[0]:
             raise ProtocolError(f"input has {x.shape[-1]} features, {modules[0]} of layer {layer} expects {fused.shape[0]}")
-        y = x.to(self.device, self.dtype) @ fused
+        y = self._product(x, fused)
         return list(y.split(sizes, dim=-1)) if len(sizes) > 1 else [y]
+
+    def _product(self, x: torch.Tensor, w_t: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.device, self.dtype)
+        if self._numpy_ok and x.numel() <= SMALL_PRODUCT_ROWS * w_t.shape[0]:
+            # Decode-sized products on CPU: numpy's BLAS call costs ~half of torch's
+            # dispatch here (a 30-layer decode step: 36 ms vs 56 ms of products).
+            return torch.from_numpy(x.numpy() @ w_t.numpy())
+        return x @ w_t
 
     def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
         vocab = self.embedding.shape[0]
@@ -76,7 +86,7 @@ class LinearWeights:
     def lm_head(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.lm_head_t.shape[0]:
             raise ProtocolError(f"lm_head input has {x.shape[-1]} features, expects {self.lm_head_t.shape[0]}")
-        return x.to(self.device, self.dtype) @ self.lm_head_t
+        return self._product(x, self.lm_head_t)
 
     @staticmethod
     def matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
