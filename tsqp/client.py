@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 import zmq
+import zmq.utils.monitor
 
 from tsqp import protocol
 from tsqp.errors import ModelMismatch, ProtocolError, RemoteError, ServerUnavailable
@@ -68,8 +69,10 @@ class RemoteBackend:
         self._next_id = 0
         self.socket = (context or zmq.Context.instance()).socket(zmq.DEALER)
         self.socket.setsockopt(zmq.LINGER, 0)
-        # Disconnect events tell us a server died mid-request without waiting for the deadline.
-        self._monitor = self.socket.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        # Connection events tell us a server died without waiting for the deadline.
+        self._monitor = self.socket.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
+        self._connected = False
+        self._was_connected = False
         self.socket.connect(endpoint)
 
     # --- LinearBackend -------------------------------------------------------
@@ -90,7 +93,12 @@ class RemoteBackend:
 
     def hello(self, fingerprint: str | None = None) -> dict[str, Any]:
         """Check that a compatible server holding the same model answers."""
-        reply = self.call("HELLO", {"fingerprint": fingerprint} if fingerprint else {}, timeout_s=self.connect_timeout_s)
+        try:
+            reply = self.call("HELLO", {"fingerprint": fingerprint} if fingerprint else {}, timeout_s=self.connect_timeout_s)
+        except RemoteError as e:
+            if "fingerprint" in str(e):
+                raise ModelMismatch(f"the server at {self.endpoint} holds a different model: {e}") from None
+            raise
         self.info = reply.args
         if fingerprint is not None and reply.args.get("fingerprint") != fingerprint:
             raise ModelMismatch(f"the server at {self.endpoint} holds a different model (fingerprint {reply.args.get('fingerprint')}, ours {fingerprint})")
@@ -108,7 +116,6 @@ class RemoteBackend:
         t0 = time.perf_counter()
         frames = protocol.encode(request)
         t1 = time.perf_counter()
-        self._drain_monitor()
         self.socket.send_multipart(frames, copy=False)
         deadline = time.monotonic() + (self.timeout_s if timeout_s is None else timeout_s)
         while True:
@@ -138,20 +145,20 @@ class RemoteBackend:
             # Blocking waits in short slices, so a dead server is noticed at once.
             if self.socket.poll(200):
                 return self.socket.recv_multipart(copy=False)
-            if self._drain_monitor() or (self.server_alive is not None and not self.server_alive()):
+            self._watch_connection()
+            if (self._was_connected and not self._connected) or (self.server_alive is not None and not self.server_alive()):
                 raise ServerUnavailable(f"the tsqp server at {self.endpoint} went away while answering {op}")
             if time.monotonic() > deadline:
                 raise ServerUnavailable(
                     f"no answer to {op} from {self.endpoint} in time; is `tsqp serve-gpu` running there?"
                 )
 
-    def _drain_monitor(self) -> bool:
-        """True if the connection dropped since the last look."""
-        dropped = False
+    def _watch_connection(self) -> None:
+        """Follow connect/disconnect events (a restarted server reconnects by itself)."""
         while self._monitor.poll(0):
-            self._monitor.recv_multipart()
-            dropped = True
-        return dropped
+            event = zmq.utils.monitor.parse_monitor_message(self._monitor.recv_multipart())["event"]
+            self._connected = event == zmq.EVENT_CONNECTED
+            self._was_connected |= self._connected
 
     def close(self) -> None:
         self.socket.disable_monitor()

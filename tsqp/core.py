@@ -85,6 +85,34 @@ class KVCache:
         self.length += n
 
 
+class Rotary:
+    """RoPE cos/sin exactly as transformers computes them for the model's `rope_parameters`.
+
+    The inverse frequencies come from transformers' own rope init functions (linear,
+    llama3, yarn, ...), not re-derived here. Importing its whole LLaMA module instead
+    would add ~2 s to every start.
+    """
+
+    def __init__(self, hf_config: Any, head_dim: int) -> None:
+        from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+        params = getattr(hf_config, "rope_parameters", None) or {}
+        rope_type = params.get("rope_type", "default")
+        if rope_type == "default":
+            theta = params.get("rope_theta", 10000.0)
+            self.inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim))
+            self.scaling = 1.0
+        elif rope_type in ("dynamic", "longrope"):
+            raise ValueError(f"rope_type {rope_type!r} changes with sequence length and is not supported yet")
+        else:
+            self.inv_freq, self.scaling = ROPE_INIT_FUNCTIONS[rope_type](hf_config)
+
+    def __call__(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = positions[..., None].float() * self.inv_freq  # (B, T, hd/2)
+        emb = torch.cat((freqs, freqs), dim=-1)  # (B, T, hd)
+        return emb.cos() * self.scaling, emb.sin() * self.scaling
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     # As transformers' LlamaRMSNorm: statistics in float32, scale after casting back.
     x32 = x.float()
@@ -124,14 +152,10 @@ class Llama:
         backend: LinearBackend,
         offload_attention_from: int | None = None,
     ) -> None:
-        from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
-
         self.config = config
         self.backend = backend
         self.norms = {name: w.float() for name, w in norms.items()}
-        # transformers' own rotary embedding, so every rope_type (default, linear,
-        # llama3, dynamic, ...) matches the reference exactly.
-        self.rotary = LlamaRotaryEmbedding(hf_config)
+        self.rotary = Rotary(hf_config, config.head_dim)
         self.offload_attention_from = offload_attention_from
 
     def new_cache(self, max_len: int, batch: int = 1) -> KVCache:
@@ -144,7 +168,7 @@ class Llama:
         B, T = token_ids.shape
         positions = torch.arange(cache.length, cache.length + T).expand(B, T)
         h = self.backend.embed(token_ids).float()  # (B, T, D)
-        cos, sin = self.rotary(h, positions)  # (B, T, hd) each
+        cos, sin = self.rotary(positions)  # (B, T, hd) each
         for layer in range(self.config.n_layers):
             h = h + self._attention(layer, rms_norm(h, self.norms[f"layers.{layer}.attn_norm"], self.config.rms_norm_eps), cos, sin, cache)
             h = h + self._mlp(layer, rms_norm(h, self.norms[f"layers.{layer}.mlp_norm"], self.config.rms_norm_eps))

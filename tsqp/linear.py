@@ -61,6 +61,9 @@ class LinearWeights:
             raise ProtocolError(f"modules {list(modules)} are not one call group; use one of {groups}")
         return key
 
+    def out_features(self, layer: int, modules: Sequence[str]) -> int:
+        return sum(self._groups[self.check_linear(layer, modules)][1])
+
     def linear(self, layer: int, modules: Sequence[str], x: torch.Tensor) -> list[torch.Tensor]:
         """x (..., K) -> one (..., N_i) tensor per module, from a single fused product."""
         fused, sizes = self._groups[self.check_linear(layer, modules)]

@@ -175,6 +175,9 @@ def load(spec: str | os.PathLike[str], with_tokenizer: bool = True, progress: Ca
         raise ModelLoadError(f"{folder} is a {hf_config.model_type!r} model; tsqp supports {', '.join(SUPPORTED_TYPES)}")
     if getattr(hf_config, "attention_bias", False) or getattr(hf_config, "mlp_bias", False):
         raise ModelLoadError(f"{folder} uses biases in its linear layers, which tsqp does not support yet")
+    rope_type = (getattr(hf_config, "rope_parameters", None) or {}).get("rope_type", "default")
+    if rope_type in ("dynamic", "longrope"):
+        raise ModelLoadError(f"{folder} uses rope_type {rope_type!r}, which tsqp does not support yet")
     config = ModelConfig.from_hf(hf_config)
     weights = _tsqp_weights(_read_state_dict(folder), config)
     loaded = LoadedModel(path=folder, hf_config=hf_config, config=config, weights=weights)

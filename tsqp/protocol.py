@@ -96,10 +96,12 @@ def encode(msg: Message) -> list[Any]:
     for t in msg.tensors:
         if t.dtype not in DTYPE_NAMES:
             raise ProtocolError(f"dtype {t.dtype} cannot be sent; allowed: {', '.join(DTYPES)}")
+        if t.requires_grad:
+            # The byte view below would silently drop autograd; fail as `.numpy()` does,
+            # so a forward that forgot `no_grad` is caught here (see `tsqp check-grad`).
+            raise RuntimeError("Can't call numpy() on Tensor that requires grad: run the forward under torch.no_grad()")
         specs.append([DTYPE_NAMES[t.dtype], list(t.shape)])
-        # `.numpy()` shares memory. It is also where a grad-tracking tensor would fail
-        # ("Can't call numpy() on Tensor that requires grad"): the core runs under no_grad.
-        frames.append(t.contiguous().reshape(-1).view(torch.uint8).numpy())
+        frames.append(t.contiguous().reshape(-1).view(torch.uint8).numpy())  # shares memory: no copy
     header["tensors"] = specs
     return [msgpack.packb(header, use_bin_type=True), *frames]
 
@@ -160,13 +162,14 @@ def _tensor(i: int, spec: Any, buf: memoryview, limits: Limits) -> torch.Tensor:
     if not (isinstance(spec, list) and len(spec) == 2 and isinstance(spec[1], list)):
         raise ProtocolError(f"tensors[{i}] must be [dtype, shape]")
     name, shape = spec
-    if name not in DTYPES:
+    if not isinstance(name, str) or name not in DTYPES:
         raise ProtocolError(f"tensors[{i}] dtype {name!r} not allowed; allowed: {', '.join(DTYPES)}")
     if not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape) or len(shape) > 8:
         raise ProtocolError(f"tensors[{i}] shape {shape!r} must be at most 8 non-negative integers")
     numel = math.prod(shape)
-    if numel > limits.max_tensor_elements:
-        raise ProtocolError(f"tensors[{i}] has {numel} elements, limit {limits.max_tensor_elements}")
+    # Zero dims must not hide absurd others ([0, 2**63] would overflow torch.empty).
+    if math.prod(max(d, 1) for d in shape) > limits.max_tensor_elements:
+        raise ProtocolError(f"tensors[{i}] shape {shape} exceeds the limit of {limits.max_tensor_elements} elements")
     dtype = DTYPES[name]
     expected = numel * dtype.itemsize
     if buf.nbytes != expected:

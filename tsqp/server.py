@@ -9,6 +9,7 @@ serving.
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections import defaultdict
@@ -116,7 +117,7 @@ class Server:
         """Frames of one request -> the reply. Never raises."""
         try:
             msg = protocol.decode(frames, self.limits)
-        except ProtocolError as e:
+        except Exception as e:  # ProtocolError, or a validation gap: either way, keep serving
             self.stats.malformed += 1
             log.warning("malformed request: %s", e)
             return protocol.error_reply(_salvage_id(frames), f"bad request: {e}")
@@ -169,6 +170,7 @@ class Server:
         ids = msg.tensors[0]
         if ids.dtype != torch.int64:
             raise ProtocolError(f"token ids must be int64, got {protocol.DTYPE_NAMES[ids.dtype]}")
+        self._check_result(ids.numel() * self.weights.embedding.shape[1])
         return protocol.reply(msg.id, tensors=[self._out(self.weights.embed(ids), torch.float32)])
 
     def _linear(self, msg: Message) -> Message:
@@ -176,20 +178,34 @@ class Server:
         if not isinstance(modules, list) or not all(isinstance(m, str) for m in modules):
             raise ProtocolError("args.modules must be a list of module names")
         x = _float_input(msg.tensors[0])
+        self._check_result(x.numel() // max(x.shape[-1], 1) * self.weights.out_features(layer, modules))
         outputs = self.weights.linear(layer, modules, x)
         return protocol.reply(msg.id, tensors=[self._out(y, x.dtype) for y in outputs])
 
     def _matmul(self, msg: Message) -> Message:
         a, b = (_float_input(t) for t in msg.tensors)
+        if a.dim() < 2 or b.dim() < 2:
+            raise ProtocolError("MATMUL operands must have at least 2 dimensions")
+        try:
+            batch = torch.broadcast_shapes(a.shape[:-2], b.shape[:-2])
+        except RuntimeError:
+            raise ProtocolError(f"MATMUL batch shapes {list(a.shape[:-2])} and {list(b.shape[:-2])} do not broadcast") from None
+        self._check_result(math.prod(batch) * a.shape[-2] * b.shape[-1])
         y = self.weights.matmul(a.to(self.device, self.weights.dtype), b.to(self.device, self.weights.dtype))
         return protocol.reply(msg.id, tensors=[self._out(y, a.dtype)])
 
     def _lm_head(self, msg: Message) -> Message:
         x = _float_input(msg.tensors[0])
+        self._check_result(x.numel() // max(x.shape[-1], 1) * self.weights.lm_head_t.shape[1])
         return protocol.reply(msg.id, tensors=[self._out(self.weights.lm_head(x), x.dtype)])
 
     def _stats(self, msg: Message) -> Message:
         return protocol.reply(msg.id, self.stats.as_dict())
+
+    def _check_result(self, elements: int) -> None:
+        """Refuse before computing: a small request can ask for a huge result (an outer product, logits)."""
+        if elements > self.limits.max_tensor_elements:
+            raise ProtocolError(f"the result would have {elements} elements, limit {self.limits.max_tensor_elements}")
 
     @staticmethod
     def _out(y: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

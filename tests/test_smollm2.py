@@ -1,0 +1,97 @@
+"""End to end on the default model (SmolLM2-135M-Instruct, real weights): split == transformers."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import start_server
+from transformers import AutoModelForCausalLM
+
+from tsqp.client import RemoteBackend
+from tsqp.core import Llama
+from tsqp.generation import generate
+from tsqp.models import LoadedModel, load, resolve
+from tsqp.session import Session
+
+pytestmark = pytest.mark.slow
+
+PROMPTS = [
+    "What is the capital of France?",
+    "Write a haiku about the sea.",
+    "Explain in one sentence what a matrix is.",
+    "List three colours of the rainbow.",
+]
+NEW_TOKENS = 32
+LOGIT_TOLERANCE = 1e-3  # max abs difference of fp32 prefill logits; observed ~6e-5
+
+
+@pytest.fixture(scope="module")
+def smol() -> LoadedModel:
+    return load(resolve("smollm2"))
+
+
+@pytest.fixture(scope="module")
+def smol_hf(smol: LoadedModel) -> AutoModelForCausalLM:
+    return AutoModelForCausalLM.from_pretrained(smol.path, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def split(smol: LoadedModel) -> Iterator[Session]:
+    running = start_server(smol)
+    remote = RemoteBackend(running.endpoint, timeout_s=60)
+    remote.hello(smol.fingerprint)
+    yield Session(smol, remote)
+    remote.close()
+    running.close()
+
+
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_split_greedy_tokens_and_logits_match_transformers(prompt: str, smol_hf: AutoModelForCausalLM, split: Session) -> None:
+    ids = split.prompt_ids(prompt)
+    tensor = torch.tensor([ids])
+    expected = smol_hf.generate(tensor, attention_mask=torch.ones_like(tensor), max_new_tokens=NEW_TOKENS, do_sample=False)
+    result = split.generate(ids, max_new_tokens=NEW_TOKENS)
+    assert result.token_ids == expected[0, len(ids):].tolist()  # including EOS, as generate returns it
+
+    with torch.no_grad():
+        reference_logits = smol_hf(tensor).logits
+    llama: Llama = split.llama
+    logits = llama.forward(tensor, llama.new_cache(len(ids)), all_logits=True)
+    assert (logits - reference_logits).abs().max().item() < LOGIT_TOLERANCE
+
+
+def test_plain_split_round_trips_per_token(split: Session) -> None:
+    result = split.generate("Count from one to ten.", max_new_tokens=8)
+    forwards = len(result.token_ids)  # the prefill and each decode step
+    assert result.timings["round_trips"] == forwards * (4 * split.model.config.n_layers + 2)
+
+
+def test_local_backend_gives_the_split_tokens(smol: LoadedModel, split: Session) -> None:
+    from tsqp.linear import LinearWeights, LocalBackend
+
+    local = Llama(smol.config, smol.hf_config, smol.norms(), LocalBackend(LinearWeights(smol.weights, smol.config.n_layers)))
+    ids = split.prompt_ids(PROMPTS[1])
+    assert generate(local, ids, NEW_TOKENS).token_ids == split.generate(ids, NEW_TOKENS).token_ids
+
+
+def test_run_tee_command_answers_with_a_private_server(smol: LoadedModel) -> None:
+    """What the README promises: one command, private server included, answers Paris, fast start."""
+    run = subprocess.run(
+        [sys.executable, "-m", "tsqp", "run-tee", "--prompt", "What is the capital of France?", "--json", "--max-new-tokens", "24"],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "TSQP_CACHE": str(smol.path.parent)},
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    out = json.loads(run.stdout)
+    assert "Paris" in out["text"]
+    assert out["prompt_token_ids"] == Session(smol, None).prompt_ids("What is the capital of France?")
+    timings = out["timings"]
+    assert timings["round_trips"] > 0 and timings["bytes_sent"] > 0 and timings["bytes_received"] > 0
+    print(f"first token after {timings['first_token_s_since_start']:.1f} s")
+    assert 0 < timings["first_token_s_since_start"] < 10.0
