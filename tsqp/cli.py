@@ -78,6 +78,7 @@ def serve_gpu(
     import torch
 
     from tsqp.models import load
+    from tsqp.private_server import READY
     from tsqp.server import SERVER_DTYPES, Server
 
     logging.basicConfig(level=log_level.upper(), stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -96,7 +97,7 @@ def serve_gpu(
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    print(f"tsqp serve-gpu ready on {server.endpoint} (device {server.device}, {dtype}, model {loaded.fingerprint[:12]})", flush=True)
+    print(f"{READY} on {server.endpoint} (device {server.device}, {dtype}, model {loaded.fingerprint[:12]})", flush=True)
     try:
         server.serve_forever(stop)
     finally:
@@ -125,10 +126,21 @@ def run_tee(
 
     Example: tsqp run-tee --prompt "What is the capital of France?" --max-new-tokens 32
     """
-    from tsqp.session import connect
+    from tsqp.models import resolve
+    from tsqp.private_server import PrivateServer
 
     with err.status("Loading model and connecting…", spinner="dots"):
-        session = connect(endpoint, model, local=local, device=device, dtype=dtype, timeout_s=timeout, progress=_progress)
+        folder = resolve(model, _progress)
+        # Started before this process imports torch, so both load side by side.
+        server = PrivateServer(folder, device, dtype) if endpoint is None and not local else None
+        try:
+            from tsqp.session import connect
+
+            session = connect(endpoint, folder, local=local, timeout_s=timeout, private_server=server)
+        except BaseException:
+            if server is not None:
+                server.close()
+            raise
     with session:
         stream = None if as_json else (lambda text: out.print(text, end="", markup=False, highlight=False, soft_wrap=True))
         result = session.generate(prompt, max_new_tokens, temperature, top_p, seed, chat, on_text=stream)

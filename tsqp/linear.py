@@ -77,7 +77,7 @@ class LinearWeights:
         if self._numpy_ok and x.numel() <= SMALL_PRODUCT_ROWS * w_t.shape[0]:
             # Decode-sized products on CPU: numpy's BLAS call costs ~half of torch's
             # dispatch here (a 30-layer decode step: 36 ms vs 56 ms of products).
-            return torch.from_numpy(x.numpy() @ w_t.numpy())
+            return torch.from_numpy(x.detach().numpy() @ w_t.detach().numpy())
         return x @ w_t
 
     def embed(self, token_ids: torch.Tensor) -> torch.Tensor:

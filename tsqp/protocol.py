@@ -101,7 +101,7 @@ def encode(msg: Message) -> list[Any]:
             # so a forward that forgot `no_grad` is caught here (see `tsqp check-grad`).
             raise RuntimeError("Can't call numpy() on Tensor that requires grad: run the forward under torch.no_grad()")
         specs.append([DTYPE_NAMES[t.dtype], list(t.shape)])
-        frames.append(t.contiguous().reshape(-1).view(torch.uint8).numpy())  # shares memory: no copy
+        frames.append(t.detach().contiguous().reshape(-1).view(torch.uint8).numpy())  # shares memory: no copy
     header["tensors"] = specs
     return [msgpack.packb(header, use_bin_type=True), *frames]
 

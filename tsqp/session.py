@@ -11,74 +11,18 @@ stops it on close; `local=True` runs the linear ops in-process (all-in-TEE basel
 from __future__ import annotations
 
 import os
-import select
-import subprocess
-import sys
-import tempfile
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 from tsqp import PROCESS_STARTED
 from tsqp.client import RemoteBackend
 from tsqp.core import Llama
-from tsqp.errors import ServerUnavailable, TsqpError
+from tsqp.errors import TsqpError
 from tsqp.generation import Generation, generate
 from tsqp.linear import LinearWeights, LocalBackend
 from tsqp.models import DEFAULT_MODEL, LoadedModel, load, resolve
-
-READY = "tsqp serve-gpu ready"
-
-
-class PrivateServer:
-    """A `tsqp serve-gpu` child process on a private ipc:// endpoint."""
-
-    def __init__(self, model_folder: Path, device: str = "auto", dtype: str = "float32", startup_timeout_s: float = 120.0) -> None:
-        self._dir = tempfile.TemporaryDirectory(prefix="tsqp-")
-        self.endpoint = f"ipc://{self._dir.name}/server.sock"
-        command = [sys.executable, "-m", "tsqp", "serve-gpu", "--model", str(model_folder), "--endpoint", self.endpoint,
-                   "--device", device, "--dtype", dtype, "--quiet"]  # fmt: skip
-        self._stderr = open(Path(self._dir.name) / "server.log", "w+")
-        self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=self._stderr, text=True)
-        self.startup_timeout_s = startup_timeout_s
-
-    def wait_ready(self) -> None:
-        assert self.process.stdout is not None
-        deadline = time.monotonic() + self.startup_timeout_s
-        while time.monotonic() < deadline:
-            ready, _, _ = select.select([self.process.stdout], [], [], 0.2)
-            if ready:
-                line = self.process.stdout.readline()
-                if line.startswith(READY):
-                    return
-                if line:
-                    continue
-            if self.process.poll() is not None:
-                raise ServerUnavailable(f"the private tsqp server exited with status {self.process.returncode}: {self._log_tail()}")
-        self.close()
-        raise ServerUnavailable(f"the private tsqp server was not ready within {self.startup_timeout_s:g} s")
-
-    def alive(self) -> bool:
-        return self.process.poll() is None
-
-    def _log_tail(self) -> str:
-        self._stderr.seek(0)
-        lines = [l.strip() for l in self._stderr.read().splitlines() if l.strip()]
-        return lines[-1] if lines else "(no output)"
-
-    def close(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(5)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        if self.process.stdout:
-            self.process.stdout.close()
-        self._stderr.close()
-        self._dir.cleanup()
+from tsqp.private_server import PrivateServer
 
 
 class Session:
@@ -175,14 +119,18 @@ def connect(
     offload_attention_from: int | None = None,
     progress: Callable[[str], Any] | None = None,
     on_send: Callable[[str, Any], None] | None = None,
+    private_server: PrivateServer | None = None,
 ) -> Session:
-    """Open a session: to `endpoint`, to a private server (endpoint None), or in-process (`local`)."""
+    """Open a session: to `endpoint`, to a private server (endpoint None), or in-process (`local`).
+
+    `private_server` hands over one already started (the CLI starts it before importing torch).
+    """
     folder = resolve(model, progress)  # converts a GGUF once, before any server needs it
     if local:
         loaded = load(folder)
         backend: Any = LocalBackend(LinearWeights(loaded.weights, loaded.config.n_layers))
         return Session(loaded, backend, offload_attention_from=offload_attention_from)
-    server = PrivateServer(folder, device, dtype) if endpoint is None else None
+    server = private_server or (PrivateServer(folder, device, dtype) if endpoint is None else None)
     try:
         loaded = load(folder)  # while the private server loads its own copy
         if server is not None:

@@ -1,0 +1,108 @@
+"""The command line as users meet it: help, JSON output, streaming, one-line errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import start_server
+from typer.testing import CliRunner
+
+from tsqp.cli import app
+from tsqp.models import load
+
+runner = CliRunner()
+
+
+def tsqp(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "tsqp", *args], capture_output=True, text=True, timeout=timeout, env={**os.environ, "COLUMNS": "200"})
+
+
+@pytest.mark.parametrize("command, options", [
+    ("run-tee", ["--prompt", "--model", "--endpoint", "--max-new-tokens", "--temperature", "--top-p", "--seed", "--json", "--no-chat", "--local"]),
+    ("serve-gpu", ["--model", "--endpoint", "--device", "--dtype"]),
+    ("check-grad", ["--path", "--model", "--endpoint"]),
+])  # fmt: skip
+def test_help_explains_every_option(command: str, options: list[str]) -> None:
+    result = runner.invoke(app, [command, "--help"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0
+    for option in options:
+        assert option in result.output
+    assert "Example" in result.output
+
+
+def test_run_tee_json_local_and_remote_agree(tiny_chat_path: Path) -> None:
+    args = ["run-tee", "--model", str(tiny_chat_path), "--prompt", "Hello there", "--max-new-tokens", "12", "--json"]
+    local = runner.invoke(app, [*args, "--local"])
+    assert local.exit_code == 0, local.output
+    local_out = json.loads(local.stdout)
+    assert set(local_out) == {"text", "token_ids", "prompt_token_ids", "timings"}
+    assert len(local_out["token_ids"]) == 12 and local_out["prompt_token_ids"][0] == 1
+    running = start_server(load(tiny_chat_path, with_tokenizer=False))
+    try:
+        remote = runner.invoke(app, [*args, "--endpoint", running.endpoint])
+    finally:
+        running.close()
+    assert remote.exit_code == 0, remote.output
+    remote_out = json.loads(remote.stdout)
+    assert remote_out["token_ids"] == local_out["token_ids"]
+    t = remote_out["timings"]
+    assert t["round_trips"] == 12 * (4 * 3 + 2)  # 12 forwards of a 3-layer model
+    assert t["bytes_sent"] > 0 and t["bytes_received"] > 0 and t["prefill_s"] > 0
+
+
+def test_run_tee_streams_text(tiny_chat_path: Path) -> None:
+    result = runner.invoke(app, ["run-tee", "--model", str(tiny_chat_path), "--prompt", "Hi", "-n", "8", "--local", "--temperature", "0.8", "--seed", "3"])
+    assert result.exit_code == 0, result.output
+    again = runner.invoke(app, ["run-tee", "--model", str(tiny_chat_path), "--prompt", "Hi", "-n", "8", "--local", "--temperature", "0.8", "--seed", "3"])
+    assert result.stdout.strip() and result.stdout == again.stdout  # seeded sampling repeats
+
+
+def test_missing_model_is_a_one_line_error(tmp_path: Path) -> None:
+    result = tsqp("run-tee", "--prompt", "hi", "--model", str(tmp_path / "nope.gguf"))
+    assert result.returncode == 1
+    assert "not found" in result.stderr and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_unreachable_server_is_a_clear_error_in_bounded_time(tiny_chat_path: Path) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    result = tsqp("run-tee", "--prompt", "hi", "--model", str(tiny_chat_path), "--endpoint", f"tcp://127.0.0.1:{port}", "--timeout", "2", timeout=60)
+    assert result.returncode == 1
+    assert "no answer" in result.stderr and "serve-gpu" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_check_grad_is_clean_on_the_split_path(tiny_chat_path: Path) -> None:
+    result = tsqp("check-grad", "--model", str(tiny_chat_path), "--json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["clean"] and report["tensors_sent"] > 0 and report["tensors_requiring_grad"] == 0
+    assert not report["grad_enabled_in_core"]
+    assert "requires grad" in report["control_error"]
+
+
+def test_check_grad_flags_a_planted_file(tiny_chat_path: Path, tmp_path: Path) -> None:
+    planted = tmp_path / "runner.py"
+    planted.write_text(
+        "import torch\n\n"
+        "def forward(x, w):\n"
+        "    hidden = x @ w\n"
+        "    return hidden.numpy()\n"
+    )
+    result = tsqp("check-grad", "--model", str(tiny_chat_path), "--path", str(planted))
+    assert result.returncode == 1
+    assert "runner.py:5" in result.stdout and "not clean" in result.stdout
+
+
+def test_check_grad_on_the_project_itself(tiny_chat_path: Path) -> None:
+    sources = sorted(str(p) for p in (Path(__file__).parent.parent / "tsqp").glob("*.py"))
+    args = [arg for path in sources for arg in ("--path", path)]
+    result = tsqp("check-grad", "--model", str(tiny_chat_path), *args)
+    assert result.returncode == 0, result.stdout + result.stderr

@@ -1,0 +1,63 @@
+"""Sessions with a private server: lifecycle, a server dying mid-generation, the Python example."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tsqp.errors import ServerUnavailable
+from tsqp.private_server import PrivateServer
+from tsqp.session import connect
+
+
+def test_private_server_killed_mid_generation_fails_fast(tiny_path: Path) -> None:
+    session = connect(None, tiny_path, timeout_s=60)
+    server = session.private_server
+    assert server is not None and server.alive()
+    calls = 0
+    linear = session.backend.linear
+
+    def linear_then_kill(*args: object) -> object:
+        nonlocal calls
+        calls += 1
+        if calls == 40:
+            os.kill(server.process.pid, signal.SIGKILL)
+        return linear(*args)
+
+    session.backend.linear = linear_then_kill
+    started = time.monotonic()
+    try:
+        with pytest.raises(ServerUnavailable, match="went away"):
+            session.generate(list(range(3, 20)), max_new_tokens=100)
+    finally:
+        session.close()
+    assert time.monotonic() - started < 5  # noticed at once, not after the 60 s deadline
+
+
+def test_serve_gpu_stops_cleanly_on_sigterm(tiny_path: Path) -> None:
+    server = PrivateServer(tiny_path, device="cpu")
+    server.wait_ready()
+    server.process.send_signal(signal.SIGTERM)
+    assert server.process.wait(10) == 0
+    server.close()
+
+
+def test_remote_generation_equals_local(tiny_path: Path) -> None:
+    with connect(None, tiny_path) as remote, connect(None, tiny_path, local=True) as local:
+        prompt = list(range(40, 60))
+        assert remote.generate(prompt, 20).token_ids == local.generate(prompt, 20).token_ids
+    assert not remote.private_server.alive()
+
+
+def test_python_api_example_runs(tiny_chat_path: Path) -> None:
+    example = Path(__file__).parent.parent / "examples" / "python_api.py"
+    run = subprocess.run([sys.executable, str(example), "--model", str(tiny_chat_path), "--max-new-tokens", "6"],
+                         capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    assert "6 tokens" in run.stdout and "round trips" in run.stdout

@@ -1,0 +1,73 @@
+"""A private `tsqp serve-gpu` child process for one run, on an ipc:// endpoint only this user can reach.
+
+Imports nothing heavy, so the CLI can start the server before loading torch itself.
+"""
+
+from __future__ import annotations
+
+import select
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from tsqp.errors import ServerUnavailable
+
+READY = "tsqp serve-gpu ready"
+
+
+class PrivateServer:
+    """A `tsqp serve-gpu` child process on a private ipc:// endpoint."""
+
+    def __init__(self, model_folder: Path, device: str = "auto", dtype: str = "float32", startup_timeout_s: float = 120.0) -> None:
+        self._dir = tempfile.TemporaryDirectory(prefix="tsqp-")
+        self.endpoint = f"ipc://{self._dir.name}/server.sock"
+        command = [sys.executable, "-m", "tsqp", "serve-gpu", "--model", str(model_folder), "--endpoint", self.endpoint,
+                   "--device", device, "--dtype", dtype, "--quiet"]  # fmt: skip
+        self._stderr = open(Path(self._dir.name) / "server.log", "w+")
+        self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=self._stderr, text=True)
+        self.startup_timeout_s = startup_timeout_s
+
+    def wait_ready(self) -> None:
+        assert self.process.stdout is not None
+        deadline = time.monotonic() + self.startup_timeout_s
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([self.process.stdout], [], [], 0.2)
+            if ready:
+                line = self.process.stdout.readline()
+                if line.startswith(READY):
+                    return
+                if line:
+                    continue
+            if self.process.poll() is not None:
+                raise ServerUnavailable(f"the private tsqp server exited with status {self.process.returncode}: {self._log_tail()}")
+        self.close()
+        raise ServerUnavailable(f"the private tsqp server was not ready within {self.startup_timeout_s:g} s")
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def _log_tail(self) -> str:
+        self._stderr.seek(0)
+        lines = [l.strip() for l in self._stderr.read().splitlines() if l.strip()]
+        return lines[-1] if lines else "(no output)"
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(5)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        if self.process.stdout:
+            self.process.stdout.close()
+        self._stderr.close()
+        self._dir.cleanup()
+
+    def __enter__(self) -> "PrivateServer":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
