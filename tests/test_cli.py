@@ -54,6 +54,15 @@ def test_run_tee_json_local_and_remote_agree(tiny_chat_path: Path) -> None:
     t = remote_out["timings"]
     assert t["round_trips"] == 12 * (4 * 3 + 2)  # 12 forwards of a 3-layer model
     assert t["bytes_sent"] > 0 and t["bytes_received"] > 0 and t["prefill_s"] > 0
+    running = start_server(load(tiny_chat_path, with_tokenizer=False))
+    try:
+        offloaded = runner.invoke(app, [*args, "--endpoint", running.endpoint, "--offload-attention-from", "4"])
+    finally:
+        running.close()
+    assert offloaded.exit_code == 0, offloaded.output
+    offloaded_out = json.loads(offloaded.stdout)
+    assert offloaded_out["token_ids"] == local_out["token_ids"]
+    assert offloaded_out["timings"]["round_trips"] == t["round_trips"] + 2 * 3  # QKᵀ and AV of the prefill, per layer
 
 
 def test_run_tee_streams_text(tiny_chat_path: Path) -> None:

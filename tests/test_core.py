@@ -69,12 +69,21 @@ def test_kv_cache_decode_matches_full_forward(variant: tuple[LoadedModel, LlamaF
     assert (logits[0, -1] - expected).abs().max().item() < LOGIT_TOLERANCE
 
 
-def test_greedy_tokens_match_transformers_generate(variant: tuple[LoadedModel, LlamaForCausalLM]) -> None:
+def test_split_greedy_tokens_match_transformers_generate(variant: tuple[LoadedModel, LlamaForCausalLM]) -> None:
     model, hf = variant
-    for seed in range(3):
-        prompt = torch.randint(0, model.config.vocab_size, (12,), generator=torch.Generator().manual_seed(seed)).tolist()
-        result = generate(local_llama(model), prompt, 32)
-        assert result.token_ids == reference_tokens(hf, prompt, 32)
+    running = start_server(model)
+    remote = RemoteBackend(running.endpoint, timeout_s=10)
+    try:
+        remote.hello(model.fingerprint)
+        split = Llama(model.config, model.hf_config, model.norms(), remote)
+        for seed in range(3):
+            prompt = torch.randint(0, model.config.vocab_size, (12,), generator=torch.Generator().manual_seed(seed)).tolist()
+            expected = reference_tokens(hf, prompt, 32)
+            assert generate(split, prompt, 32).token_ids == expected
+            assert generate(local_llama(model), prompt, 32).token_ids == expected
+    finally:
+        remote.close()
+        running.close()
 
 
 def test_remote_backend_gives_the_local_tokens(tiny: LoadedModel) -> None:

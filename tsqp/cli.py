@@ -118,6 +118,7 @@ def run_tee(
     top_p: Annotated[float, typer.Option(min=0.0, max=1.0, help="Nucleus sampling: keep the smallest set of tokens with this much probability.")] = 1.0,
     seed: Annotated[Optional[int], typer.Option(help="Random seed for sampling.")] = None,
     timeout: Annotated[float, typer.Option(help="Seconds to wait for any one server reply.")] = 60.0,
+    offload_attention_from: Annotated[Optional[int], typer.Option(min=1, help="Also send attention's QKᵀ and AV products to the server for calls of at least this many tokens (long prefills). Default: attention stays here.")] = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "float32",
     as_json: JsonOpt = False,
@@ -136,7 +137,8 @@ def run_tee(
         try:
             from tsqp.session import connect
 
-            session = connect(endpoint, folder, local=local, timeout_s=timeout, private_server=server)
+            session = connect(endpoint, folder, local=local, timeout_s=timeout, connect_timeout_s=min(timeout, 10.0),
+                              offload_attention_from=offload_attention_from, private_server=server)  # fmt: skip
         except BaseException:
             if server is not None:
                 server.close()
