@@ -217,6 +217,47 @@ def _render_grad_report(report: Any) -> None:
     out.print("[green]clean[/]" if report.clean else "[bold red]not clean[/]")
 
 
+@app.command("bench")
+def bench(
+    model: ModelOpt = "smollm2",
+    shields: Annotated[str, typer.Option(help="Comma list of split modes to measure besides the hf-generate and local baselines. Today only `plain` exists.")] = "plain",
+    verify: Annotated[bool, typer.Option("--verify/--no-verify", help="Verify server results. Recorded in the results; no effect yet (plain has no verification).")] = False,
+    prompt_tokens: Annotated[str, typer.Option(help="Comma list of prompt lengths, in tokens.")] = "32,128,512",
+    new_tokens: Annotated[int, typer.Option(min=2, help="Tokens to decode per run (end-of-sequence is ignored).")] = 64,
+    repeat: Annotated[int, typer.Option(min=1, help="Timed runs per mode and prompt length (after one warm-up).")] = 5,
+    json_file: Annotated[Optional[str], typer.Option("--json", metavar="FILE", help="Also write the results as JSON to FILE; `-` prints JSON to stdout instead of the table.")] = None,
+    endpoint: EndpointOpt = None,
+    plot: Annotated[Optional[Path], typer.Option("--plot", metavar="FILE.png", help="Save stacked bars of the per-token time breakdown (needs matplotlib).")] = None,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for any one server reply.")] = 60.0,
+) -> None:
+    """Measure prefill latency, decode speed and where each decoded token's time goes, per mode and prompt length.
+
+    Modes: hf-generate (transformers' generate here), local (tsqp, linear ops here) and each shield (split).
+
+    Example: tsqp bench --prompt-tokens 32,128 --new-tokens 32 --repeat 3 --json bench.json
+    """
+    from tsqp import bench as benchmark
+
+    try:
+        config = benchmark.BenchConfig(model, benchmark.parse_shields(shields), verify, benchmark.parse_sizes(prompt_tokens),
+                                       new_tokens, repeat, endpoint, timeout)  # fmt: skip
+        if plot is not None:
+            benchmark.require_matplotlib()
+    except TsqpError as e:
+        _fail(str(e))
+    report = benchmark.run_with_progress(config, err)
+    data = json.dumps(report.to_json(), indent=2)
+    if json_file == "-":
+        print(data)
+    else:
+        if json_file:
+            Path(json_file).write_text(data + "\n")
+        out.print(benchmark.render_table(report))
+    if plot is not None:
+        benchmark.plot(report, plot)
+        err.print(f"plot saved to {plot}")
+
+
 class _nothing:
     def __enter__(self) -> None:
         return None

@@ -1,0 +1,151 @@
+"""`tsqp bench` on a tiny model: every mode and prompt size measured, a consistent JSON, clear errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from typer.testing import CliRunner
+
+from tsqp import bench
+from tsqp.bench import PARTS, BenchConfig, BenchReport, Run
+from tsqp.cli import app
+from tsqp.models import load_tokenizer
+
+runner = CliRunner()
+MODES = ("hf-generate", "local", "plain")
+SIZES = (8, 16)
+N_LAYERS = 3  # the tiny models of conftest
+TINY_RUN = ["--prompt-tokens", "8,16", "--new-tokens", "6", "--repeat", "2"]
+
+
+@pytest.fixture(scope="module")
+def report(tiny_chat_path: Path) -> BenchReport:
+    return bench.run(BenchConfig(model=str(tiny_chat_path), prompt_tokens=list(SIZES), new_tokens=6, repeat=2))
+
+
+def check_report(data: dict[str, Any], verify: bool = False) -> None:
+    """Every field the issue asks for, for every mode and size, with consistent numbers."""
+    assert {"machine", "results"} <= set(data)
+    for key in ("cpu_count", "cpu_model", "torch", "torch_threads", "platform"):
+        assert data["machine"][key], key
+    results = data["results"]
+    assert [(r["mode"], r["prompt_tokens"]) for r in results] == [(m, n) for m in MODES for n in SIZES]
+    for r in results:
+        where = f"{r['mode']} at {r['prompt_tokens']} tokens"
+        assert r["verify"] is (verify and r["mode"] == "plain"), where
+        for key in ("prefill_s", "decode_tokens_per_s"):
+            s = r[key]
+            assert set(s) == {"median", "min", "max"}
+            assert 0 < s["min"] <= s["median"] <= s["max"], (where, key, s)
+        parts = r["breakdown_ms_per_token"]
+        assert set(parts) == set(PARTS), where
+        assert all(v >= 0 for v in parts.values()), (where, parts)
+        assert parts["mask_unmask"] == parts["verify"] == 0
+        step_ms = 1000 / r["decode_tokens_per_s"]["median"]
+        assert sum(parts.values()) == pytest.approx(step_ms, rel=0.1), (where, parts, step_ms)
+        assert parts["tee_compute"] > 0, where
+        assert r["offline_s_per_token"] == 0
+        assert r["ratio_vs_local"] > 0
+        assert r["peak_rss_mib"]["tee"] > 0
+        assert len(r["runs"]) == 2
+        if r["mode"] == "plain":
+            assert r["round_trips_per_token"] == 4 * N_LAYERS + 2, where
+            assert r["bytes_per_token"] > 0
+            assert parts["serialization"] > 0 and parts["wire"] > 0 and parts["server_compute"] > 0, (where, parts)
+            assert r["peak_rss_mib"]["server"] > 0
+        else:
+            assert r["round_trips_per_token"] == 0 and r["bytes_per_token"] == 0, where
+            assert parts["serialization"] == parts["wire"] == parts["server_compute"] == 0, where
+            assert r["peak_rss_mib"]["server"] is None
+        if r["mode"] == "local":
+            assert r["ratio_vs_local"] == 1.0
+
+
+def test_library_run_measures_every_mode_and_size(report: BenchReport) -> None:
+    data = json.loads(json.dumps(report.to_json()))  # what --json writes
+    check_report(data)
+    assert data["settings"]["new_tokens"] == 6 and data["settings"]["shields"] == ["plain"]
+
+
+def test_cli_writes_json_and_prints_the_table(tiny_chat_path: Path, tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    result = runner.invoke(app, ["bench", "--model", str(tiny_chat_path), *TINY_RUN, "--verify", "--json", str(out)], env={"COLUMNS": "80"})
+    assert result.exit_code == 0, result.output
+    check_report(json.loads(out.read_text()), verify=True)
+    for mode in MODES:
+        assert mode in result.stdout
+    assert "prefill s" in result.stdout and "wire" in result.stdout
+
+
+def test_json_dash_prints_only_json(report: BenchReport, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(bench, "run", lambda config, progress=None: report)
+    result = runner.invoke(app, ["bench", "--json", "-"])
+    assert result.exit_code == 0, result.output
+    check_report(json.loads(result.stdout))
+
+
+def tsqp(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "tsqp", *args], capture_output=True, text=True, timeout=60, env={**os.environ, "COLUMNS": "200"})
+
+
+@pytest.mark.parametrize("shields", ["otp", "plain,seqmix"])
+def test_unavailable_shield_is_a_one_line_error(shields: str) -> None:
+    result = tsqp("bench", "--shields", shields)
+    assert result.returncode == 1
+    assert "not available yet" in result.stderr and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_bad_prompt_tokens_is_an_error() -> None:
+    result = runner.invoke(app, ["bench", "--prompt-tokens", "32,lots"])
+    assert result.exit_code == 1
+    assert "comma list of integers" in result.output
+
+
+def test_help_explains_every_option() -> None:
+    result = runner.invoke(app, ["bench", "--help"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0
+    for option in ("--model", "--shields", "--verify", "--no-verify", "--prompt-tokens", "--new-tokens", "--repeat", "--json", "--endpoint", "--plot"):
+        assert option in result.output
+    assert "no effect yet" in result.output and "Example" in result.output
+
+
+def test_prompts_have_exactly_n_tokens(tiny_chat_path: Path) -> None:
+    tokenizer = load_tokenizer(tiny_chat_path)
+    for n in (1, 8, 100, 512):
+        ids = bench.prompt_ids(tokenizer, n, 49152)
+        assert len(ids) == n and ids == bench.prompt_ids(tokenizer, n, 49152)
+        assert tokenizer.bos_token_id not in ids  # plain text, no chat template or special tokens
+    no_tokenizer = bench.prompt_ids(None, 300, 320)
+    assert len(no_tokenizer) == 300 and all(0 <= i < 320 for i in no_tokenizer)
+    assert no_tokenizer == bench.prompt_ids(None, 300, 320)
+
+
+def test_breakdown_adds_up_to_the_median_step() -> None:
+    runs = [Run(prefill_s=0.1 * i, decode_tokens_per_s=tps, serialization_s=0.001, wire_s=0.002, server_s=0.003, round_trips=14, bytes=1000)
+            for i, tps in enumerate([50.0, 100.0, 40.0, 80.0], start=1)]  # fmt: skip
+    r = bench.aggregate("plain", False, 8, 6, runs, {"tee": 1.0, "server": 2.0})
+    assert (r.decode_tokens_per_s.min, r.decode_tokens_per_s.median, r.decode_tokens_per_s.max) == (40.0, 65.0, 100.0)
+    assert r.ms_per_token == pytest.approx(1000 / 65)
+    assert sum(r.breakdown_ms_per_token.values()) == pytest.approx(1000 / 65)
+    assert r.breakdown_ms_per_token["server_compute"] == pytest.approx(3.0)
+
+
+def test_plot_without_matplotlib_is_a_clear_error(report: BenchReport, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib` fail
+    result = runner.invoke(app, ["bench", "--plot", str(tmp_path / "b.png")])
+    assert result.exit_code == 1
+    assert "pip install matplotlib" in result.output
+
+
+def test_plot_draws_stacked_bars(report: BenchReport, tmp_path: Path) -> None:
+    import matplotlib  # noqa: F401  (a test dependency: the plot is checked, not skipped)
+    path = tmp_path / "bench.png"
+    bench.plot(report, path)
+    assert path.read_bytes().startswith(b"\x89PNG")
