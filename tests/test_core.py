@@ -156,3 +156,12 @@ def test_unknown_folder_contents_fail_clearly(tmp_path: Path) -> None:
 
     with pytest.raises(ModelLoadError, match="not found"):
         load(tmp_path / "nope")
+
+
+def test_prompt_longer_than_the_context_is_a_clear_error(tiny: LoadedModel) -> None:
+    from tsqp.errors import InputError
+
+    with pytest.raises(InputError, match="context of 256"):
+        generate(local_llama(tiny), list(range(1, 250)), 10)
+    with pytest.raises(InputError, match="empty"):
+        generate(local_llama(tiny), [], 10)

@@ -27,3 +27,7 @@ class ModelMismatch(TsqpError):
 
 class IntegrityError(TsqpError):
     """A result returned by the untrusted server failed verification."""
+
+
+class InputError(TsqpError, ValueError):
+    """A request the model cannot serve: an empty prompt, or one longer than its context."""

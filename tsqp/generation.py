@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import torch
 
 from tsqp.core import Llama
+from tsqp.errors import InputError
 
 
 @dataclass
@@ -47,7 +48,11 @@ def generate(
 ) -> Generation:
     """Prefill the prompt, then decode one token at a time with the KV cache."""
     if not prompt_ids:
-        raise ValueError("the prompt is empty")
+        raise InputError("the prompt is empty")
+    context = llama.config.max_seq_len
+    if len(prompt_ids) + max_new_tokens > context:
+        raise InputError(f"{len(prompt_ids)} prompt tokens + {max_new_tokens} new tokens exceed the model's context of {context}; "
+                         "shorten the prompt or lower --max-new-tokens")  # fmt: skip
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
     cache = llama.new_cache(len(prompt_ids) + max_new_tokens)
     tokens: list[int] = []
