@@ -348,3 +348,18 @@ def test_late_reply_to_a_timed_out_request_is_not_taken_for_the_next_answer(make
         assert reply.args["answer_to"] == 2
     finally:
         server.close()
+
+
+def test_ipv6_loopback_endpoint_works(tiny) -> None:  # noqa: ANN001
+    from conftest import start_server
+
+    from tsqp.client import RemoteBackend
+
+    running = start_server(tiny, "tcp://[::1]:0")
+    client = RemoteBackend(running.endpoint, connect_timeout_s=3)
+    try:
+        assert running.endpoint.startswith("tcp://[::1]:")
+        assert client.hello(tiny.fingerprint)["fingerprint"] == tiny.fingerprint
+    finally:
+        client.close()
+        running.close()

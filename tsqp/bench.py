@@ -58,6 +58,8 @@ class BenchConfig:
     repeat: int = 5
     endpoint: str | None = None  # None: a private server, started once for all split modes
     timeout_s: float = 60.0
+    curve_secret: str | None = None  # CURVE keys for a remote endpoint (see tsqp.keys)
+    server_key: str | None = None
 
     @property
     def modes(self) -> list[str]:
@@ -182,7 +184,8 @@ def run(config: BenchConfig, progress: Progress | None = None) -> BenchReport:
         r.ratio_vs_local = r.decode_tokens_per_s.median / local[r.prompt_tokens]
     results.sort(key=lambda r: (config.modes.index(r.mode), r.prompt_tokens))
     counter.show("done")
-    settings = {k: v for k, v in asdict(config).items() if k != "timeout_s"} | {"model_path": str(folder)}
+    settings = {k: v for k, v in asdict(config).items() if k not in ("timeout_s", "curve_secret", "server_key")}
+    settings |= {"model_path": str(folder), "curve": config.curve_secret is not None}  # encryption costs time; key paths say nothing
     return BenchReport(machine, settings, results)
 
 
@@ -217,7 +220,8 @@ def _bench_split(config: BenchConfig, folder: Path, prompts: dict[int, list[int]
     counter.show("starting the server and loading the model")
     server = PrivateServer(folder) if config.endpoint is None else None
     try:  # the session owns the private server from here on and stops it on close
-        session = connect(config.endpoint, folder, timeout_s=config.timeout_s, private_server=server)
+        session = connect(config.endpoint, folder, timeout_s=config.timeout_s, private_server=server,
+                          curve_secret=config.curve_secret, server_key=config.server_key)  # fmt: skip
     except BaseException:
         if server is not None:
             server.close()

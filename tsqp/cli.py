@@ -12,6 +12,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from tsqp.errors import TsqpError
@@ -31,6 +32,8 @@ Examples:
   tsqp run-tee --endpoint tcp://127.0.0.1:5555 --prompt "Hi" --json
 
   tsqp check-grad --path my_runner.py
+
+  tsqp keys generate keys/ --name alice   (CURVE keys: authenticated, encrypted link)
 """,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
@@ -50,6 +53,17 @@ EndpointOpt = Annotated[
 DeviceOpt = Annotated[str, typer.Option(help="Where the server computes: auto (CUDA when available), cuda or cpu.")]
 DtypeOpt = Annotated[str, typer.Option(help="Server weight dtype: float32, bfloat16 or float16.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object instead of text, for scripts.")]
+CurveSecretOpt = Annotated[
+    Optional[Path],
+    typer.Option("--curve-secret", metavar="FILE", help="This client's secret key file (NAME.key_secret from `tsqp keys generate`): authenticates to a CURVE server given by --endpoint. Needs --server-key."),
+]
+ServerKeyOpt = Annotated[
+    Optional[Path],
+    typer.Option("--server-key", metavar="FILE", help="The server's public key file (its NAME.key): proves the server is the right one and encrypts the link. Needs --curve-secret."),
+]
+
+keys_app = typer.Typer(help="CURVE key pairs that authenticate and encrypt the client–server link.", no_args_is_help=True)
+app.add_typer(keys_app, name="keys")
 
 
 def _progress(message: str) -> None:
@@ -68,36 +82,53 @@ def serve_gpu(
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "float32",
     threads: Annotated[Optional[int], typer.Option(help="torch CPU threads for the products (default: torch's choice).")] = None,
-    quiet: Annotated[bool, typer.Option(help="Print only the ready line.")] = False,
+    quiet: Annotated[bool, typer.Option(help="Print only the ready line (and security warnings).")] = False,
     log_level: Annotated[str, typer.Option(help="Logging level: debug, info, warning, error.")] = "warning",
+    curve_secret: Annotated[Optional[Path], typer.Option("--curve-secret", metavar="FILE", help="This server's secret key file (NAME.key_secret from `tsqp keys generate`): the link becomes authenticated and encrypted. Needs --allow-clients.")] = None,
+    allow_clients: Annotated[Optional[Path], typer.Option("--allow-clients", metavar="DIR", help="Folder of the public key files (*.key) of the clients let in; all others are refused and logged. Needs --curve-secret.")] = None,
+    insecure_public: Annotated[bool, typer.Option("--insecure-public", help="Allow listening beyond loopback without keys (anyone who reaches the port can use the server and read the traffic).")] = False,
 ) -> None:
     """Serve the model's linear layers (embedding, projections, lm_head) to trusted runners.
 
+    Without keys it listens only on loopback or ipc://; with --curve-secret
+    and --allow-clients only the listed clients get in, over an encrypted link.
+
     Example: tsqp serve-gpu --endpoint tcp://127.0.0.1:5555 --device cuda --dtype bfloat16
+
+    Example: tsqp serve-gpu -e tcp://0.0.0.0:5555 --curve-secret keys/server.key_secret --allow-clients clients/
     """
     import torch
 
+    from tsqp.keys import server_keys
     from tsqp.models import load
     from tsqp.private_server import READY
-    from tsqp.server import SERVER_DTYPES, Server
+    from tsqp.server import SERVER_DTYPES, Server, check_listen_allowed
 
     logging.basicConfig(level=log_level.upper(), stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if dtype not in SERVER_DTYPES:
         _fail(f"--dtype {dtype!r} is not one of {', '.join(SERVER_DTYPES)}")
     if device not in ("auto", "cuda", "cpu"):
         _fail(f"--device {device!r} is not one of auto, cuda, cpu")
+    try:  # key and endpoint mistakes show before the model loads
+        curve = server_keys(curve_secret, allow_clients)
+        check_listen_allowed(endpoint, curve is not None, insecure_public)
+    except TsqpError as e:
+        _fail(str(e))
+    if curve is None:
+        err.print(f"[yellow]warning:[/] no CURVE keys: the link on {escape(endpoint)} is unauthenticated and unencrypted "
+                  "(see `tsqp keys generate`, --curve-secret and --allow-clients)", highlight=False)  # fmt: skip
     if threads:
         torch.set_num_threads(threads)
     with err.status("Loading model…", spinner="dots") if not quiet else _nothing():
         loaded = load(model, with_tokenizer=False, progress=_progress)
         try:
-            server = Server(loaded, endpoint, device, dtype)
-        except ValueError as e:
+            server = Server(loaded, endpoint, device, dtype, curve=curve, insecure_public=insecure_public)
+        except (ValueError, TsqpError) as e:
             _fail(str(e))
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    print(f"{READY} on {server.endpoint} (device {server.device}, {dtype}, model {loaded.fingerprint[:12]})", flush=True)
+    print(f"{READY} on {server.endpoint} (device {server.device}, {dtype}, model {loaded.fingerprint[:12]}, {'CURVE' if curve else 'no keys'})", flush=True)
     try:
         server.serve_forever(stop)
     finally:
@@ -122,6 +153,8 @@ def run_tee(
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "float32",
     as_json: JsonOpt = False,
+    curve_secret: CurveSecretOpt = None,
+    server_key: ServerKeyOpt = None,
 ) -> None:
     """Generate an answer; every linear op runs on the server, the rest here.
 
@@ -138,7 +171,8 @@ def run_tee(
             from tsqp.session import connect
 
             session = connect(endpoint, folder, local=local, timeout_s=timeout, connect_timeout_s=min(timeout, 10.0),
-                              offload_attention_from=offload_attention_from, private_server=server)  # fmt: skip
+                              offload_attention_from=offload_attention_from, private_server=server,
+                              curve_secret=curve_secret, server_key=server_key)  # fmt: skip
         except BaseException:
             if server is not None:
                 server.close()
@@ -163,6 +197,8 @@ def check_grad(
     endpoint: EndpointOpt = None,
     path: Annotated[Optional[list[Path]], typer.Option("--path", help="Also scan this Python file for .numpy() calls that may see grad-tracking tensors (repeatable).")] = None,
     as_json: JsonOpt = False,
+    curve_secret: CurveSecretOpt = None,
+    server_key: ServerKeyOpt = None,
 ) -> None:
     """Prove the split inference path never sends a grad-tracking tensor (exit 0 only when clean).
 
@@ -184,7 +220,7 @@ def check_grad(
     except SyntaxError as e:
         _fail(f"cannot parse {e.filename}: {e.msg} (line {e.lineno})")
     with err.status("Running a forward through the split path…", spinner="dots"):
-        with connect(endpoint, model, on_send=report.record, progress=_progress) as session:
+        with connect(endpoint, model, on_send=report.record, progress=_progress, curve_secret=curve_secret, server_key=server_key) as session:
             session.generate([1, 2, 3, 4], max_new_tokens=2)
     report.control_error = control_error()
     if as_json:
@@ -229,6 +265,8 @@ def bench(
     endpoint: EndpointOpt = None,
     plot: Annotated[Optional[Path], typer.Option("--plot", metavar="FILE.png", help="Save stacked bars of the per-token time breakdown (needs matplotlib).")] = None,
     timeout: Annotated[float, typer.Option(help="Seconds to wait for any one server reply.")] = 60.0,
+    curve_secret: CurveSecretOpt = None,
+    server_key: ServerKeyOpt = None,
 ) -> None:
     """Measure prefill latency, decode speed and where each decoded token's time goes, per mode and prompt length.
 
@@ -240,7 +278,8 @@ def bench(
 
     try:
         config = benchmark.BenchConfig(model, benchmark.parse_shields(shields), verify, benchmark.parse_sizes(prompt_tokens),
-                                       new_tokens, repeat, endpoint, timeout)  # fmt: skip
+                                       new_tokens, repeat, endpoint, timeout,
+                                       str(curve_secret) if curve_secret else None, str(server_key) if server_key else None)  # fmt: skip
         if plot is not None:
             benchmark.require_matplotlib()
     except TsqpError as e:
@@ -256,6 +295,31 @@ def bench(
     if plot is not None:
         benchmark.plot(report, plot)
         err.print(f"plot saved to {plot}")
+
+
+@keys_app.command("generate")
+def keys_generate(
+    folder: Annotated[Path, typer.Argument(metavar="DIR", help="Where to write the key pair (created if missing).")],
+    name: Annotated[str, typer.Option("--name", help="File name stem: NAME.key (public) and NAME.key_secret (secret).")] = "tsqp",
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing key pair of that name.")] = False,
+) -> None:
+    """Write a CURVE key pair: NAME.key (public) and NAME.key_secret (secret, mode 0600).
+
+    ZeroMQ's certificate format. Give the public file to the other side:
+    a client's NAME.key goes into the server's --allow-clients folder,
+    the server's NAME.key is the clients' --server-key.
+    Secret files stay where they were made.
+
+    Example: tsqp keys generate keys/ --name server
+    """
+    from tsqp.keys import generate
+
+    try:
+        public, secret = generate(folder, name, force)
+    except TsqpError as e:
+        _fail(str(e))
+    print(f"public key: {public}")
+    print(f"secret key: {secret}")
 
 
 class _nothing:

@@ -2,11 +2,13 @@
 
 Every call is one round trip on a DEALER socket. Waiting is bounded: a server that
 never answers, refuses the model, or dies mid-request turns into `ServerUnavailable`
-within the deadline instead of a hang.
+within the deadline instead of a hang. With CURVE keys the link is authenticated and
+encrypted; a server that refuses the handshake turns into `AuthError` at once.
 """
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -17,10 +19,13 @@ import zmq
 import zmq.utils.monitor
 
 from tsqp import protocol
-from tsqp.errors import ModelMismatch, ProtocolError, RemoteError, ServerUnavailable
+from tsqp.errors import AuthError, ModelMismatch, ProtocolError, RemoteError, ServerUnavailable
+from tsqp.keys import ClientKeys, client_keys, set_client_keys
 from tsqp.protocol import Message
 
 DEFAULT_ENDPOINT = "tcp://127.0.0.1:5555"
+# A failed security handshake is final: libzmq would retry it forever without a word.
+HANDSHAKE_FAILED = zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
 
 
 @dataclass
@@ -47,7 +52,8 @@ class RemoteBackend:
 
     `on_send(op, tensor)` sees every tensor before it is serialized (used by
     `check-grad` and the tests that check what the server receives); `server_alive()`
-    lets the owner of a private server report its death at once.
+    lets the owner of a private server report its death at once. `curve_secret` (this
+    client's NAME.key_secret) and `server_key` (the server's NAME.key) turn on CURVE.
     """
 
     def __init__(
@@ -58,7 +64,10 @@ class RemoteBackend:
         context: zmq.Context | None = None,
         on_send: Callable[[str, torch.Tensor], None] | None = None,
         server_alive: Callable[[], bool] | None = None,
+        curve_secret: str | os.PathLike[str] | None = None,
+        server_key: str | os.PathLike[str] | None = None,
     ) -> None:
+        self.curve: ClientKeys | None = client_keys(curve_secret, server_key)  # before the socket: bad files leak nothing
         self.endpoint = endpoint
         self.timeout_s = timeout_s
         self.connect_timeout_s = connect_timeout_s
@@ -69,8 +78,11 @@ class RemoteBackend:
         self._next_id = 0
         self.socket = (context or zmq.Context.instance()).socket(zmq.DEALER)
         self.socket.setsockopt(zmq.LINGER, 0)
-        # Connection events tell us a server died without waiting for the deadline.
-        self._monitor = self.socket.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
+        self.socket.setsockopt(zmq.IPV6, "[" in endpoint)  # tcp://[::1]:PORT; IPv4 endpoints stay plain
+        if self.curve is not None:
+            set_client_keys(self.socket, self.curve)
+        # Connection events tell us a server died, or refused us, without waiting for the deadline.
+        self._monitor = self.socket.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED | HANDSHAKE_FAILED)
         self._connected = False
         self._was_connected = False
         self.socket.connect(endpoint)
@@ -154,11 +166,30 @@ class RemoteBackend:
                 )
 
     def _watch_connection(self) -> None:
-        """Follow connect/disconnect events (a restarted server reconnects by itself)."""
+        """Follow connect/disconnect events (a restarted server reconnects by itself); raise on a refused handshake."""
+        refused: dict[str, Any] | None = None
         while self._monitor.poll(0):
-            event = zmq.utils.monitor.parse_monitor_message(self._monitor.recv_multipart())["event"]
-            self._connected = event == zmq.EVENT_CONNECTED
+            event = zmq.utils.monitor.parse_monitor_message(self._monitor.recv_multipart())
+            if event["event"] & HANDSHAKE_FAILED:
+                refused = event
+                continue
+            self._connected = event["event"] == zmq.EVENT_CONNECTED
             self._was_connected |= self._connected
+        if refused is not None:
+            raise AuthError(self._refusal(refused["event"], refused["value"]))
+
+    def _refusal(self, event: int, value: int) -> str:
+        server = f"the server at {self.endpoint}"
+        mismatch = event == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL and value == zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH
+        if self.curve is None:
+            if mismatch:
+                return f"{server} requires CURVE authentication and this client has no keys (pass --curve-secret and --server-key)"
+            return f"the handshake with {server} failed: is it a tsqp server, and does it require CURVE keys (--curve-secret and --server-key)?"
+        if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+            return f"{server} refused this client's CURVE key (is its public key in the server's --allow-clients folder?)"
+        if mismatch:
+            return f"{server} does not use CURVE keys but this client does (drop --curve-secret/--server-key, or give the server keys)"
+        return f"the CURVE handshake with {server} failed (is --server-key its public key, and this client's key in its --allow-clients folder?)"
 
     def close(self) -> None:
         self.socket.disable_monitor()

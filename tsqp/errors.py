@@ -31,3 +31,7 @@ class IntegrityError(TsqpError):
 
 class InputError(TsqpError, ValueError):
     """A request the model cannot serve: an empty prompt, or one longer than its context."""
+
+
+class AuthError(TsqpError):
+    """CURVE keys are missing, unreadable or malformed, or a peer refused the link's authentication."""

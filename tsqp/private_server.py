@@ -1,5 +1,9 @@
 """A private `tsqp serve-gpu` child process for one run, on an ipc:// endpoint only this user can reach.
 
+The socket lies in a fresh temporary folder of mode 0700 (`tempfile`), so only this user
+(and root) can connect to it, and the traffic never leaves the host's kernel: CURVE keys
+would add nothing there, so the private server runs without them.
+
 Imports nothing heavy, so the CLI can start the server before loading torch itself.
 """
 

@@ -4,10 +4,15 @@ It holds the linear weights (`LinearWeights`) on CUDA when present, else CPU, an
 answers the protocol's ops from a table of small handlers. Whatever a client sends,
 the server answers with a reply (an error naming the problem if need be) and goes on
 serving.
+
+With `ServerKeys` the socket is a CURVE server: only listed clients get in and the link is
+encrypted. Without keys it listens only where other hosts cannot reach it (loopback tcp,
+ipc://), unless `insecure_public` says otherwise.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import math
 import threading
@@ -20,9 +25,12 @@ from typing import Any
 import msgpack
 import torch
 import zmq
+import zmq.utils.monitor
+from zmq.auth.thread import ThreadAuthenticator
 
 from tsqp import protocol
-from tsqp.errors import ProtocolError
+from tsqp.errors import AuthError, ProtocolError
+from tsqp.keys import ServerKeys, start_curve_server
 from tsqp.linear import CALL_GROUPS, LinearWeights
 from tsqp.models import LoadedModel
 from tsqp.protocol import Limits, Message
@@ -77,7 +85,10 @@ class Server:
         dtype: str = "float32",
         limits: Limits | None = None,
         context: zmq.Context | None = None,
+        curve: ServerKeys | None = None,
+        insecure_public: bool = False,
     ) -> None:
+        check_listen_allowed(endpoint, curve is not None, insecure_public)
         self.model = model
         self.device = pick_device(device)
         self.dtype_name = dtype
@@ -87,9 +98,20 @@ class Server:
         self.context = context or zmq.Context.instance()
         self.socket = self.context.socket(zmq.ROUTER)
         self.socket.setsockopt(zmq.LINGER, 0)
+        self.socket.setsockopt(zmq.IPV6, "[" in endpoint)  # tcp://[::1]:PORT; IPv4 endpoints stay plain
         # Hard cap per frame in libzmq: far beyond it the peer is dropped before we allocate.
         self.socket.setsockopt(zmq.MAXMSGSIZE, 2 * self.limits.max_message_bytes)
-        self.socket.bind(endpoint)
+        self.authenticator: ThreadAuthenticator | None = None
+        self._monitor: zmq.Socket | None = None
+        try:
+            if curve is not None:
+                self.authenticator = start_curve_server(self.socket, curve, log)
+                # Handshakes that never reach the authenticator (no keys, wrong server key) are logged from here.
+                self._monitor = self.socket.get_monitor_socket(_HANDSHAKE_FAILED)
+            self.socket.bind(endpoint)
+        except BaseException:
+            self.close()
+            raise
         self.endpoint = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
         self._handlers: dict[str, tuple[int, Callable[[Message], Message]]] = {
             "HELLO": (0, self._hello),
@@ -107,6 +129,8 @@ class Server:
         while not stop.is_set():
             if self.socket.poll(100):  # blocking wait, no busy polling: the client needs the core
                 self.serve_one()
+            if self._monitor is not None:
+                self._log_handshake_failures()
 
     def serve_one(self) -> None:
         identity, *frames = self.socket.recv_multipart(copy=False)
@@ -143,8 +167,19 @@ class Server:
         reply.args.setdefault("compute_s", elapsed)
         return reply
 
+    def _log_handshake_failures(self) -> None:
+        while self._monitor is not None and self._monitor.poll(0):
+            event = zmq.utils.monitor.parse_monitor_message(self._monitor.recv_multipart())
+            if event["event"] != zmq.EVENT_HANDSHAKE_FAILED_AUTH:  # refused keys: the authenticator logs those, naming the key
+                log.warning("refused a client: %s", _HANDSHAKE_ERRORS.get(event["value"], "it broke off the CURVE handshake (no keys, or a wrong server key?)"))
+
     def close(self) -> None:
+        if self._monitor is not None:
+            self.socket.disable_monitor()
+            self._monitor.close(linger=0)
         self.socket.close(linger=0)
+        if self.authenticator is not None:
+            self.authenticator.stop()
 
     # --- handlers ------------------------------------------------------------
 
@@ -210,6 +245,36 @@ class Server:
     @staticmethod
     def _out(y: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         return y.to(dtype).cpu().contiguous()
+
+
+_HANDSHAKE_FAILED = zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+_HANDSHAKE_ERRORS = {  # by protocol error; whichever side notices first closes, so the other may see no detail
+    zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH: "it has no CURVE keys (security mechanism mismatch)",
+    zmq.PROTOCOL_ERROR_ZMTP_CRYPTOGRAPHIC: "its CURVE handshake failed (does it use this server's public key?)",
+}
+
+
+def is_local_endpoint(endpoint: str) -> bool:
+    """True for endpoints other hosts cannot reach: ipc://, inproc:// and loopback tcp://."""
+    scheme, _, rest = endpoint.partition("://")
+    if scheme in ("ipc", "inproc"):
+        return True
+    if scheme != "tcp":
+        return False
+    host = rest.rpartition(":")[0].strip("[]").lower()  # tcp://HOST:PORT or tcp://[IPv6]:PORT
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback  # 127.0.0.0/8, ::1
+    except ValueError:
+        return False  # *, an interface or a host name: assume other hosts can reach it
+
+
+def check_listen_allowed(endpoint: str, curve: bool, insecure_public: bool) -> None:
+    """Without keys anyone who reaches the server could use it and read the traffic: loopback only by default."""
+    if not curve and not insecure_public and not is_local_endpoint(endpoint):
+        raise AuthError(f"refusing to listen on {endpoint} without keys (unauthenticated, unencrypted link): "
+                        "pass --curve-secret and --allow-clients, or --insecure-public to accept that")  # fmt: skip
 
 
 def _float_input(x: torch.Tensor) -> torch.Tensor:

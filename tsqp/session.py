@@ -6,6 +6,8 @@
 
 Without an endpoint, `connect` starts a private `tsqp serve-gpu` for the session and
 stops it on close; `local=True` runs the linear ops in-process (all-in-TEE baseline).
+`curve_secret` and `server_key` authenticate and encrypt the link to a remote server
+(see `tsqp.keys`); a private server needs none: only this user can reach its socket.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from typing import Any
 from tsqp import PROCESS_STARTED
 from tsqp.client import RemoteBackend
 from tsqp.core import Llama
-from tsqp.errors import TsqpError
+from tsqp.errors import AuthError, TsqpError
 from tsqp.generation import Generation, generate
 from tsqp.linear import LinearWeights, LocalBackend
 from tsqp.models import DEFAULT_MODEL, LoadedModel, load, resolve
@@ -120,11 +122,15 @@ def connect(
     progress: Callable[[str], Any] | None = None,
     on_send: Callable[[str, Any], None] | None = None,
     private_server: PrivateServer | None = None,
+    curve_secret: str | os.PathLike[str] | None = None,
+    server_key: str | os.PathLike[str] | None = None,
 ) -> Session:
     """Open a session: to `endpoint`, to a private server (endpoint None), or in-process (`local`).
 
     `private_server` hands over one already started (the CLI starts it before importing torch).
     """
+    if endpoint is None and (curve_secret is not None or server_key is not None):
+        raise AuthError("CURVE keys are for a remote server: pass its endpoint too (a private server listens on a private ipc:// socket, without keys)")
     folder = resolve(model, progress)  # converts a GGUF once, before any server needs it
     if local:
         loaded = load(folder)
@@ -136,7 +142,8 @@ def connect(
         if server is not None:
             server.wait_ready()
         remote = RemoteBackend(server.endpoint if server else endpoint, timeout_s, connect_timeout_s,
-                               on_send=on_send, server_alive=server.alive if server else None)  # fmt: skip
+                               on_send=on_send, server_alive=server.alive if server else None,
+                               curve_secret=curve_secret, server_key=server_key)  # fmt: skip
         try:
             remote.hello(loaded.fingerprint)
         except BaseException:
