@@ -10,13 +10,13 @@ from conftest import start_server
 from tsqp.client import RemoteBackend
 from tsqp.core import Llama
 from tsqp.generation import generate
-from tsqp.linear import LinearWeights, LocalBackend
+from tsqp.linear import LinearWeights
 from tsqp.models import LoadedModel
 
 
 def test_four_concurrent_clients_get_their_single_client_tokens(tiny: LoadedModel) -> None:
     prompts = [list(range(start, start + 9)) for start in (3, 50, 120, 200)]
-    local = Llama(tiny.config, tiny.hf_config, tiny.norms(), LocalBackend(LinearWeights(tiny.weights, tiny.config.n_layers)))
+    local = Llama(tiny.config, tiny.hf_config, tiny.norms(), LinearWeights(tiny.weights, tiny.config.n_layers))
     expected = [generate(local, p, 24).token_ids for p in prompts]
     running = start_server(tiny)
     results: dict[int, list[int]] = {}

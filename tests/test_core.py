@@ -12,14 +12,14 @@ from transformers import LlamaForCausalLM
 from tsqp.client import RemoteBackend
 from tsqp.core import Llama, causal_mask
 from tsqp.generation import generate, sample
-from tsqp.linear import LinearWeights, LocalBackend
+from tsqp.linear import LinearWeights
 from tsqp.models import LoadedModel, load
 
 LOGIT_TOLERANCE = 1e-4  # fp32 on a tiny model; observed differences are ~1e-6
 
 
 def local_llama(model: LoadedModel, **kwargs: object) -> Llama:
-    backend = LocalBackend(LinearWeights(model.weights, model.config.n_layers))
+    backend = LinearWeights(model.weights, model.config.n_layers)
     return Llama(model.config, model.hf_config, model.norms(), backend, **kwargs)
 
 

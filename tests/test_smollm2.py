@@ -74,9 +74,9 @@ def test_plain_split_round_trips_per_token(split: Session) -> None:
 
 
 def test_local_backend_gives_the_split_tokens(smol: LoadedModel, split: Session) -> None:
-    from tsqp.linear import LinearWeights, LocalBackend
+    from tsqp.linear import LinearWeights
 
-    local = Llama(smol.config, smol.hf_config, smol.norms(), LocalBackend(LinearWeights(smol.weights, smol.config.n_layers)))
+    local = Llama(smol.config, smol.hf_config, smol.norms(), LinearWeights(smol.weights, smol.config.n_layers))
     ids = split.prompt_ids(PROMPTS[1])
     assert generate(local, ids, NEW_TOKENS).token_ids == split.generate(ids, NEW_TOKENS).token_ids
 

@@ -5,8 +5,8 @@ pre-transposed to (in, out) so that a product is `x @ W` over contiguous rows (m
 ~2x the read bandwidth of `F.linear` for lm_head on CPU), with the projections that take
 the same input fused into one matrix (q|k|v, gate|up) so one call computes all of them.
 
-The server serves exactly this object; `LocalBackend` uses it in-process for the
-all-in-TEE baseline. There is no other place where these products are computed.
+The server serves exactly this object, and it is itself a `LinearBackend`: used in-process
+it is the all-in-TEE baseline. There is no other place where these products are computed.
 """
 
 from __future__ import annotations
@@ -96,22 +96,3 @@ class LinearWeights:
         if a.dim() < 2 or b.dim() < 2 or a.shape[-1] != b.shape[-2]:
             raise ProtocolError(f"matmul shapes {list(a.shape)} @ {list(b.shape)} do not compose")
         return a @ b
-
-
-class LocalBackend:
-    """Linear ops computed in-process: the all-in-TEE baseline."""
-
-    def __init__(self, weights: LinearWeights) -> None:
-        self.weights = weights
-
-    def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
-        return self.weights.embed(token_ids)
-
-    def linear(self, layer: int, modules: Sequence[str], x: torch.Tensor) -> list[torch.Tensor]:
-        return self.weights.linear(layer, modules, x)
-
-    def lm_head(self, x: torch.Tensor) -> torch.Tensor:
-        return self.weights.lm_head(x)
-
-    def matmul(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        return self.weights.matmul(a, b)

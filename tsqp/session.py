@@ -22,7 +22,7 @@ from tsqp.client import RemoteBackend
 from tsqp.core import Llama
 from tsqp.errors import AuthError, TsqpError
 from tsqp.generation import Generation, generate
-from tsqp.linear import LinearWeights, LocalBackend
+from tsqp.linear import LinearWeights
 from tsqp.models import DEFAULT_MODEL, LoadedModel, load, resolve
 from tsqp.private_server import PrivateServer
 
@@ -134,7 +134,7 @@ def connect(
     folder = resolve(model, progress)  # converts a GGUF once, before any server needs it
     if local:
         loaded = load(folder)
-        backend: Any = LocalBackend(LinearWeights(loaded.weights, loaded.config.n_layers))
+        backend: Any = LinearWeights(loaded.weights, loaded.config.n_layers)
         return Session(loaded, backend, offload_attention_from=offload_attention_from)
     server = private_server or (PrivateServer(folder, device, dtype) if endpoint is None else None)
     try:
