@@ -43,6 +43,9 @@ def test_private_server_killed_mid_generation_fails_fast(tiny_path: Path) -> Non
 def test_serve_gpu_stops_cleanly_on_sigterm(tiny_path: Path) -> None:
     server = PrivateServer(tiny_path, device="cpu")
     server.wait_ready()
+    started = time.monotonic()
+    server.wait_ready()  # a second wait returns at once
+    assert time.monotonic() - started < 0.5
     server.process.send_signal(signal.SIGTERM)
     assert server.process.wait(10) == 0
     server.close()

@@ -32,15 +32,20 @@ class PrivateServer:
         self._stderr = open(Path(self._dir.name) / "server.log", "w+")
         self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=self._stderr, text=True)
         self.startup_timeout_s = startup_timeout_s
+        self.ready = False
 
     def wait_ready(self) -> None:
+        """Block until the server prints its ready line (at once if it already has)."""
         assert self.process.stdout is not None
+        if self.ready:
+            return
         deadline = time.monotonic() + self.startup_timeout_s
         while time.monotonic() < deadline:
             ready, _, _ = select.select([self.process.stdout], [], [], 0.2)
             if ready:
                 line = self.process.stdout.readline()
                 if line.startswith(READY):
+                    self.ready = True
                     return
                 if line:
                     continue
