@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import pickle
 from collections.abc import Iterator
 from typing import Any
@@ -15,7 +16,7 @@ from conftest import start_server
 from tsqp import protocol
 from tsqp.models import LoadedModel
 from tsqp.protocol import Limits, Message
-from tsqp.server import Server
+from tsqp.server import Server, client_key
 
 REPLY_TIMEOUT_MS = 2000  # generous: a healthy server answers these in milliseconds
 
@@ -471,3 +472,250 @@ def test_server_on_ipc_endpoint(tiny: LoadedModel, tmp_path_factory: pytest.Temp
         import shutil
 
         shutil.rmtree(folder, ignore_errors=True)
+
+
+# --- HEALTH ---------------------------------------------------------------------------------
+
+
+def test_health_answers_uptime_requests_and_fingerprint(dealer: zmq.Socket, tiny: LoadedModel) -> None:
+    import time
+
+    first = call(dealer, "HEALTH", 1)
+    assert first.ok, first.error
+    assert first.id == 1 and first.tensors == []
+    assert first.args["status"] == "ok"
+    assert first.args["fingerprint"] == tiny.fingerprint
+    assert first.args["uptime_s"] > 0
+    assert first.args["requests"] == 1  # this one
+    assert_valid_linear_works(dealer, tiny)
+    assert not rpc(dealer, [b"\xc1"]).ok
+    time.sleep(0.01)
+    second = call(dealer, "HEALTH", 2)
+    assert second.args["requests"] == 4  # health, linear, malformed, health
+    assert second.args["uptime_s"] >= first.args["uptime_s"] + 0.01
+    assert not call(dealer, "HEALTH", 3, {}, [torch.ones(1)]).ok  # no tensors taken
+
+
+def test_remote_backend_health(tiny_server: Any, tiny: LoadedModel) -> None:
+    from tsqp.client import RemoteBackend
+
+    backend = RemoteBackend(tiny_server.endpoint, timeout_s=5)
+    try:
+        h = backend.health()
+        assert h["status"] == "ok" and h["fingerprint"] == tiny.fingerprint and h["requests"] == 1
+        assert "HEALTH" in backend.hello(tiny.fingerprint)["ops"]
+    finally:
+        backend.close()
+
+
+# --- STATS: latency percentiles and per-client counters ---------------------------------------
+
+
+def test_latency_percentiles_come_from_a_bounded_ring_buffer() -> None:
+    from tsqp.server import LATENCY_SAMPLES, OpStats
+
+    op = OpStats()
+    assert op.as_dict()["p50_s"] is None and op.as_dict()["latency_samples"] == 0
+    for _ in range(3000):  # old, slow samples: pushed out of the ring
+        op.record(1.0)
+    for i in range(1, LATENCY_SAMPLES + 1):  # 1..1024 ms
+        op.record(i / 1000)
+    assert len(op.latencies) == LATENCY_SAMPLES
+    d = op.as_dict()
+    assert d["latency_samples"] == LATENCY_SAMPLES
+    assert d["p50_s"] == pytest.approx(0.512)
+    assert d["p90_s"] == pytest.approx(0.922)
+    assert d["p99_s"] == pytest.approx(1.014)
+
+
+def test_stats_report_latency_percentiles_per_op(dealer: zmq.Socket, tiny: LoadedModel) -> None:
+    for i in range(5):
+        assert call(dealer, "LINEAR", 10 + i, {"layer": 0, "modules": ["o_proj"]}, [x_input()]).ok
+    assert not call(dealer, "LINEAR", 20, {"layer": 7, "modules": ["o_proj"]}, [x_input()]).ok
+    linear = call(dealer, "STATS", 30).args["ops"]["LINEAR"]
+    assert linear["latency_samples"] == 6
+    assert 0 < linear["p50_s"] <= linear["p90_s"] <= linear["p99_s"] <= linear["compute_s"]
+
+
+def test_stats_count_per_client(tiny_server: Any, tiny: LoadedModel) -> None:
+    ctx = zmq.Context.instance()
+    a, b = ctx.socket(zmq.DEALER), ctx.socket(zmq.DEALER)
+    a.setsockopt(zmq.ROUTING_ID, b"alice")
+    b.setsockopt(zmq.ROUTING_ID, b"a-much-longer-client-identity")
+    try:
+        for s in (a, b):
+            s.setsockopt(zmq.LINGER, 0)
+            s.connect(tiny_server.endpoint)
+        x = x_input()
+        sent = protocol.encode(protocol.request("LINEAR", 1, {"layer": 0, "modules": ["o_proj"]}, [x]))
+        r = rpc(a, sent)
+        assert r.ok
+        bad = rpc(a, [b"\xc1 junk"])
+        assert not rpc(a, protocol.encode(protocol.request("LINEAR", 2, {"layer": 9, "modules": ["o_proj"]}, [x]))).ok
+        assert call(b, "HEALTH", 3).ok
+        stats = call(b, "STATS", 4).args
+        assert json.loads(json.dumps(stats)) == stats  # JSON- and msgpack-serializable
+        clients = stats["clients"]
+        assert set(clients) == {b"alice".hex(), client_key(b"a-much-longer-client-identity")}
+        assert len(client_key(b"x" * 255)) == 16
+        alice = clients[b"alice".hex()]
+        assert alice["requests"] == 3 and alice["errors"] == 2
+        reply_bytes = sum(len(f) for f in protocol.encode(r)) + sum(len(f) for f in protocol.encode(bad))
+        assert alice["bytes_in"] == sum(len(bytes(f)) for f in sent) + len(b"\xc1 junk") + sum(len(bytes(f)) for f in sent)
+        assert alice["bytes_out"] > reply_bytes  # and the third reply's
+        assert alice["bytes_out"] < reply_bytes + 200
+        assert clients[client_key(b"a-much-longer-client-identity")]["requests"] == 1  # HEALTH; its STATS is counted after the reply is built
+    finally:
+        a.close(linger=0)
+        b.close(linger=0)
+
+
+def test_stats_track_a_bounded_number_of_clients_dropping_the_oldest(tiny_server: Any) -> None:
+    tiny_server.server.stats.max_clients = 3
+    ctx = zmq.Context.instance()
+    socks = []
+    try:
+        for i in range(5):
+            s = ctx.socket(zmq.DEALER)
+            s.setsockopt(zmq.LINGER, 0)
+            s.setsockopt(zmq.ROUTING_ID, bytes([1, i]))
+            s.connect(tiny_server.endpoint)
+            socks.append(s)
+            assert call(s, "HEALTH", i).ok
+        assert call(socks[2], "HEALTH", 9).ok  # seen again: now the most recent
+        stats = call(socks[4], "STATS", 10).args
+        assert list(stats["clients"]) == ["0103", "0104", "0102"]  # least recently seen first
+        assert stats["clients_evicted"] == 2
+        assert stats["clients"]["0102"]["requests"] == 2
+        assert call(socks[0], "HEALTH", 11).ok  # a dropped client comes back with fresh counters
+        assert set(tiny_server.server.stats.clients) == {"0100", "0102", "0104"}
+        assert tiny_server.server.stats.clients["0100"].requests == 1
+    finally:
+        for s in socks:
+            s.close(linger=0)
+
+
+# --- logs and limits from the command line ------------------------------------------------------
+
+
+def test_refused_and_malformed_requests_are_logged_with_the_client(dealer: zmq.Socket, caplog: pytest.LogCaptureFixture) -> None:
+    dealer_key = None
+    with caplog.at_level("WARNING", logger="tsqp.server"):
+        assert not rpc(dealer, [b"\xc1 junk"]).ok
+        assert not call(dealer, "LINEAR", 4, {"layer": 9, "modules": ["o_proj"]}, [x_input()]).ok
+        assert call(dealer, "HEALTH", 5).ok
+    records = [r for r in caplog.records if r.name == "tsqp.server"]
+    assert len(records) == 2, [r.getMessage() for r in records]
+    malformed, refused = records
+    assert malformed.levelname == refused.levelname == "WARNING"
+    dealer_key = malformed.client
+    assert isinstance(dealer_key, str) and len(dealer_key) == 10 and dealer_key in malformed.getMessage()
+    assert refused.client == dealer_key and refused.op == "LINEAR" and "out of range" in refused.error
+    assert malformed.op is None and "msgpack" in malformed.error
+
+
+def test_json_formatter_writes_one_object_per_record() -> None:
+    import logging
+
+    from tsqp.logs import JsonFormatter
+
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        import sys
+
+        exc = sys.exc_info()
+    record = logging.LogRecord("tsqp.server", logging.WARNING, __file__, 1, "refused %s", ("LINEAR",), exc)
+    record.client, record.op, record.error = "00deadbeef", "LINEAR", "bad\nline"
+    line = JsonFormatter().format(record)
+    assert "\n" not in line
+    d = json.loads(line)
+    assert d["level"] == "WARNING" and d["logger"] == "tsqp.server" and d["msg"] == "refused LINEAR"
+    assert (d["client"], d["op"], d["error"]) == ("00deadbeef", "LINEAR", "bad\nline")
+    assert d["ts"].endswith("+00:00") and "ValueError: boom" in d["exc"]
+
+
+def _serve_gpu(model_folder: Any, *options: str) -> tuple[Any, str]:
+    import subprocess
+    import sys
+
+    from tsqp.private_server import READY
+
+    port = _free_port()
+    endpoint = f"tcp://127.0.0.1:{port}"
+    proc = subprocess.Popen([sys.executable, "-m", "tsqp", "serve-gpu", "--model", str(model_folder), "--endpoint", endpoint,
+                             "--device", "cpu", "--quiet", *options],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    assert proc.stdout is not None
+    ready = proc.stdout.readline()
+    if not ready.startswith(READY):
+        proc.kill()
+        raise AssertionError(ready + proc.communicate()[1])
+    return proc, endpoint
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_serve_gpu_log_json_and_limit_options(tiny_path: Any) -> None:
+    proc, endpoint = _serve_gpu(tiny_path, "--log-json", "--max-tensor-elements", "1000", "--max-message-mb", "0.5")
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.ROUTING_ID, b"\x07carol")
+    try:
+        sock.connect(endpoint)
+        limits = call(sock, "HELLO", 1).args["limits"]
+        assert limits["max_tensor_elements"] == 1000 and limits["max_message_bytes"] == 512 * 1024
+        r = call(sock, "LINEAR", 2, {"layer": 0, "modules": ["o_proj"]}, [torch.ones(16, 64)])  # 1024 elements
+        assert not r.ok and "1000" in r.error
+        assert not rpc(sock, [b"\xc1 junk"]).ok
+    finally:
+        sock.close(linger=0)
+        proc.terminate()
+        _, stderr = proc.communicate(timeout=20)
+    assert proc.returncode == 0, stderr
+    entries = [json.loads(line) for line in stderr.splitlines() if line.startswith("{")]
+    warnings = [e for e in entries if e["level"] == "WARNING" and e["logger"] == "tsqp.server"]
+    assert len(warnings) == 2, stderr
+    for e in warnings:
+        assert e["client"] == b"\x07carol".hex() and e["error"] and e["ts"] and e["msg"]
+    assert "1000" in warnings[0]["error"]
+    assert "msgpack" in warnings[1]["error"]
+
+
+def test_sigterm_while_a_request_is_in_flight_still_answers_it(tmp_path: Any) -> None:
+    """The stop flag is only checked between calls: a SIGTERM during a long MATMUL lets it finish and reply, then exit 0."""
+    import time
+
+    from conftest import make_tiny_model
+
+    folder = make_tiny_model(tmp_path / "m")
+    n = 2560  # ~34 GFLOP on one thread: well over the 0.3 s before SIGTERM
+    proc, endpoint = _serve_gpu(folder, "--threads", "1", "--max-tensor-elements", str(n * n), "--max-message-mb", "256")
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    try:
+        sock.connect(endpoint)
+        assert call(sock, "HEALTH", 1).ok  # connected and serving
+        g = torch.Generator().manual_seed(0)
+        a, b = torch.randn(n, n, generator=g), torch.randn(n, n, generator=g)
+        send(sock, protocol.encode(protocol.request("MATMUL", 2, {}, [a, b])))
+        time.sleep(0.3)  # the request has arrived and is being computed
+        assert sock.poll(0) == 0, "the reply came before the SIGTERM: make the MATMUL larger"
+        proc.terminate()
+        r = receive(sock, timeout_ms=60_000)
+        assert r.ok, r.error
+        assert r.id == 2
+        torch.testing.assert_close(r.tensors[0], a @ b, rtol=1e-3, atol=1e-2)
+        assert proc.wait(timeout=20) == 0
+    finally:
+        sock.close(linger=0)
+        if proc.poll() is None:
+            proc.kill()
+        _, stderr = proc.communicate(timeout=20)
+    assert "Traceback" not in stderr, stderr

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
-import logging
 import signal
 import sys
 import threading
@@ -84,6 +84,9 @@ def serve_gpu(
     threads: Annotated[Optional[int], typer.Option(help="torch CPU threads for the products (default: torch's choice).")] = None,
     quiet: Annotated[bool, typer.Option(help="Print only the ready line (and security warnings).")] = False,
     log_level: Annotated[str, typer.Option(help="Logging level: debug, info, warning, error.")] = "warning",
+    log_json: Annotated[bool, typer.Option("--log-json", help="Log one JSON object per line on stderr (ts, level, logger, msg, and fields such as client, op, error).")] = False,
+    max_message_mb: Annotated[Optional[float], typer.Option("--max-message-mb", min=0.001, help="Refuse requests larger than this many MiB (default: room for the model's largest legitimate request).")] = None,
+    max_tensor_elements: Annotated[Optional[int], typer.Option("--max-tensor-elements", min=1, help="Refuse tensors, and results, with more elements than this (default: derived from the model's config).")] = None,
     curve_secret: Annotated[Optional[Path], typer.Option("--curve-secret", metavar="FILE", help="This server's secret key file (NAME.key_secret from `tsqp keys generate`): the link becomes authenticated and encrypted. Needs --allow-clients.")] = None,
     allow_clients: Annotated[Optional[Path], typer.Option("--allow-clients", metavar="DIR", help="Folder of the public key files (*.key) of the clients let in; all others are refused and logged. Needs --curve-secret.")] = None,
     insecure_public: Annotated[bool, typer.Option("--insecure-public", help="Allow listening beyond loopback without keys (anyone who reaches the port can use the server and read the traffic).")] = False,
@@ -102,9 +105,14 @@ def serve_gpu(
     from tsqp.keys import server_keys
     from tsqp.models import load
     from tsqp.private_server import READY
-    from tsqp.server import SERVER_DTYPES, Server, check_listen_allowed
+    from tsqp.server import SERVER_DTYPES, Server, check_listen_allowed, default_limits
 
-    logging.basicConfig(level=log_level.upper(), stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from tsqp import logs
+
+    try:
+        logs.configure(log_level, as_json=log_json)
+    except ValueError:
+        _fail(f"--log-level {log_level!r} is not one of debug, info, warning, error")
     if dtype not in SERVER_DTYPES:
         _fail(f"--dtype {dtype!r} is not one of {', '.join(SERVER_DTYPES)}")
     if device not in ("auto", "cuda", "cpu"):
@@ -122,7 +130,12 @@ def serve_gpu(
     with err.status("Loading model…", spinner="dots") if not quiet else _nothing():
         loaded = load(model, with_tokenizer=False, progress=_progress)
         try:
-            server = Server(loaded, endpoint, device, dtype, curve=curve, insecure_public=insecure_public)
+            limits = default_limits(loaded)
+            if max_message_mb is not None:
+                limits = dataclasses.replace(limits, max_message_bytes=int(max_message_mb * 1024 * 1024))
+            if max_tensor_elements is not None:
+                limits = dataclasses.replace(limits, max_tensor_elements=max_tensor_elements)
+            server = Server(loaded, endpoint, device, dtype, limits=limits, curve=curve, insecure_public=insecure_public)
         except (ValueError, TsqpError) as e:
             _fail(str(e))
     stop = threading.Event()
@@ -130,9 +143,9 @@ def serve_gpu(
         signal.signal(sig, lambda *_: stop.set())
     print(f"{READY} on {server.endpoint} (device {server.device}, {dtype}, model {loaded.fingerprint[:12]}, {'CURVE' if curve else 'no keys'})", flush=True)
     try:
-        server.serve_forever(stop)
+        server.serve_forever(stop)  # the stop flag is checked between calls: the call in flight is answered
     finally:
-        server.close()
+        server.shutdown()  # and its reply sent before the process exits
     if not quiet:
         err.print("tsqp serve-gpu stopped")
 

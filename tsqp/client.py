@@ -116,6 +116,10 @@ class RemoteBackend:
             raise ModelMismatch(f"the server at {self.endpoint} holds a different model (fingerprint {reply.args.get('fingerprint')}, ours {fingerprint})")
         return reply.args
 
+    def health(self) -> dict[str, Any]:
+        """Liveness check: status, uptime_s, requests served and the model fingerprint."""
+        return self.call("HEALTH", {}, timeout_s=self.connect_timeout_s).args
+
     def server_stats(self) -> dict[str, Any]:
         return self.call("STATS", {}).args
 

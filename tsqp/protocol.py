@@ -33,7 +33,7 @@ import torch
 from tsqp.errors import ProtocolError
 
 VERSION = (1, 0)
-OPS = ("HELLO", "EMBED", "LINEAR", "MATMUL", "LM_HEAD", "STATS")
+OPS = ("HELLO", "EMBED", "LINEAR", "MATMUL", "LM_HEAD", "STATS", "HEALTH")
 REPLY = "REPLY"
 
 DTYPES: dict[str, torch.dtype] = {

@@ -12,12 +12,13 @@ ipc://), unless `insecure_public` says otherwise.
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import logging
 import math
 import threading
 import time
-from collections import defaultdict
+from collections import OrderedDict, defaultdict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -58,6 +59,10 @@ def default_limits(model: LoadedModel) -> Limits:
     return Limits(max_tensor_elements=max(elements, attention), max_message_bytes=8 * max(elements, attention) + (1 << 20))
 
 
+LATENCY_SAMPLES = 1024  # per op: the ring buffer the percentiles come from
+MAX_CLIENTS = 256  # clients tracked in STATS; the least recently seen is dropped first
+
+
 @dataclass
 class OpStats:
     calls: int = 0
@@ -65,15 +70,71 @@ class OpStats:
     bytes_in: int = 0
     bytes_out: int = 0
     compute_s: float = 0.0
+    latencies: deque[float] = field(default_factory=lambda: deque(maxlen=LATENCY_SAMPLES))  # handler seconds, newest last
+
+    def record(self, seconds: float) -> None:
+        self.latencies.append(seconds)
+
+    def as_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {k: v for k, v in vars(self).items() if k != "latencies"}
+        ordered = sorted(self.latencies)
+        d["latency_samples"] = len(ordered)
+        for q in (50, 90, 99):
+            d[f"p{q}_s"] = _percentile(ordered, q)
+        return d
+
+
+@dataclass
+class ClientStats:
+    requests: int = 0
+    bytes_in: int = 0
+    bytes_out: int = 0
+    errors: int = 0
+    last_seen: float = 0.0  # time.time()
 
 
 @dataclass
 class ServerStats:
     ops: dict[str, OpStats] = field(default_factory=lambda: defaultdict(OpStats))
     malformed: int = 0
+    requests: int = 0
+    clients: OrderedDict[str, ClientStats] = field(default_factory=OrderedDict)  # least recently seen first
+    max_clients: int = MAX_CLIENTS
+    clients_evicted: int = 0
+
+    def client(self, key: str) -> ClientStats:
+        """The counters of one client (created if new), now the most recently seen; bounded in number."""
+        stats = self.clients.get(key)
+        if stats is None:
+            stats = self.clients[key] = ClientStats()
+            while len(self.clients) > self.max_clients:
+                self.clients.popitem(last=False)
+                self.clients_evicted += 1
+        else:
+            self.clients.move_to_end(key)
+        stats.last_seen = time.time()
+        return stats
 
     def as_dict(self) -> dict[str, Any]:
-        return {"ops": {op: vars(s) for op, s in self.ops.items()}, "malformed": self.malformed}
+        return {
+            "ops": {op: s.as_dict() for op, s in self.ops.items()},
+            "malformed": self.malformed,
+            "requests": self.requests,
+            "clients": {key: vars(c).copy() for key, c in self.clients.items()},
+            "clients_evicted": self.clients_evicted,
+        }
+
+
+def _percentile(ordered: list[float], q: float) -> float | None:
+    """Nearest-rank percentile of sorted samples; None without samples."""
+    if not ordered:
+        return None
+    return ordered[min(len(ordered) - 1, max(0, math.ceil(q / 100 * len(ordered)) - 1))]
+
+
+def client_key(identity: bytes) -> str:
+    """A short hex name for a ROUTER identity (libzmq's are 5 bytes; a client-chosen one may be 255)."""
+    return identity.hex() if len(identity) <= 8 else hashlib.blake2b(identity, digest_size=8).hexdigest()
 
 
 class Server:
@@ -95,6 +156,7 @@ class Server:
         self.weights = LinearWeights(model.weights, model.config.n_layers, self.device, SERVER_DTYPES[dtype])
         self.limits = limits or default_limits(model)
         self.stats = ServerStats()
+        self.started = time.monotonic()
         self.context = context or zmq.Context.instance()
         self.socket = self.context.socket(zmq.ROUTER)
         self.socket.setsockopt(zmq.LINGER, 0)
@@ -120,6 +182,7 @@ class Server:
             "MATMUL": (2, self._matmul),
             "LM_HEAD": (1, self._lm_head),
             "STATS": (0, self._stats),
+            "HEALTH": (0, self._health),
         }
 
     # --- serving -------------------------------------------------------------
@@ -134,16 +197,29 @@ class Server:
 
     def serve_one(self) -> None:
         identity, *frames = self.socket.recv_multipart(copy=False)
-        reply = self.handle(frames)
-        self.socket.send_multipart([identity, *protocol.encode(reply)], copy=False)
+        key = client_key(identity.bytes)
+        reply = self.handle(frames, key)
+        try:
+            out = protocol.encode(reply)
+        except Exception as e:  # a reply that cannot be sent still gets an answer
+            log.exception("cannot encode the reply to request %s", reply.id, extra={"client": key})
+            reply = protocol.error_reply(reply.id, f"the server could not encode its reply: {type(e).__name__}")
+            out = protocol.encode(reply)
+        client = self.stats.client(key)
+        client.requests += 1
+        client.bytes_in += sum(_frame_bytes(f).nbytes for f in frames)
+        client.bytes_out += sum(_frame_bytes(f).nbytes for f in out)
+        client.errors += not reply.ok
+        self.socket.send_multipart([identity, *out], copy=False)
 
-    def handle(self, frames: list[Any]) -> Message:
-        """Frames of one request -> the reply. Never raises."""
+    def handle(self, frames: list[Any], client: str = "-") -> Message:
+        """Frames of one request -> the reply. Never raises. `client` names the sender in logs."""
+        self.stats.requests += 1
         try:
             msg = protocol.decode(frames, self.limits)
         except Exception as e:  # ProtocolError, or a validation gap: either way, keep serving
             self.stats.malformed += 1
-            log.warning("malformed request: %s", e)
+            log.warning("malformed request from %s: %s", client, e, extra={"client": client, "op": None, "error": str(e)})
             return protocol.error_reply(_salvage_id(frames), f"bad request: {e}")
         stats = self.stats.ops[msg.op]
         stats.calls += 1
@@ -156,12 +232,16 @@ class Server:
             reply = handler(msg)
         except ProtocolError as e:
             stats.errors += 1
+            stats.record(time.perf_counter() - started)
+            log.warning("refused %s request %s from %s: %s", msg.op, msg.id, client, e, extra={"client": client, "op": msg.op, "error": str(e)})
             return protocol.error_reply(msg.id, f"bad {msg.op} request: {e}")
         except Exception as e:  # a bug or a device failure must not kill the service
             stats.errors += 1
-            log.exception("%s failed", msg.op)
+            stats.record(time.perf_counter() - started)
+            log.exception("%s failed", msg.op, extra={"client": client, "op": msg.op, "error": f"{type(e).__name__}: {e}"})
             return protocol.error_reply(msg.id, f"{msg.op} failed on the server: {type(e).__name__}: {e}")
         elapsed = time.perf_counter() - started
+        stats.record(elapsed)
         stats.compute_s += elapsed
         stats.bytes_out += reply.nbytes
         reply.args.setdefault("compute_s", elapsed)
@@ -173,13 +253,24 @@ class Server:
             if event["event"] != zmq.EVENT_HANDSHAKE_FAILED_AUTH:  # refused keys: the authenticator logs those, naming the key
                 log.warning("refused a client: %s", _HANDSHAKE_ERRORS.get(event["value"], "it broke off the CURVE handshake (no keys, or a wrong server key?)"))
 
-    def close(self) -> None:
+    def close(self, linger_ms: int = 0) -> None:
+        """Close the socket; with `linger_ms`, replies still queued may go out until the context terminates."""
         if self._monitor is not None:
             self.socket.disable_monitor()
             self._monitor.close(linger=0)
-        self.socket.close(linger=0)
+        self.socket.close(linger=linger_ms)
         if self.authenticator is not None:
             self.authenticator.stop()
+
+    def shutdown(self, flush_s: float = 10.0) -> None:
+        """Close, then wait (at most `flush_s`) until queued replies, the last call's included, are sent.
+
+        For a process that exits next: it terminates the socket's context.
+        """
+        self.close(linger_ms=int(flush_s * 1000))
+        done = threading.Thread(target=self.context.term, daemon=True)  # term() waits for the linger
+        done.start()
+        done.join(flush_s + 1.0)
 
     # --- handlers ------------------------------------------------------------
 
@@ -237,6 +328,13 @@ class Server:
     def _stats(self, msg: Message) -> Message:
         return protocol.reply(msg.id, self.stats.as_dict())
 
+    def _health(self, msg: Message) -> Message:
+        """Liveness: cheap, no tensors."""
+        return protocol.reply(
+            msg.id,
+            {"status": "ok", "uptime_s": time.monotonic() - self.started, "requests": self.stats.requests, "fingerprint": self.model.fingerprint},
+        )
+
     def _check_result(self, elements: int) -> None:
         """Refuse before computing: a small request can ask for a huge result (an outer product, logits)."""
         if elements > self.limits.max_tensor_elements:
@@ -283,6 +381,10 @@ def _float_input(x: torch.Tensor) -> torch.Tensor:
     if x.dim() < 1:
         raise ProtocolError("activations must have at least one dimension")
     return x
+
+
+def _frame_bytes(frame: Any) -> memoryview:
+    return memoryview(frame.buffer if hasattr(frame, "buffer") else frame)
 
 
 def _salvage_id(frames: list[Any]) -> int:
