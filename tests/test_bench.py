@@ -149,3 +149,62 @@ def test_plot_draws_stacked_bars(report: BenchReport, tmp_path: Path) -> None:
     path = tmp_path / "bench.png"
     bench.plot(report, path)
     assert path.read_bytes().startswith(b"\x89PNG")
+
+
+# --- load test (--clients) -------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def load_report(tiny_chat_path: Path) -> BenchReport:
+    return bench.run(BenchConfig(model=str(tiny_chat_path), prompt_tokens=[8], new_tokens=5, repeat=1, clients=[1, 2]))
+
+
+def check_load(data: dict[str, Any], clients: list[int]) -> None:
+    load = data["load"]
+    assert [r["clients"] for r in load] == clients
+    for r in load:
+        assert {"clients", "aggregate_tokens_per_s", "step_ms", "answers_match_single_client"} <= set(r)
+        assert r["aggregate_tokens_per_s"] > 0
+        assert set(r["step_ms"]) == {"p50", "p99"}
+        assert 0 < r["step_ms"]["p50"] <= r["step_ms"]["p99"], r
+        assert r["answers_match_single_client"] is True, r
+        assert r["tokens"] == 5 * r["clients"] and r["wall_s"] > 0
+
+
+def test_load_test_runs_concurrent_clients_against_one_server(load_report: BenchReport) -> None:
+    data = json.loads(json.dumps(load_report.to_json()))
+    check_load(data, [1, 2])
+    assert data["settings"]["clients"] == [1, 2]
+
+
+def test_load_table_and_mismatch_exit(load_report: BenchReport, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setattr(bench, "run", lambda config, progress=None: load_report)
+    out = tmp_path / "load.json"
+    result = runner.invoke(app, ["bench", "--clients", "1,2", "--json", str(out)], env={"COLUMNS": "100"})
+    assert result.exit_code == 0, result.output
+    check_load(json.loads(out.read_text()), [1, 2])
+    assert "load test" in result.stdout and "aggregate" in result.stdout and "match" in result.stdout
+    load_report.load[1].answers_match_single_client = False  # what a server mixing up sessions would cause
+    try:
+        result = runner.invoke(app, ["bench", "--clients", "1,2"])
+    finally:
+        load_report.load[1].answers_match_single_client = True
+    assert result.exit_code == 1
+    assert "answers differ" in result.output and "server bug" in result.output
+
+
+def test_no_clients_no_load_key(report: BenchReport) -> None:
+    assert "load" not in report.to_json()
+
+
+@pytest.mark.parametrize("text", ["0", "1,two", ""])
+def test_bad_clients_is_an_error(text: str) -> None:
+    result = runner.invoke(app, ["bench", "--clients", text])
+    assert result.exit_code == 1
+    assert "--clients" in result.output
+
+
+def test_percentile() -> None:
+    assert bench.percentile([3.0], 99) == 3.0
+    assert bench.percentile([1.0, 2.0, 3.0, 4.0], 50) == 2.5
+    assert bench.percentile(list(map(float, range(101))), 99) == pytest.approx(99.0)

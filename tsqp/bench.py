@@ -60,6 +60,7 @@ class BenchConfig:
     timeout_s: float = 60.0
     curve_secret: str | None = None  # CURVE keys for a remote endpoint (see tsqp.keys)
     server_key: str | None = None
+    clients: list[int] = field(default_factory=list)  # load test: concurrent runner counts; empty: none
 
     @property
     def modes(self) -> list[str]:
@@ -115,9 +116,26 @@ class BenchReport:
     machine: dict[str, Any]
     settings: dict[str, Any]
     results: list[Result]
+    load: list["LoadResult"] | None = None  # only with --clients
 
     def to_json(self) -> dict[str, Any]:
-        return {"machine": self.machine, "settings": self.settings, "results": [asdict(r) for r in self.results]}
+        data = {"machine": self.machine, "settings": self.settings, "results": [asdict(r) for r in self.results]}
+        if self.load is not None:
+            data["load"] = [asdict(r) for r in self.load]
+        return data
+
+
+@dataclass
+class LoadResult:
+    """One load-test round: `clients` concurrent runner processes against one server."""
+
+    clients: int
+    aggregate_tokens_per_s: float  # all runners' new tokens / wall time from release to the last runner done
+    step_ms: dict[str, float]  # p50, p99 of every decode step of every runner
+    answers_match_single_client: bool
+    wall_s: float = 0.0
+    tokens: int = 0
+    mismatched_runners: list[int] = field(default_factory=list)
 
 
 # --- options -----------------------------------------------------------------
@@ -141,6 +159,16 @@ def parse_sizes(text: str) -> list[int]:
     if not sizes or min(sizes) < 1:
         raise TsqpError("--prompt-tokens needs positive token counts, e.g. 32,128,512")
     return list(dict.fromkeys(sizes))
+
+
+def parse_clients(text: str) -> list[int]:
+    try:
+        counts = [int(n) for n in text.split(",") if n.strip()]
+    except ValueError:
+        raise TsqpError(f"--clients {text!r} is not a comma list of integers, e.g. 1,2,4,8") from None
+    if not counts or min(counts) < 1:
+        raise TsqpError("--clients needs positive client counts, e.g. 1,2,4,8")
+    return list(dict.fromkeys(counts))
 
 
 def require_matplotlib() -> None:
@@ -170,7 +198,7 @@ def run(config: BenchConfig, progress: Progress | None = None) -> BenchReport:
 
     if config.new_tokens < 2:
         raise TsqpError("--new-tokens must be at least 2: decode speed needs decoded tokens after the first")
-    counter = _Counter(len(config.modes) * len(config.prompt_tokens) * config.repeat, progress)
+    counter = _Counter(len(config.modes) * len(config.prompt_tokens) * config.repeat + (len(config.clients) + 1 if config.clients else 0), progress)
     machine = machine_info()  # before we add load of our own: the load average tells of other work
     counter.show("converting the model")
     folder = resolve(config.model)
@@ -183,10 +211,13 @@ def run(config: BenchConfig, progress: Progress | None = None) -> BenchReport:
     for r in results:
         r.ratio_vs_local = r.decode_tokens_per_s.median / local[r.prompt_tokens]
     results.sort(key=lambda r: (config.modes.index(r.mode), r.prompt_tokens))
+    load = _bench_load(config, folder, counter) if config.clients else None
     counter.show("done")
     settings = {k: v for k, v in asdict(config).items() if k not in ("timeout_s", "curve_secret", "server_key")}
     settings |= {"model_path": str(folder), "curve": config.curve_secret is not None}  # encryption costs time; key paths say nothing
-    return BenchReport(machine, settings, results)
+    if config.clients:
+        settings["load_runner_torch_threads"] = LOAD_RUNNER_THREADS
+    return BenchReport(machine, settings, results, load)
 
 
 def run_with_progress(config: BenchConfig, console: Any) -> BenchReport:
@@ -369,6 +400,133 @@ def aggregate(mode: str, verify: bool, n: int, new_tokens: int, runs: list[Run],
     )
 
 
+# --- load test ---------------------------------------------------------------------
+
+LOAD_RUNNER_THREADS = 1  # one core per runner, like one small enclave each; the reference pass too
+LOAD_START_TIMEOUT_S = 600.0  # spawning, importing torch and loading the model, N runners at once
+
+
+def _bench_load(config: BenchConfig, folder: Path, counter: _Counter) -> list[LoadResult]:
+    """For each N in `config.clients`: N runner processes decode at once against one server.
+
+    Runner i decodes the first prompt size, shifted by i tokens along the prompt text, so every
+    runner has its own prompt. Its reference answer comes from a sequential single-client pass
+    (one runner process decoding every prompt in turn) against the same server.
+    """
+    import multiprocessing
+
+    from tsqp.private_server import PrivateServer
+
+    ctx = multiprocessing.get_context("spawn")  # separate processes: separate enclaves, no shared GIL
+    counter.show("load: starting the server")
+    server = PrivateServer(folder) if config.endpoint is None else None
+    try:
+        if server is not None:
+            server.wait_ready()
+        endpoint = server.endpoint if server is not None else config.endpoint
+        assert endpoint is not None
+        counter.show(f"load: single-client reference answers for {max(config.clients)} prompts")
+        (reference,) = _load_round(ctx, config, folder, endpoint, [list(range(max(config.clients)))])
+        expected = reference["answers"]
+        counter.done += 1
+        results = []
+        for n in config.clients:
+            counter.show(f"load: {n} concurrent client{'s' if n > 1 else ''}")
+            outcomes = _load_round(ctx, config, folder, endpoint, [[i] for i in range(n)])
+            counter.done += 1
+            wall = max(o["ended"] for o in outcomes) - min(o["started"] for o in outcomes)
+            tokens = sum(len(a) for o in outcomes for a in o["answers"])
+            steps = [1000.0 * s for o in outcomes for s in o["steps"]]
+            mismatched = [i for i, o in enumerate(outcomes) if o["answers"][0] != expected[i]]
+            results.append(LoadResult(clients=n, aggregate_tokens_per_s=tokens / wall if wall > 0 else 0.0,
+                                      step_ms={"p50": percentile(steps, 50), "p99": percentile(steps, 99)},
+                                      answers_match_single_client=not mismatched, wall_s=wall, tokens=tokens,
+                                      mismatched_runners=mismatched))  # fmt: skip
+        return results
+    finally:
+        if server is not None:
+            server.close()
+
+
+def _load_round(ctx: Any, config: BenchConfig, folder: Path, endpoint: str, groups: list[list[int]]) -> list[dict[str, Any]]:
+    """One runner process per group of prompt shifts, released together; their outcomes in group order."""
+    import queue as queues
+
+    barrier, results = ctx.Barrier(len(groups)), ctx.Queue()
+    args = (endpoint, str(folder), config.prompt_tokens[0], config.new_tokens, config.timeout_s, config.curve_secret, config.server_key)
+    processes = [ctx.Process(target=_load_runner, args=(i, shifts, *args, barrier, results), daemon=True) for i, shifts in enumerate(groups)]
+    for p in processes:
+        p.start()
+    outcomes: dict[int, dict[str, Any]] = {}
+    try:
+        deadline = time.monotonic() + LOAD_START_TIMEOUT_S + len(groups[0]) * config.new_tokens * config.timeout_s
+        while len(outcomes) < len(groups):
+            try:
+                message = results.get(timeout=1.0)
+            except queues.Empty:
+                if time.monotonic() > deadline:
+                    raise TsqpError("load test: the runners did not finish in time") from None
+                dead = [i for i, p in enumerate(processes) if not p.is_alive() and i not in outcomes]
+                if dead:
+                    try:  # a runner may have reported just before exiting
+                        message = results.get(timeout=2.0)
+                    except queues.Empty:
+                        raise TsqpError(f"load test: runner {dead[0]} exited with status {processes[dead[0]].exitcode} without a result") from None
+                else:
+                    continue
+            if "error" in message:
+                raise TsqpError(f"load test: runner {message['runner']} failed: {message['error']}")
+            outcomes[message["runner"]] = message
+        for p in processes:
+            p.join(30)
+    finally:
+        for p in processes:
+            if p.is_alive():
+                p.terminate()
+                p.join(5)
+    return [outcomes[i] for i in range(len(groups))]
+
+
+def _load_runner(runner: int, shifts: list[int], endpoint: str, folder: str, prompt_tokens: int, new_tokens: int, timeout_s: float,
+                 curve_secret: str | None, server_key: str | None, barrier: Any, results: Any) -> None:  # fmt: skip
+    """A runner process: its own session, a warm-up, the barrier, then one greedy generation per shift."""
+    try:
+        import torch
+
+        torch.set_num_threads(LOAD_RUNNER_THREADS)
+        from tsqp.generation import generate
+        from tsqp.session import connect
+
+        with connect(endpoint, folder, timeout_s=timeout_s, curve_secret=curve_secret, server_key=server_key) as session:
+            model = session.model
+            prompts = [prompt_ids(model.tokenizer, prompt_tokens + s, model.config.vocab_size)[s:] for s in shifts]
+            generate(session.llama, prompts[0], 2, eos_ids=())  # first calls allocate caches and buffers
+            barrier.wait(LOAD_START_TIMEOUT_S)
+            started = time.monotonic()  # CLOCK_MONOTONIC: one clock for all processes of the host
+            answers, steps = [], []
+            for ids in prompts:
+                stamps: list[float] = []
+                result = generate(session.llama, ids, new_tokens, eos_ids=(), on_token=lambda _: stamps.append(time.perf_counter()))
+                answers.append(result.token_ids)
+                steps += [b - a for a, b in zip(stamps, stamps[1:])]  # one decode forward (and its sampling) each
+            ended = time.monotonic()
+        results.put({"runner": runner, "answers": answers, "steps": steps, "started": started, "ended": ended})
+    except BaseException as e:  # noqa: BLE001 - reported to the parent, which fails the bench
+        barrier.abort()
+        results.put({"runner": runner, "error": f"{type(e).__name__}: {e}"})
+
+
+def percentile(values: list[float], q: float) -> float:
+    """The q-th percentile, linear between closest ranks (numpy's default)."""
+    if not values:
+        return 0.0
+    ordered = sorted(values)
+    position = (len(ordered) - 1) * q / 100
+    low = int(position)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+
+
 # --- the machine and its memory ------------------------------------------------
 
 
@@ -449,7 +607,17 @@ def render_table(report: BenchReport) -> Any:
         per_token.add_row(mode, str(r.prompt_tokens), f"{r.ms_per_token:.1f}",
                           *(f"{b[k]:.1f}" for k in ("tee_compute", "serialization", "wire", "server_compute")),
                           f"{r.round_trips_per_token:.0f}", f"{r.bytes_per_token / 1024:.1f}")  # fmt: skip
-    return Group(speed, per_token)
+    if report.load is None:
+        return Group(speed, per_token)
+    load = Table(title=escape(f"load test · {s['prompt_tokens'][0]} prompt tokens · {s['new_tokens']} new tokens per client · one server"),
+                 box=box.SIMPLE_HEAD, pad_edge=False,
+                 caption="tok/s: all clients' tokens / wall time from release to the last client done; step: one decode forward")  # fmt: skip
+    for name in ("clients", "aggregate tok/s", "step p50 ms", "step p99 ms", "answers"):
+        load.add_column(name, justify="right")
+    for r in report.load:
+        answers = "match" if r.answers_match_single_client else f"[bold red]differ[/] ({len(r.mismatched_runners)})"
+        load.add_row(str(r.clients), f"{r.aggregate_tokens_per_s:.1f}", f"{r.step_ms['p50']:.1f}", f"{r.step_ms['p99']:.1f}", answers)
+    return Group(speed, per_token, load)
 
 
 def _stat(s: Stat, fmt: str) -> str:

@@ -280,19 +280,23 @@ def bench(
     timeout: Annotated[float, typer.Option(help="Seconds to wait for any one server reply.")] = 60.0,
     curve_secret: CurveSecretOpt = None,
     server_key: ServerKeyOpt = None,
+    clients: Annotated[Optional[str], typer.Option(help="Load test: comma list of concurrent client counts, e.g. 1,2,4,8. For each N, N runner processes decode at once against one server (first prompt length); reports aggregate tok/s, step p50/p99 and whether answers match a single client's.")] = None,
 ) -> None:
     """Measure prefill latency, decode speed and where each decoded token's time goes, per mode and prompt length.
 
     Modes: hf-generate (transformers' generate here), local (tsqp, linear ops here) and each shield (split).
 
     Example: tsqp bench --prompt-tokens 32,128 --new-tokens 32 --repeat 3 --json bench.json
+
+    Load test: tsqp bench --shields plain --prompt-tokens 32 --repeat 1 --clients 1,2,4,8
     """
     from tsqp import bench as benchmark
 
     try:
         config = benchmark.BenchConfig(model, benchmark.parse_shields(shields), verify, benchmark.parse_sizes(prompt_tokens),
                                        new_tokens, repeat, endpoint, timeout,
-                                       str(curve_secret) if curve_secret else None, str(server_key) if server_key else None)  # fmt: skip
+                                       str(curve_secret) if curve_secret else None, str(server_key) if server_key else None,
+                                       benchmark.parse_clients(clients) if clients is not None else [])  # fmt: skip
         if plot is not None:
             benchmark.require_matplotlib()
     except TsqpError as e:
@@ -308,6 +312,10 @@ def bench(
     if plot is not None:
         benchmark.plot(report, plot)
         err.print(f"plot saved to {plot}")
+    wrong = [r.clients for r in report.load or [] if not r.answers_match_single_client]
+    if wrong:
+        _fail(f"load test: with {', '.join(map(str, wrong))} concurrent clients, some answers differ from the single-client answers "
+              "for the same prompts (a server bug: concurrent sessions must not affect each other)")
 
 
 @keys_app.command("generate")
