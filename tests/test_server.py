@@ -25,13 +25,17 @@ def close(a: torch.Tensor, b: torch.Tensor) -> None:
     torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
-@pytest.fixture
-def dealer(tiny_server: Any) -> Iterator[zmq.Socket]:
+def connected_dealer(endpoint: str) -> Iterator[zmq.Socket]:
     sock = zmq.Context.instance().socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
-    sock.connect(tiny_server.endpoint)
+    sock.connect(endpoint)
     yield sock
     sock.close(linger=0)
+
+
+@pytest.fixture
+def dealer(tiny_server: Any) -> Iterator[zmq.Socket]:
+    yield from connected_dealer(tiny_server.endpoint)
 
 
 def send(sock: zmq.Socket, frames: list[Any]) -> None:
@@ -359,11 +363,7 @@ def small_server(tiny: LoadedModel) -> Iterator[Any]:
 
 @pytest.fixture
 def small_dealer(small_server: Any) -> Iterator[zmq.Socket]:
-    sock = zmq.Context.instance().socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.connect(small_server.endpoint)
-    yield sock
-    sock.close(linger=0)
+    yield from connected_dealer(small_server.endpoint)
 
 
 def test_server_reports_its_limits(small_dealer: zmq.Socket) -> None:

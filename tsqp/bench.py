@@ -151,24 +151,23 @@ def parse_shields(text: str) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def parse_sizes(text: str) -> list[int]:
-    try:
-        sizes = [int(n) for n in text.split(",") if n.strip()]
-    except ValueError:
-        raise TsqpError(f"--prompt-tokens {text!r} is not a comma list of integers, e.g. 32,128,512") from None
-    if not sizes or min(sizes) < 1:
-        raise TsqpError("--prompt-tokens needs positive token counts, e.g. 32,128,512")
-    return list(dict.fromkeys(sizes))
-
-
-def parse_clients(text: str) -> list[int]:
+def parse_counts(text: str, option: str, what: str, example: str) -> list[int]:
+    """A comma list of positive integers for `option`, deduplicated in order."""
     try:
         counts = [int(n) for n in text.split(",") if n.strip()]
     except ValueError:
-        raise TsqpError(f"--clients {text!r} is not a comma list of integers, e.g. 1,2,4,8") from None
+        raise TsqpError(f"{option} {text!r} is not a comma list of integers, e.g. {example}") from None
     if not counts or min(counts) < 1:
-        raise TsqpError("--clients needs positive client counts, e.g. 1,2,4,8")
+        raise TsqpError(f"{option} needs positive {what}, e.g. {example}")
     return list(dict.fromkeys(counts))
+
+
+def parse_sizes(text: str) -> list[int]:
+    return parse_counts(text, "--prompt-tokens", "token counts", "32,128,512")
+
+
+def parse_clients(text: str) -> list[int]:
+    return parse_counts(text, "--clients", "client counts", "1,2,4,8")
 
 
 def require_matplotlib() -> None:
