@@ -35,3 +35,7 @@ class InputError(TsqpError, ValueError):
 
 class AuthError(TsqpError):
     """CURVE keys are missing, unreadable or malformed, or a peer refused the link's authentication."""
+
+
+class ShieldError(TsqpError):
+    """A shield cannot protect this model as configured (e.g. otp's exactness bound would not hold)."""

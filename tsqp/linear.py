@@ -11,10 +11,11 @@ it is the all-in-TEE baseline. There is no other place where these products are 
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 import torch
 
+from tsqp import fixedpoint
 from tsqp.errors import ProtocolError
 
 MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -22,6 +23,17 @@ MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 FUSED_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 CALL_GROUPS = FUSED_GROUPS + (("o_proj",), ("down_proj",))
 SMALL_PRODUCT_ROWS = 16
+
+
+GroupKey = tuple[int, tuple[str, ...]]
+
+
+def fused_groups(weights: Mapping[str, torch.Tensor], n_layers: int) -> Iterator[tuple[GroupKey, torch.Tensor, list[int]]]:
+    """Every call group's weights as one pre-transposed matrix W_t (K, sum N_i), with the N_i."""
+    for layer in range(n_layers):
+        for group in CALL_GROUPS:
+            mats = [weights[f"layers.{layer}.{name}"] for name in group]  # each (N_i, K)
+            yield (layer, group), torch.cat(mats, dim=0).t(), [m.shape[0] for m in mats]
 
 
 class LinearWeights:
@@ -41,12 +53,7 @@ class LinearWeights:
         self.embedding = weights["embed"].to(device=self.device, dtype=dtype).contiguous()  # (V, D)
         self.lm_head_t = weights["lm_head"].to(device=self.device, dtype=dtype).t().contiguous()  # (D, V)
         # (layer, modules) -> (W_t (K, sum N), output sizes)
-        self._groups: dict[tuple[int, tuple[str, ...]], tuple[torch.Tensor, list[int]]] = {}
-        for layer in range(n_layers):
-            for group in CALL_GROUPS:
-                mats = [weights[f"layers.{layer}.{name}"] for name in group]  # each (N_i, K)
-                fused = torch.cat(mats, dim=0).to(device=self.device, dtype=dtype).t().contiguous()
-                self._groups[(layer, group)] = (fused, [m.shape[0] for m in mats])
+        self._groups = {key: (w_t.to(device=self.device, dtype=dtype).contiguous(), sizes) for key, w_t, sizes in fused_groups(weights, n_layers)}
 
     def check_linear(self, layer: int, modules: Sequence[str]) -> tuple[int, tuple[str, ...]]:
         """Validate a (layer, modules) request; returns the fused group key."""
@@ -96,3 +103,30 @@ class LinearWeights:
         if a.dim() < 2 or b.dim() < 2 or a.shape[-1] != b.shape[-2]:
             raise ProtocolError(f"matmul shapes {list(a.shape)} @ {list(b.shape)} do not compose")
         return a @ b
+
+
+class QuantizedWeights:
+    """The same matrices as integers, quantized per output row (`otp`): W_q (K, N) and its scales.
+
+    The server keeps them in float64 for exact products; the TEE keeps float32 (exact for
+    up to 24-bit integers, half the memory) for its offline R·W_qᵀ products.
+    """
+
+    def __init__(self, weights: Mapping[str, torch.Tensor], n_layers: int, bits: int,
+                 device: str | torch.device = "cpu", dtype: torch.dtype = torch.float64) -> None:  # fmt: skip
+        self.bits = bits
+        self.groups: dict[GroupKey | str, tuple[torch.Tensor, torch.Tensor, list[int]]] = {}  # -> (W_q_t, scale (1, N), sizes)
+        sources = [(key, w_t, sizes) for key, w_t, sizes in fused_groups(weights, n_layers)]
+        sources.append(("lm_head", weights["lm_head"].t(), [weights["lm_head"].shape[0]]))
+        for key, w_t, sizes in sources:
+            w_q, scale = fixedpoint.quantize_rows(w_t.t(), bits)  # per output row of W (N, K)
+            self.groups[key] = (w_q.t().to(device=device, dtype=dtype).contiguous(), scale.t().float(), sizes)
+        self.l1 = max(fixedpoint.max_row_l1(w_q) for w_q, _, _ in self.groups.values())
+
+    def product_mod(self, key: GroupKey | str, x: torch.Tensor, p: int, limb_bits: int) -> list[torch.Tensor]:
+        """x (T, K) int64 in [0, p) -> one (T, N_i) int64 tensor per module: x·W_qᵀ mod p, exactly."""
+        w_q, _, sizes = self.groups[key]
+        if x.shape[-1] != w_q.shape[0]:
+            raise ProtocolError(f"input has {x.shape[-1]} features, {key} expects {w_q.shape[0]}")
+        y = fixedpoint.product_mod(x, w_q, p, limb_bits)
+        return list(y.split(sizes, dim=-1))

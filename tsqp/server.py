@@ -16,6 +16,8 @@ import hashlib
 import ipaddress
 import logging
 import math
+import os
+import random
 import threading
 import time
 from collections import OrderedDict, defaultdict, deque
@@ -29,17 +31,19 @@ import zmq
 import zmq.utils.monitor
 from zmq.auth.thread import ThreadAuthenticator
 
-from tsqp import protocol
+from tsqp import fixedpoint, protocol
 from tsqp.errors import AuthError, ProtocolError
 from tsqp.keys import ServerKeys, start_curve_server
-from tsqp.linear import CALL_GROUPS, LinearWeights
+from tsqp.linear import CALL_GROUPS, GroupKey, LinearWeights, QuantizedWeights
 from tsqp.models import LoadedModel
 from tsqp.protocol import Limits, Message
+from tsqp.recording import Recorder
 
 log = logging.getLogger("tsqp.server")
 
 SERVER_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+FAULTABLE_OPS = ("EMBED", "LINEAR", "LM_HEAD", "MATMUL")  # the ops whose results `--fault-rate` may corrupt
 
 
 def pick_device(device: str) -> torch.device:
@@ -101,6 +105,7 @@ class ServerStats:
     clients: OrderedDict[str, ClientStats] = field(default_factory=OrderedDict)  # least recently seen first
     max_clients: int = MAX_CLIENTS
     clients_evicted: int = 0
+    faults_injected: int = 0
 
     def client(self, key: str) -> ClientStats:
         """The counters of one client (created if new), now the most recently seen; bounded in number."""
@@ -122,6 +127,7 @@ class ServerStats:
             "requests": self.requests,
             "clients": {key: vars(c).copy() for key, c in self.clients.items()},
             "clients_evicted": self.clients_evicted,
+            "faults_injected": self.faults_injected,
         }
 
 
@@ -148,6 +154,9 @@ class Server:
         context: zmq.Context | None = None,
         curve: ServerKeys | None = None,
         insecure_public: bool = False,
+        record_dir: str | os.PathLike[str] | None = None,
+        fault_rate: float = 0.0,
+        fault_seed: int | None = None,
     ) -> None:
         check_listen_allowed(endpoint, curve is not None, insecure_public)
         self.model = model
@@ -155,6 +164,13 @@ class Server:
         self.dtype_name = dtype
         self.weights = LinearWeights(model.weights, model.config.n_layers, self.device, SERVER_DTYPES[dtype])
         self.limits = limits or default_limits(model)
+        self.quantized: QuantizedWeights | None = None  # built on the first otp request, for its weight width
+        self.record_dir = record_dir
+        self.recorder = Recorder(record_dir) if record_dir is not None else None
+        if not 0.0 <= fault_rate <= 1.0:
+            raise ValueError(f"fault rate {fault_rate} is not a fraction between 0 and 1")
+        self.fault_rate = fault_rate
+        self._fault_rng = random.Random(fault_seed)
         self.stats = ServerStats()
         self.started = time.monotonic()
         self.context = context or zmq.Context.instance()
@@ -221,6 +237,8 @@ class Server:
             self.stats.malformed += 1
             log.warning("malformed request from %s: %s", client, e, extra={"client": client, "op": None, "error": str(e)})
             return protocol.error_reply(_salvage_id(frames), f"bad request: {e}")
+        if self.recorder is not None:
+            self.recorder.write(msg.op, msg.args, msg.tensors, client)
         stats = self.stats.ops[msg.op]
         stats.calls += 1
         stats.bytes_in += msg.nbytes
@@ -240,6 +258,9 @@ class Server:
             stats.record(time.perf_counter() - started)
             log.exception("%s failed", msg.op, extra={"client": client, "op": msg.op, "error": f"{type(e).__name__}: {e}"})
             return protocol.error_reply(msg.id, f"{msg.op} failed on the server: {type(e).__name__}: {e}")
+        if msg.op in FAULTABLE_OPS and self.fault_rate and self._fault_rng.random() < self.fault_rate:
+            self._perturb(reply, msg.args.get("p"))
+            self.stats.faults_injected += 1
         elapsed = time.perf_counter() - started
         stats.record(elapsed)
         stats.compute_s += elapsed
@@ -261,6 +282,8 @@ class Server:
         self.socket.close(linger=linger_ms)
         if self.authenticator is not None:
             self.authenticator.stop()
+        if self.recorder is not None:
+            self.recorder.close()
 
     def shutdown(self, flush_s: float = 10.0) -> None:
         """Close, then wait (at most `flush_s`) until queued replies, the last call's included, are sent.
@@ -303,6 +326,8 @@ class Server:
         layer, modules = msg.args.get("layer"), msg.args.get("modules")
         if not isinstance(modules, list) or not all(isinstance(m, str) for m in modules):
             raise ProtocolError("args.modules must be a list of module names")
+        if msg.tensors[0].dtype == torch.int64:
+            return self._product_mod(msg, self.weights.check_linear(layer, modules))
         x = _float_input(msg.tensors[0])
         self._check_result(x.numel() // max(x.shape[-1], 1) * self.weights.out_features(layer, modules))
         outputs = self.weights.linear(layer, modules, x)
@@ -321,9 +346,54 @@ class Server:
         return protocol.reply(msg.id, tensors=[self._out(y, a.dtype)])
 
     def _lm_head(self, msg: Message) -> Message:
+        if msg.tensors[0].dtype == torch.int64:
+            return self._product_mod(msg, "lm_head")
         x = _float_input(msg.tensors[0])
         self._check_result(x.numel() // max(x.shape[-1], 1) * self.weights.lm_head_t.shape[1])
         return protocol.reply(msg.id, tensors=[self._out(self.weights.lm_head(x), x.dtype)])
+
+    def _product_mod(self, msg: Message, key: GroupKey | str) -> Message:
+        """`otp`: a masked integer input, an exact product mod p with the quantized weights."""
+        p, limb_bits, bits = (msg.args.get(name) for name in ("p", "limb_bits", "weight_bits"))
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in (p, limb_bits, bits)):
+            raise ProtocolError("an int64 input (otp) needs integer args p, limb_bits and weight_bits")
+        if not 2 <= bits <= 16:
+            raise ProtocolError(f"weight_bits {bits} out of range 2..16")
+        x = msg.tensors[0]
+        if x.dim() != 2:
+            raise ProtocolError(f"an otp input must be (rows, features), got shape {list(x.shape)}")
+        quantized = self._quantized(bits)
+        try:
+            fixedpoint.check_product_exact(quantized.l1, p, limb_bits)
+        except ValueError as e:
+            raise ProtocolError(str(e)) from None
+        w_q = quantized.groups[key][0]
+        self._check_result(x.shape[0] * w_q.shape[1])
+        if x.numel() and (int(x.min()) < 0 or int(x.max()) >= p):
+            raise ProtocolError("otp input values must lie in [0, p)")
+        outputs = quantized.product_mod(key, x, p, limb_bits)
+        return protocol.reply(msg.id, tensors=[y.cpu().contiguous() for y in outputs])
+
+    def _quantized(self, bits: int) -> QuantizedWeights:
+        if self.quantized is None or self.quantized.bits != bits:
+            self.quantized = None  # one width at a time: free the old copy first
+            log.info("quantizing the weights to %d bits for otp requests", bits)
+            self.quantized = QuantizedWeights(self.model.weights, self.model.config.n_layers, bits, self.device)
+        return self.quantized
+
+    def _perturb(self, reply: Message, p: Any) -> None:
+        """Fault injection for integrity tests: change one random element of one result."""
+        which = self._fault_rng.randrange(len(reply.tensors))
+        y = reply.tensors[which].clone()  # received-frame tensors are read-only
+        flat = y.view(-1)
+        i = self._fault_rng.randrange(flat.numel())
+        if y.dtype == torch.int64 and isinstance(p, int):
+            flat[i] = (flat[i] + self._fault_rng.randrange(1, p)) % p  # stays a valid element of Z_p
+        elif y.dtype == torch.int64:
+            flat[i] += 1
+        else:
+            flat[i] += (1.0 + flat[i].abs()) * self._fault_rng.choice((-1.0, 1.0))
+        reply.tensors[which] = y
 
     def _stats(self, msg: Message) -> Message:
         return protocol.reply(msg.id, self.stats.as_dict())

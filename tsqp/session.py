@@ -25,6 +25,7 @@ from tsqp.generation import Generation, generate
 from tsqp.linear import LinearWeights
 from tsqp.models import DEFAULT_MODEL, LoadedModel, load, resolve
 from tsqp.private_server import PrivateServer
+from tsqp.shields import ShieldedBackend, default_verify, make_shield
 
 
 class Session:
@@ -75,7 +76,7 @@ class Session:
         return {key: after[key] - before.get(key, 0) for key in after}
 
     def close(self) -> None:
-        if isinstance(self.backend, RemoteBackend):
+        if isinstance(self.backend, (RemoteBackend, ShieldedBackend)):
             self.backend.close()
         if self.private_server is not None:
             self.private_server.close()
@@ -124,10 +125,19 @@ def connect(
     private_server: PrivateServer | None = None,
     curve_secret: str | os.PathLike[str] | None = None,
     server_key: str | os.PathLike[str] | None = None,
+    shield: str = "plain",
+    verify: bool | None = None,
+    precompute: int = 0,
+    noise_scale: float = 10.0,
+    weight_bits: int = 12,
+    activation_bits: int = 16,
 ) -> Session:
     """Open a session: to `endpoint`, to a private server (endpoint None), or in-process (`local`).
 
-    `private_server` hands over one already started (the CLI starts it before importing torch).
+    `shield` protects every linear op (`tsqp.shields`); `verify` checks every server result
+    (default: on with otp); `precompute` fills the mask pool for that many tokens before the
+    first request. `private_server` hands over one already started (the CLI starts it before
+    importing torch).
     """
     if endpoint is None and (curve_secret is not None or server_key is not None):
         raise AuthError("CURVE keys are for a remote server: pass its endpoint too (a private server listens on a private ipc:// socket, without keys)")
@@ -146,6 +156,7 @@ def connect(
                                curve_secret=curve_secret, server_key=server_key)  # fmt: skip
         try:
             remote.hello(loaded.fingerprint)
+            backend = shielded(remote, loaded, shield, verify, precompute, noise_scale, weight_bits, activation_bits)
         except BaseException:
             remote.close()
             raise
@@ -153,4 +164,16 @@ def connect(
         if server is not None:
             server.close()
         raise
-    return Session(loaded, remote, server, offload_attention_from)
+    return Session(loaded, backend, server, offload_attention_from)
+
+
+def shielded(remote: RemoteBackend, model: LoadedModel, shield: str = "plain", verify: bool | None = None, precompute: int = 0,
+             noise_scale: float = 10.0, weight_bits: int = 12, activation_bits: int = 16) -> RemoteBackend | ShieldedBackend:  # fmt: skip
+    """`remote` behind the named shield; plain without verification is the bare remote backend (nothing to do)."""
+    verify = default_verify(shield) if verify is None else verify
+    if shield == "plain" and not verify:
+        return remote
+    server_dtype = str(remote.info.get("dtype", "float32"))
+    guard = make_shield(shield, model.weights, model.config.n_layers, verify, server_dtype, noise_scale, weight_bits, activation_bits)
+    guard.prepare(precompute)
+    return ShieldedBackend(remote, guard, model.weights["embed"], verify)

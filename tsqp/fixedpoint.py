@@ -1,0 +1,166 @@
+"""Exact fixed-point arithmetic mod p: the algebra behind the `otp` shield.
+
+Both sides use this module, so they quantize the public weights identically:
+
+- Weights are quantized per output row to `weight_bits`-bit integers W_q (scale kept by the TEE).
+- The TEE quantizes each activation row to `activation_bits`-bit integers X_q, masks it with
+  R uniform over Z_p, and sends X̃ = (X_q + R) mod p.
+- The server returns X̃·W_qᵀ mod p, computed exactly: float64 products of integers are exact
+  while every partial sum stays below 2⁵³, so X̃ is split into limbs of `limb_bits` bits with
+  max_row‖W_q‖₁ · 2^limb_bits < 2⁵³, and the limb products are combined by Horner's rule mod p
+  in int64, which needs 2p · 2^limb_bits < 2⁶³.
+- The TEE subtracts R·W_qᵀ mod p (precomputed offline) and lifts to the centred representative.
+  That equals X_q·W_qᵀ exactly because |X_q·W_qᵀ| ≤ (2^(b_x-1) - 1) · max_row‖W_q‖₁ < p/2.
+
+`choose_field` checks these bounds for the loaded model and refuses to run rather than wrap.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from tsqp.errors import ShieldError
+
+FLOAT64_EXACT = 1 << 53  # float64 holds every integer below this exactly
+INT64_LIMIT = 1 << 63
+MAX_LIMBS = 4
+
+
+@dataclass(frozen=True)
+class Field:
+    """The ring Z_p and the fixed-point widths one model is masked with."""
+
+    p: int
+    limb_bits: int
+    weight_bits: int
+    activation_bits: int
+    bound: int  # the largest |X_q·W_qᵀ| any honest result can have
+
+    @property
+    def limbs(self) -> int:
+        return -(-self.p.bit_length() // self.limb_bits)
+
+    def as_args(self) -> dict[str, int]:
+        """What the server needs to compute its side (public: the mask is what is secret)."""
+        return {"p": self.p, "limb_bits": self.limb_bits, "weight_bits": self.weight_bits}
+
+
+def quantize_rows(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row symmetric quantization: x (..., K) -> (integers as float64, scale (..., 1) float64).
+
+    Computed in float64 on the CPU so that server and TEE get identical integers.
+    """
+    x = x.detach().to("cpu", torch.float64)
+    top = (1 << (bits - 1)) - 1
+    scale = x.abs().amax(dim=-1, keepdim=True) / top
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # an all-zero row stays zero
+    return torch.round(x / scale).clamp_(-top, top), scale
+
+
+def max_row_l1(w_q: torch.Tensor) -> int:
+    """max over output rows of Σ|W_q|, for W_q stored transposed (K, N)."""
+    return int(w_q.abs().sum(dim=0).max())
+
+
+def choose_field(l1: int, weight_bits: int, activation_bits: int) -> Field:
+    """The smallest prime field that holds every honest result, with limbs that keep products exact."""
+    if not 2 <= weight_bits <= 16 or not 2 <= activation_bits <= 24:
+        raise ShieldError(f"otp widths out of range: weight bits {weight_bits} (2..16), activation bits {activation_bits} (2..24)")
+    bound = ((1 << (activation_bits - 1)) - 1) * l1
+    bits = (2 * bound + 1).bit_length()
+    p = previous_prime(1 << bits)
+    if p <= 2 * bound:
+        bits += 1
+        p = previous_prime(1 << bits)
+    # Horner's acc·2^ℓ + part < 2p·2^ℓ: one spare bit below 2⁶³.
+    limb_bits = min((FLOAT64_EXACT - 1) // max(l1, 1), (INT64_LIMIT - 1) // (2 * p)).bit_length() - 1
+    if limb_bits < 1 or -(-bits // limb_bits) > MAX_LIMBS:
+        raise ShieldError(
+            f"otp cannot be exact for this model with {weight_bits}-bit weights and {activation_bits}-bit activations: "
+            f"results reach 2^{bound.bit_length()}, products would need more than {MAX_LIMBS} limbs; use fewer bits"
+        )
+    return Field(p=p, limb_bits=limb_bits, weight_bits=weight_bits, activation_bits=activation_bits, bound=bound)
+
+
+def check_product_exact(l1: int, p: int, limb_bits: int) -> None:
+    """The server's side of the bound, for the parameters a client sent."""
+    if not 2 < p < INT64_LIMIT or not 1 <= limb_bits <= 52:
+        raise ValueError(f"field p={p} / limb_bits={limb_bits} out of range")
+    if l1 * ((1 << limb_bits) - 1) >= FLOAT64_EXACT or p << (limb_bits + 1) >= INT64_LIMIT:
+        raise ValueError(f"limbs of {limb_bits} bits are too wide for exact products with p={p} (max row L1 {l1})")
+    if -(-p.bit_length() // limb_bits) > MAX_LIMBS:
+        raise ValueError(f"p={p} with {limb_bits}-bit limbs needs more than {MAX_LIMBS} limbs")
+
+
+def product_mod(x: torch.Tensor, w_q: torch.Tensor, p: int, limb_bits: int) -> torch.Tensor:
+    """x (T, K) int64 in [0, p) @ w_q (K, N) float64 integers -> (T, N) int64 in [0, p), exactly.
+
+    Runs on w_q's device. Limbs from the most significant down, combined by Horner's rule.
+    """
+    x = x.to(w_q.device)
+    w_q = w_q.to(torch.float64)  # no copy on the server, which keeps float64
+    n_limbs = -(-p.bit_length() // limb_bits)
+    low = (1 << limb_bits) - 1
+    acc = torch.zeros(x.shape[0], w_q.shape[1], dtype=torch.int64, device=w_q.device)
+    for j in reversed(range(n_limbs)):
+        limb = (x >> (j * limb_bits)) & low
+        part = torch.remainder((limb.to(torch.float64) @ w_q).to(torch.int64), p)
+        acc = torch.remainder(acc * (1 << limb_bits) + part, p) if j < n_limbs - 1 else part
+    return acc
+
+
+def centred(y: torch.Tensor, p: int) -> torch.Tensor:
+    """Representatives of Z_p in (-p/2, p/2]: the signed integers the TEE works with."""
+    return torch.where(y > p // 2, y - p, y)
+
+
+def random_mod(shape: tuple[int, ...], p: int) -> torch.Tensor:
+    """Elements uniform over Z_p from the OS's cryptographic generator (rejection sampling: no modulo bias)."""
+    count = int(np.prod(shape))
+    bits = p.bit_length()
+    out = np.empty(0, dtype=np.uint64)
+    while out.size < count:
+        need = count - out.size
+        raw = np.frombuffer(os.urandom(8 * (need + need // 2 + 16)), dtype=np.uint64) >> np.uint64(64 - bits)
+        out = np.concatenate([out, raw[raw < np.uint64(p)]])
+    return torch.from_numpy(out[:count].astype(np.int64)).reshape(shape)
+
+
+def random_u64(shape: tuple[int, ...]) -> torch.Tensor:
+    """Uniform 64-bit words (as int64: arithmetic on them is mod 2⁶⁴) from the OS's generator."""
+    return torch.from_numpy(np.frombuffer(os.urandom(8 * int(np.prod(shape))), dtype=np.int64).copy()).reshape(shape)
+
+
+def previous_prime(n: int) -> int:
+    """The largest prime below n (n < 2⁶⁴), by deterministic Miller-Rabin."""
+    candidate = n - 1 if n % 2 == 0 else n - 2
+    while not _is_prime(candidate):
+        candidate -= 2
+    return candidate
+
+
+def _is_prime(n: int) -> bool:
+    if n < 2:
+        return False
+    small = (2, 3, 5, 7, 11, 13, 17, 19, 23, 29, 31, 37)  # deterministic for n < 3.3·10²⁴
+    for q in small:
+        if n % q == 0:
+            return n == q
+    d, s = n - 1, 0
+    while d % 2 == 0:
+        d, s = d // 2, s + 1
+    for a in small:
+        x = pow(a, d, n)
+        if x in (1, n - 1):
+            continue
+        for _ in range(s - 1):
+            x = x * x % n
+            if x == n - 1:
+                break
+        else:
+            return False
+    return True
