@@ -24,8 +24,8 @@ def tsqp(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
 
 
 @pytest.mark.parametrize("command, options", [
-    ("run-tee", ["--prompt", "--model", "--endpoint", "--max-new-tokens", "--temperature", "--top-p", "--seed", "--json", "--no-chat", "--local"]),
-    ("serve-gpu", ["--model", "--endpoint", "--device", "--dtype"]),
+    ("run-tee", ["--prompt", "--model", "--endpoint", "--max-new-tokens", "--temperature", "--top-p", "--seed", "--json", "--no-chat", "--local", "--shield", "--verify", "--precompute"]),
+    ("serve-gpu", ["--model", "--endpoint", "--device", "--dtype", "--record", "--fault-rate"]),
     ("check-grad", ["--path", "--model", "--endpoint"]),
 ])  # fmt: skip
 def test_help_explains_every_option(command: str, options: list[str]) -> None:
@@ -41,7 +41,7 @@ def test_run_tee_json_local_and_remote_agree(tiny_chat_path: Path) -> None:
     local = runner.invoke(app, [*args, "--local"])
     assert local.exit_code == 0, local.output
     local_out = json.loads(local.stdout)
-    assert set(local_out) == {"text", "token_ids", "prompt_token_ids", "timings"}
+    assert set(local_out) == {"text", "token_ids", "prompt_token_ids", "timings", "shield"}
     assert len(local_out["token_ids"]) == 12 and local_out["prompt_token_ids"][0] == 1
     running = start_server(load(tiny_chat_path, with_tokenizer=False))
     try:
@@ -51,18 +51,20 @@ def test_run_tee_json_local_and_remote_agree(tiny_chat_path: Path) -> None:
     assert remote.exit_code == 0, remote.output
     remote_out = json.loads(remote.stdout)
     assert remote_out["token_ids"] == local_out["token_ids"]
+    assert remote_out["shield"]["shield"] == "otp" and remote_out["shield"]["verify"]  # the default: protected and checked
     t = remote_out["timings"]
-    assert t["round_trips"] == 12 * (4 * 3 + 2)  # 12 forwards of a 3-layer model
+    assert t["round_trips"] == 12 * (4 * 3 + 1)  # 12 forwards of a 3-layer model; the embedding stays in the TEE
+    assert t["masked_rows"] > 0 and t["offline_s"] > 0
     assert t["bytes_sent"] > 0 and t["bytes_received"] > 0 and t["prefill_s"] > 0
     running = start_server(load(tiny_chat_path, with_tokenizer=False))
     try:
-        offloaded = runner.invoke(app, [*args, "--endpoint", running.endpoint, "--offload-attention-from", "4"])
+        offloaded = runner.invoke(app, [*args, "--endpoint", running.endpoint, "--offload-attention-from", "4", "--shield", "plain", "--no-verify"])
     finally:
         running.close()
     assert offloaded.exit_code == 0, offloaded.output
     offloaded_out = json.loads(offloaded.stdout)
     assert offloaded_out["token_ids"] == local_out["token_ids"]
-    assert offloaded_out["timings"]["round_trips"] == t["round_trips"] + 2 * 3  # QKᵀ and AV of the prefill, per layer
+    assert offloaded_out["timings"]["round_trips"] == 12 * (4 * 3 + 2) + 2 * 3  # + EMBED per forward, QKᵀ and AV of the prefill per layer
 
 
 def test_run_tee_streams_text(tiny_chat_path: Path) -> None:
@@ -115,3 +117,23 @@ def test_check_grad_on_the_project_itself(tiny_chat_path: Path) -> None:
     args = [arg for path in sources for arg in ("--path", path)]
     result = tsqp("check-grad", "--model", str(tiny_chat_path), *args)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("shield", ["otp", "plain"])
+def test_run_tee_against_a_lying_server_exits_with_an_integrity_error(shield: str, tiny_chat_path: Path) -> None:
+    running = start_server(load(tiny_chat_path, with_tokenizer=False), fault_rate=0.05, fault_seed=3)
+    try:
+        result = tsqp("run-tee", "--model", str(tiny_chat_path), "--endpoint", running.endpoint, "--prompt", "Hello there",
+                      "-n", "64", "--shield", shield, "--verify", "--json")  # fmt: skip
+    finally:
+        running.close()
+    assert result.returncode == 3, result.stderr
+    assert "integrity" in result.stderr and "Traceback" not in result.stderr
+    assert result.stdout == ""  # no answer printed: nothing wrong is ever shown as one
+    assert running.server.stats.faults_injected >= 1
+
+
+def test_shield_errors_are_one_line(tiny_chat_path: Path) -> None:
+    result = tsqp("run-tee", "--model", str(tiny_chat_path), "--prompt", "Hi", "--shield", "rot13")
+    assert result.returncode == 1 and "--shield 'rot13' is not one of plain, otp, noise, seqmix" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1

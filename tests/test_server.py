@@ -56,6 +56,9 @@ def call(sock: zmq.Socket, op: str, id: int, args: dict[str, Any] | None = None,
     return rpc(sock, protocol.encode(protocol.request(op, id, args, tensors or [])))
 
 
+OTP_ARGS = {"p": (1 << 31) - 1, "limb_bits": 8, "weight_bits": 12}
+
+
 def raw_header(op: str = "LINEAR", id: int = 5, args: dict[str, Any] | None = None, tensors: list[Any] | None = None) -> bytes:
     return msgpack.packb({"v": [1, 0], "op": op, "id": id, "args": args or {}, "tensors": tensors or []}, use_bin_type=True)
 
@@ -223,7 +226,23 @@ BAD_REQUESTS: list[Any] = [
     ),
     pytest.param(
         lambda: protocol.encode(protocol.request("LM_HEAD", 5, {}, [torch.ones(2, 64, dtype=torch.int64)])),
-        "floating point", 5, id="int64-lm-head",
+        "needs integer args p, limb_bits and weight_bits", 5, id="otp-without-field",
+    ),
+    pytest.param(
+        lambda: protocol.encode(protocol.request("LM_HEAD", 5, OTP_ARGS | {"p": 1 << 63}, [torch.ones(2, 64, dtype=torch.int64)])),
+        "out of range", 5, id="otp-p-too-big",
+    ),
+    pytest.param(
+        lambda: protocol.encode(protocol.request("LM_HEAD", 5, OTP_ARGS | {"limb_bits": 40}, [torch.ones(2, 64, dtype=torch.int64)])),
+        "too wide", 5, id="otp-limbs-too-wide",
+    ),
+    pytest.param(
+        lambda: protocol.encode(protocol.request("LINEAR", 5, OTP_ARGS | {"layer": 0, "modules": ["o_proj"]}, [torch.full((2, 64), -1, dtype=torch.int64)])),
+        "[0, p)", 5, id="otp-input-outside-the-field",
+    ),
+    pytest.param(
+        lambda: protocol.encode(protocol.request("LINEAR", 5, OTP_ARGS | {"layer": 0, "modules": ["o_proj"]}, [torch.ones(2, 3, 64, dtype=torch.int64)])),
+        "(rows, features)", 5, id="otp-input-3d",
     ),
     pytest.param(lambda: protocol.encode(protocol.request("EMBED", 5, {}, [torch.ones(3)])), "int64", 5, id="float-token-ids"),
     pytest.param(lambda: protocol.encode(protocol.request("EMBED", 5, {}, [torch.ones(3, dtype=torch.int32)])), "int64", 5, id="int32-token-ids"),

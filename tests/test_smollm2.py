@@ -106,3 +106,31 @@ def test_run_tee_command_answers_with_a_private_server(smol: LoadedModel) -> Non
         first.append(run_tee_json(smol, prompt)["timings"]["first_token_s_since_start"])
     print(f"first token after {', '.join(f'{t:.1f}' for t in first)} s")
     assert all(t > 0 for t in first) and min(first) < 10.0
+
+
+OTP_PROMPTS = PROMPTS + [
+    "Who wrote Romeo and Juliet?",
+    "Give me a tip for staying focused.",
+    "What is 12 times 7?",
+    "Describe a cat in two sentences.",
+]
+OTP_TOKENS = 16
+OTP_MIN_AGREEING = 7  # of 8 prompts; measured: 8 of 8 with 12-bit weights and 16-bit activations
+
+
+def test_otp_keeps_the_fp32_greedy_tokens(smol: LoadedModel, smol_hf: AutoModelForCausalLM, split: Session) -> None:
+    """Fixed-point otp (exact mod p, quantized) against transformers in fp32: the first 16 greedy tokens."""
+    from tsqp.session import shielded
+
+    otp = Session(smol, shielded(split.backend, smol, "otp", verify=True))
+    agreeing, first_token_agrees = 0, 0
+    for prompt in OTP_PROMPTS:
+        ids = otp.prompt_ids(prompt)
+        tensor = torch.tensor([ids])
+        expected = smol_hf.generate(tensor, attention_mask=torch.ones_like(tensor), max_new_tokens=OTP_TOKENS, do_sample=False)[0, len(ids):].tolist()
+        got = generate(otp.llama, ids, OTP_TOKENS, smol.eos_token_ids()).token_ids
+        agreeing += got == expected
+        first_token_agrees += got[0] == expected[0]  # the prefill's top-1
+    print(f"otp: {agreeing}/{len(OTP_PROMPTS)} prompts with identical {OTP_TOKENS} greedy tokens; prefill top-1 {first_token_agrees}/{len(OTP_PROMPTS)}")
+    assert first_token_agrees == len(OTP_PROMPTS)
+    assert agreeing >= OTP_MIN_AGREEING

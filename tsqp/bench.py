@@ -31,14 +31,17 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tsqp.errors import TsqpError
+
+if TYPE_CHECKING:
+    from tsqp.private_server import PrivateServer
 
 # torch is imported where it is used: option errors should come back at once.
 
 BASELINES = ("hf-generate", "local")
-SHIELDS = ("plain",)  # implemented today; otp, noise and seqmix come with the "Shields" issue
+SHIELDS = ("plain", "otp", "noise", "seqmix")
 PARTS = ("tee_compute", "serialization", "wire", "server_compute", "mask_unmask", "verify")
 # Deterministic, ordinary English so prompt tokens look like real text to the tokenizer.
 PROMPT_TEXT = (
@@ -51,8 +54,8 @@ PROMPT_TEXT = (
 @dataclass
 class BenchConfig:
     model: str = "smollm2"
-    shields: list[str] = field(default_factory=lambda: ["plain"])
-    verify: bool = False  # recorded only: plain mode has nothing to verify yet
+    shields: list[str] = field(default_factory=lambda: list(SHIELDS))
+    verify: bool | None = None  # Freivalds' check of every server result; None: each shield's default (on with otp)
     prompt_tokens: list[int] = field(default_factory=lambda: [32, 128, 512])
     new_tokens: int = 64
     repeat: int = 5
@@ -61,6 +64,7 @@ class BenchConfig:
     curve_secret: str | None = None  # CURVE keys for a remote endpoint (see tsqp.keys)
     server_key: str | None = None
     clients: list[int] = field(default_factory=list)  # load test: concurrent runner counts; empty: none
+    batch: bool | None = None  # the private server's cross-client batching; None: its default for the device
 
     @property
     def modes(self) -> list[str]:
@@ -78,6 +82,9 @@ class Run:
     server_s: float = 0.0
     round_trips: float = 0.0
     bytes: float = 0.0
+    mask_unmask_s: float = 0.0
+    verify_s: float = 0.0
+    offline_s: float = 0.0  # mask pool for the whole run (prefill and decode), made before it starts
 
 
 @dataclass
@@ -106,7 +113,7 @@ class Result:
     round_trips_per_token: float
     bytes_per_token: float
     peak_rss_mib: dict[str, float | None]
-    offline_s_per_token: float = 0.0  # mask pool precomputation; no shield needs one yet
+    offline_s_per_token: float = 0.0  # mask pool precomputation (otp, noise), per token of prompt and answer
     ratio_vs_local: float | None = None
     runs: list[Run] = field(default_factory=list)
 
@@ -147,7 +154,7 @@ def parse_shields(text: str) -> list[str]:
         raise TsqpError("--shields needs at least one name, e.g. plain")
     for name in names:
         if name not in SHIELDS:
-            raise TsqpError(f"shield {name!r} is not available yet; today only {', '.join(SHIELDS)} exists")
+            raise TsqpError(f"unknown shield {name!r}; choose from {', '.join(SHIELDS)}")
     return list(dict.fromkeys(names))
 
 
@@ -244,13 +251,12 @@ def _bench_local(config: BenchConfig, folder: Path, counter: _Counter) -> tuple[
 
 
 def _bench_split(config: BenchConfig, folder: Path, prompts: dict[int, list[int]], counter: _Counter) -> list[Result]:
-    from tsqp.private_server import PrivateServer
-    from tsqp.session import connect
+    from tsqp.session import Session, connect, shielded
 
     counter.show("starting the server and loading the model")
-    server = PrivateServer(folder) if config.endpoint is None else None
+    server = _private_server(config, folder)
     try:  # the session owns the private server from here on and stops it on close
-        session = connect(config.endpoint, folder, timeout_s=config.timeout_s, private_server=server,
+        session = connect(config.endpoint, folder, timeout_s=config.timeout_s, private_server=server, shield="plain", verify=False,
                           curve_secret=config.curve_secret, server_key=config.server_key)  # fmt: skip
     except BaseException:
         if server is not None:
@@ -258,12 +264,23 @@ def _bench_split(config: BenchConfig, folder: Path, prompts: dict[int, list[int]
         raise
     with session:
         pid = server.process.pid if server is not None else None  # a remote server's memory is out of reach
-        # Shields will wrap session.backend here; plain uses it as it is.
-        results = [_measure(config, mode, n, _tsqp_run(session, prompts[n]), counter, server_pid=pid)
-                   for mode in config.shields for n in config.prompt_tokens]  # fmt: skip
+        results = []
+        for mode in config.shields:  # one connection; each shield wraps it in turn
+            shielded_session = Session(session.model, shielded(session.backend, session.model, mode, config.verify))
+            results += [_measure(config, mode, n, _tsqp_run(shielded_session, prompts[n]), counter, server_pid=pid)
+                        for n in config.prompt_tokens]  # fmt: skip
     del session
     gc.collect()
     return results
+
+
+def _private_server(config: BenchConfig, folder: Path) -> PrivateServer | None:
+    """The private server the split modes and the load test use, unless `config.endpoint` names one; None then."""
+    from tsqp.private_server import PrivateServer
+
+    if config.endpoint is not None:
+        return None
+    return PrivateServer(folder, extra_args=[] if config.batch is None else ["--batch" if config.batch else "--no-batch"])
 
 
 def _bench_hf(config: BenchConfig, folder: Path, prompts: dict[int, list[int]], counter: _Counter) -> list[Result]:
@@ -296,16 +313,29 @@ def _measure(config: BenchConfig, mode: str, n: int, once: Callable[[int], Run],
         runs.append(once(config.new_tokens))
         counter.done += 1
     peak = {"tee": peak_rss_mib("self"), "server": peak_rss_mib(server_pid) if server_pid is not None else None}
-    return aggregate(mode, config.verify if mode in config.shields else False, n, config.new_tokens, runs, peak)
+    from tsqp.shields import default_verify
+
+    verify = (default_verify(mode) if config.verify is None else config.verify) if mode in config.shields else False
+    return aggregate(mode, verify, n, config.new_tokens, runs, peak)
 
 
 def _tsqp_run(session: Any, ids: list[int]) -> Callable[[int], Run]:
-    """One generation through the shared `generate` loop, wire counters split at the first token."""
+    """One generation through the shared `generate` loop, wire counters split at the first token.
+
+    A shield's mask pool is filled for the whole run before it starts (the offline phase),
+    so the timed generation is the online phase alone.
+    """
     from tsqp.generation import generate
 
     stats = getattr(session.backend, "stats", None)  # WireStats of a RemoteBackend; local has none
+    shield = getattr(session.backend, "shield", None)
 
     def once(new_tokens: int) -> Run:
+        offline = 0.0
+        if shield is not None:
+            before = shield.times.offline_s
+            shield.prepare(len(ids) + new_tokens)
+            offline = shield.times.offline_s - before
         marks: list[dict[str, float]] = []
 
         def on_token(_: int) -> None:
@@ -324,14 +354,18 @@ def _tsqp_run(session: Any, ids: list[int]) -> Callable[[int], Run]:
             server_s=d["server_s"],
             round_trips=d["round_trips"],
             bytes=d["bytes_sent"] + d["bytes_received"],
+            mask_unmask_s=d["mask_s"] + d["unmask_s"],
+            verify_s=d["verify_s"],
+            offline_s=offline,
         )
 
     return once
 
 
 def _wire(stats: Any) -> dict[str, float]:
-    keys = ("round_trips", "bytes_sent", "bytes_received", "round_trip_s", "server_s", "serialize_s")
-    return {k: float(getattr(stats, k)) if stats is not None else 0.0 for k in keys}
+    keys = ("round_trips", "bytes_sent", "bytes_received", "round_trip_s", "server_s", "serialize_s", "mask_s", "unmask_s", "verify_s")
+    counters = stats.as_dict() if stats is not None else {}
+    return {k: float(counters.get(k, 0.0)) for k in keys}
 
 
 def _hf_run(model: Any, ids: list[int]) -> Callable[[int], Run]:
@@ -374,15 +408,21 @@ def prompt_ids(tokenizer: Any, n: int, vocab_size: int) -> list[int]:
 
 
 def aggregate(mode: str, verify: bool, n: int, new_tokens: int, runs: list[Run], peak: dict[str, float | None]) -> Result:
-    """Medians over runs; the breakdown adds up to 1000 / median decode tokens/s by construction."""
+    """Medians over runs; the breakdown is the median run's, scaled to add up to 1000 / median tokens/s.
+
+    Medians of parts taken run by run need not add up to the median step on a noisy machine;
+    one run's parts do, and TEE compute is what its step leaves after the measured parts.
+    """
     tps = Stat.of([r.decode_tokens_per_s for r in runs])
     ms_per_token = 1000.0 / tps.median
-
-    def ms(attr: str) -> float:
-        return 1000.0 * statistics.median(getattr(r, attr) for r in runs)
-
-    parts = {"serialization": ms("serialization_s"), "wire": ms("wire_s"), "server_compute": ms("server_s"), "mask_unmask": 0.0, "verify": 0.0}
-    breakdown = {"tee_compute": max(ms_per_token - sum(parts.values()), 0.0), **parts}
+    middle = sorted(runs, key=lambda r: r.decode_tokens_per_s)[(len(runs) - 1) // 2]
+    step_ms = 1000.0 / middle.decode_tokens_per_s
+    measured = {"serialization": middle.serialization_s, "wire": middle.wire_s, "server_compute": middle.server_s,
+                "mask_unmask": middle.mask_unmask_s, "verify": middle.verify_s}  # fmt: skip
+    parts = {part: 1000.0 * seconds for part, seconds in measured.items()}
+    parts = {"tee_compute": max(step_ms - sum(parts.values()), 0.0), **parts}
+    scale = ms_per_token / max(sum(parts.values()), 1e-12)
+    breakdown = {part: ms * scale for part, ms in parts.items()}
     return Result(
         mode=mode,
         verify=verify,
@@ -395,6 +435,7 @@ def aggregate(mode: str, verify: bool, n: int, new_tokens: int, runs: list[Run],
         round_trips_per_token=statistics.median(r.round_trips for r in runs),
         bytes_per_token=statistics.median(r.bytes for r in runs),
         peak_rss_mib=peak,
+        offline_s_per_token=statistics.median(r.offline_s for r in runs) / (n + new_tokens),
         runs=runs,
     )
 
@@ -414,11 +455,9 @@ def _bench_load(config: BenchConfig, folder: Path, counter: _Counter) -> list[Lo
     """
     import multiprocessing
 
-    from tsqp.private_server import PrivateServer
-
     ctx = multiprocessing.get_context("spawn")  # separate processes: separate enclaves, no shared GIL
     counter.show("load: starting the server")
-    server = PrivateServer(folder) if config.endpoint is None else None
+    server = _private_server(config, folder)
     try:
         if server is not None:
             server.wait_ready()
@@ -596,16 +635,17 @@ def render_table(report: BenchReport) -> Any:
     for name in ("mode", "prompt", "prefill s", "decode tok/s", "×local", "TEE MiB", "srv MiB"):
         speed.add_column(name, justify="left" if name == "mode" else "right")
     per_token = Table(title="per decoded token (medians): time in ms, round trips, KiB", box=box.SIMPLE_HEAD, pad_edge=False,
-                      caption="total = tee + ser(ialization) + wire + server compute; trips, KiB: round trips and bytes per token. Mask/unmask, verify, offline: 0 until shields exist.")  # fmt: skip
-    for name in ("mode", "prompt", "total", "tee", "ser", "wire", "server", "trips", "KiB"):
+                      caption="total = tee + mask(/unmask) + verif(y) + ser(ialization) + wire + server compute; trips, KiB: round trips and bytes per token; "
+                              "offline: mask pool ms per token, made before the run")  # fmt: skip
+    for name in ("mode", "prompt", "total", "tee", "mask", "verif", "ser", "wire", "server", "trips", "KiB", "offline"):
         per_token.add_column(name, justify="left" if name == "mode" else "right")
     for r in report.results:
         mode, b, p = r.mode + (" +verify" if r.verify else ""), r.breakdown_ms_per_token, r.peak_rss_mib
         ratio = f"{r.ratio_vs_local:.2f}" if r.ratio_vs_local is not None else ""
         speed.add_row(mode, str(r.prompt_tokens), _stat(r.prefill_s, "{:.3f}"), _stat(r.decode_tokens_per_s, "{:.1f}"), ratio, _mib(p["tee"]), _mib(p["server"]))
         per_token.add_row(mode, str(r.prompt_tokens), f"{r.ms_per_token:.1f}",
-                          *(f"{b[k]:.1f}" for k in ("tee_compute", "serialization", "wire", "server_compute")),
-                          f"{r.round_trips_per_token:.0f}", f"{r.bytes_per_token / 1024:.1f}")  # fmt: skip
+                          *(f"{b[k]:.1f}" for k in ("tee_compute", "mask_unmask", "verify", "serialization", "wire", "server_compute")),
+                          f"{r.round_trips_per_token:.0f}", f"{r.bytes_per_token / 1024:.1f}", f"{1000 * r.offline_s_per_token:.1f}")  # fmt: skip
     if report.load is None:
         return Group(speed, per_token)
     load = Table(title=escape(f"load test · {s['prompt_tokens'][0]} prompt tokens · {s['new_tokens']} new tokens per client · one server"),

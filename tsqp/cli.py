@@ -15,7 +15,9 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from tsqp.errors import TsqpError
+from tsqp.errors import IntegrityError, TsqpError
+
+EXIT_INTEGRITY = 3  # a server result failed verification: distinct, so scripts can tell
 
 app = typer.Typer(
     help="""Shielded split inference of LLaMA-family models.
@@ -62,6 +64,23 @@ ServerKeyOpt = Annotated[
     typer.Option("--server-key", metavar="FILE", help="The server's public key file (its NAME.key): proves the server is the right one and encrypts the link. Needs --curve-secret."),
 ]
 
+ShieldOpt = Annotated[str, typer.Option("--shield", "-s", help="What the server may see: plain (everything: the original prototype), otp (exact one-time pad, recommended), noise (Gaussian masking) or seqmix (token mixing; hides nothing while decoding).")]
+VerifyOpt = Annotated[Optional[bool], typer.Option("--verify/--no-verify", help="Check every server result with Freivalds' test and stop with an integrity error on a wrong one. Default: on with otp.")]
+PrecomputeOpt = Annotated[int, typer.Option("--precompute", min=0, help="Precompute masks for this many tokens before the first request (the offline phase); more are made ahead of need in chunks.")]
+NoiseScaleOpt = Annotated[float, typer.Option("--noise-scale", min=0.0, help="noise shield: mask standard deviation relative to each row's RMS.")]
+WeightBitsOpt = Annotated[int, typer.Option("--weight-bits", min=2, max=16, help="otp: bits per quantized weight (per output row); 12 kept 8/8 test prompts' greedy tokens.")]
+ActivationBitsOpt = Annotated[int, typer.Option("--activation-bits", min=2, max=24, help="otp: bits per fixed-point activation (per row).")]
+
+
+def shield_options(shield: str, verify: bool | None, precompute: int, noise_scale: float, weight_bits: int, activation_bits: int) -> dict[str, Any]:
+    """The shield settings shared by run-tee, bench and audit, checked and ready for `tsqp.connect`."""
+    from tsqp.shields import SHIELDS
+
+    if shield not in SHIELDS:
+        _fail(f"--shield {shield!r} is not one of {', '.join(SHIELDS)}")
+    return dict(shield=shield, verify=verify, precompute=precompute, noise_scale=noise_scale, weight_bits=weight_bits, activation_bits=activation_bits)
+
+
 keys_app = typer.Typer(help="CURVE key pairs that authenticate and encrypt the client–server link.", no_args_is_help=True)
 app.add_typer(keys_app, name="keys")
 
@@ -90,6 +109,10 @@ def serve_gpu(
     curve_secret: Annotated[Optional[Path], typer.Option("--curve-secret", metavar="FILE", help="This server's secret key file (NAME.key_secret from `tsqp keys generate`): the link becomes authenticated and encrypted. Needs --allow-clients.")] = None,
     allow_clients: Annotated[Optional[Path], typer.Option("--allow-clients", metavar="DIR", help="Folder of the public key files (*.key) of the clients let in; all others are refused and logged. Needs --curve-secret.")] = None,
     insecure_public: Annotated[bool, typer.Option("--insecure-public", help="Allow listening beyond loopback without keys (anyone who reaches the port can use the server and read the traffic).")] = False,
+    record: Annotated[Optional[Path], typer.Option("--record", metavar="DIR", help="Write every tensor received to DIR (what a curious server keeps; read by `tsqp audit`). Off by default.")] = None,
+    fault_rate: Annotated[float, typer.Option("--fault-rate", min=0.0, max=1.0, help="Testing integrity: corrupt one random element of this fraction of results.")] = 0.0,
+    fault_seed: Annotated[Optional[int], typer.Option("--fault-seed", help="Seed of the fault injection, for reproducible runs.")] = None,
+    batch: Annotated[Optional[bool], typer.Option("--batch/--no-batch", help="Compute LINEAR requests of different clients that wait for the same weights at the same time as one product. Default: on with CUDA, off on CPU (slower there).")] = None,
 ) -> None:
     """Serve the model's linear layers (embedding, projections, lm_head) to trusted runners.
 
@@ -135,7 +158,8 @@ def serve_gpu(
                 limits = dataclasses.replace(limits, max_message_bytes=int(max_message_mb * 1024 * 1024))
             if max_tensor_elements is not None:
                 limits = dataclasses.replace(limits, max_tensor_elements=max_tensor_elements)
-            server = Server(loaded, endpoint, device, dtype, limits=limits, curve=curve, insecure_public=insecure_public)
+            server = Server(loaded, endpoint, device, dtype, limits=limits, curve=curve, insecure_public=insecure_public, batch=batch,
+                            record_dir=record, fault_rate=fault_rate, fault_seed=fault_seed)  # fmt: skip
         except (ValueError, TsqpError) as e:
             _fail(str(e))
     stop = threading.Event()
@@ -146,6 +170,8 @@ def serve_gpu(
         server.serve_forever(stop)  # the stop flag is checked between calls: the call in flight is answered
     finally:
         server.shutdown()  # and its reply sent before the process exits
+    if fault_rate:
+        err.print(f"[yellow]warning:[/] --fault-rate {fault_rate:g}: this server corrupts results on purpose", highlight=False)
     if not quiet:
         err.print("tsqp serve-gpu stopped")
 
@@ -168,11 +194,20 @@ def run_tee(
     as_json: JsonOpt = False,
     curve_secret: CurveSecretOpt = None,
     server_key: ServerKeyOpt = None,
+    shield: ShieldOpt = "otp",
+    verify: VerifyOpt = None,
+    precompute: PrecomputeOpt = 0,
+    noise_scale: NoiseScaleOpt = 10.0,
+    weight_bits: WeightBitsOpt = 12,
+    activation_bits: ActivationBitsOpt = 16,
 ) -> None:
-    """Generate an answer; every linear op runs on the server, the rest here.
+    """Generate an answer; every linear op runs on the server, masked by the shield (otp by default), the rest here.
 
     Example: tsqp run-tee --prompt "What is the capital of France?" --max-new-tokens 32
+
+    Example: tsqp run-tee --prompt "Hi" --shield plain --no-verify   (the unprotected baseline)
     """
+    shielding = shield_options(shield, verify, precompute, noise_scale, weight_bits, activation_bits)
     from tsqp.models import resolve
     from tsqp.private_server import PrivateServer
 
@@ -185,7 +220,7 @@ def run_tee(
 
             session = connect(endpoint, folder, local=local, timeout_s=timeout, connect_timeout_s=min(timeout, 10.0),
                               offload_attention_from=offload_attention_from, private_server=server,
-                              curve_secret=curve_secret, server_key=server_key)  # fmt: skip
+                              curve_secret=curve_secret, server_key=server_key, **({} if local else shielding))  # fmt: skip
         except BaseException:
             if server is not None:
                 server.close()
@@ -193,14 +228,18 @@ def run_tee(
     with session:
         stream = None if as_json else (lambda text: out.print(text, end="", markup=False, highlight=False, soft_wrap=True))
         result = session.generate(prompt, max_new_tokens, temperature, top_p, seed, chat, on_text=stream)
+    shield_info = session.shield_info()
     if as_json:
-        print(json.dumps({"text": result.text, "token_ids": result.token_ids, "prompt_token_ids": result.prompt_token_ids, "timings": result.timings}))
+        print(json.dumps({"text": result.text, "token_ids": result.token_ids, "prompt_token_ids": result.prompt_token_ids,
+                          "timings": result.timings, "shield": shield_info}))  # fmt: skip
     else:
         out.print()
         t = result.timings
         err.print(
-            f"[dim]{len(result.token_ids)} tokens · prefill {t['prefill_s']:.2f} s · {t['decode_tokens_per_s']:.1f} tok/s"
-            + (f" · {t['round_trips']:.0f} round trips" if "round_trips" in t else "") + "[/]"
+            f"[dim]{len(result.token_ids)} tokens · {shield_info['shield']}{' + verify' if shield_info['verify'] else ''}"
+            f" · prefill {t['prefill_s']:.2f} s · {t['decode_tokens_per_s']:.1f} tok/s"
+            + (f" · {t['round_trips']:.0f} round trips" if "round_trips" in t else "")
+            + (f" · offline masks {t['offline_s']:.2f} s" if t.get("offline_s") else "") + "[/]"
         )
 
 
@@ -269,8 +308,8 @@ def _render_grad_report(report: Any) -> None:
 @app.command("bench")
 def bench(
     model: ModelOpt = "smollm2",
-    shields: Annotated[str, typer.Option(help="Comma list of split modes to measure besides the hf-generate and local baselines. Today only `plain` exists.")] = "plain",
-    verify: Annotated[bool, typer.Option("--verify/--no-verify", help="Verify server results. Recorded in the results; no effect yet (plain has no verification).")] = False,
+    shields: Annotated[str, typer.Option(help="Comma list of split modes to measure besides the hf-generate and local baselines: plain, otp, noise, seqmix.")] = "plain,otp,noise,seqmix",
+    verify: VerifyOpt = None,
     prompt_tokens: Annotated[str, typer.Option(help="Comma list of prompt lengths, in tokens.")] = "32,128,512",
     new_tokens: Annotated[int, typer.Option(min=2, help="Tokens to decode per run (end-of-sequence is ignored).")] = 64,
     repeat: Annotated[int, typer.Option(min=1, help="Timed runs per mode and prompt length (after one warm-up).")] = 5,
@@ -281,6 +320,7 @@ def bench(
     curve_secret: CurveSecretOpt = None,
     server_key: ServerKeyOpt = None,
     clients: Annotated[Optional[str], typer.Option(help="Load test: comma list of concurrent client counts, e.g. 1,2,4,8. For each N, N runner processes decode at once against one server (first prompt length); reports aggregate tok/s, step p50/p99 and whether answers match a single client's.")] = None,
+    batch: Annotated[Optional[bool], typer.Option("--batch/--no-batch", help="Cross-client batching in the private server (serve-gpu --batch/--no-batch). Default: the server's default for its device.")] = None,
 ) -> None:
     """Measure prefill latency, decode speed and where each decoded token's time goes, per mode and prompt length.
 
@@ -296,7 +336,7 @@ def bench(
         config = benchmark.BenchConfig(model, benchmark.parse_shields(shields), verify, benchmark.parse_sizes(prompt_tokens),
                                        new_tokens, repeat, endpoint, timeout,
                                        str(curve_secret) if curve_secret else None, str(server_key) if server_key else None,
-                                       benchmark.parse_clients(clients) if clients is not None else [])  # fmt: skip
+                                       benchmark.parse_clients(clients) if clients is not None else [], batch=batch)  # fmt: skip
         if plot is not None:
             benchmark.require_matplotlib()
     except TsqpError as e:
@@ -316,6 +356,52 @@ def bench(
     if wrong:
         _fail(f"load test: with {', '.join(map(str, wrong))} concurrent clients, some answers differ from the single-client answers "
               "for the same prompts (a server bug: concurrent sessions must not affect each other)")
+
+
+@app.command("audit")
+def audit(
+    model: ModelOpt = "smollm2",
+    shields: Annotated[str, typer.Option(help="Comma list of shields to attack: plain, otp, noise, seqmix.")] = "plain,otp,noise,seqmix",
+    prompts: Annotated[int, typer.Option("--prompts", min=1, help="How many of the built-in chat prompts to run per shield (at most 8).")] = 4,
+    new_tokens: Annotated[int, typer.Option("--new-tokens", min=1, help="Tokens to generate per prompt (greedy).")] = 8,
+    keep: Annotated[Optional[Path], typer.Option("--keep", metavar="DIR", help="Keep each shield's recording in DIR/SHIELD (default: temporary, deleted).")] = None,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "float32",
+    as_json: JsonOpt = False,
+) -> None:
+    """Play the curious server: record each shield's traffic and try to recover the tokens from it.
+
+    With only the public weights and what it received, the attacker guesses the prompt tokens
+    (nearest vocabulary row to each layer-0 input; the token ids themselves where the server
+    embeds) and the generated tokens (arg-max of each lm_head input's logits). A shield that
+    hides the text leaves both at chance (1 / vocabulary size).
+
+    Example: tsqp audit --shields plain,otp --prompts 2 --new-tokens 4 --json
+    """
+    from tsqp.audit import PROMPTS
+    from tsqp.shields import SHIELDS
+
+    names = [s.strip() for s in shields.split(",") if s.strip()]
+    unknown = [s for s in names if s not in SHIELDS]
+    if not names or unknown or len(set(names)) != len(names):
+        _fail(f"--shields {shields!r}: give distinct names from {', '.join(SHIELDS)}")
+    if prompts > len(PROMPTS):
+        _fail(f"--prompts {prompts}: there are {len(PROMPTS)} built-in prompts")
+    from tsqp.audit import run_audit
+
+    with err.status("Auditing…", spinner="dots") as status:
+        results = run_audit(model, names, PROMPTS[:prompts], new_tokens, device, dtype, keep,
+                            progress=lambda message: status.update(f"Auditing: {escape(message)}…"))  # fmt: skip
+    if as_json:
+        print(json.dumps({"results": [r.as_dict() for r in results]}))
+        return
+    table = Table(title=f"audit: what a curious server recovers · {prompts} prompt(s) × {new_tokens} new tokens")
+    for column in ("shield", "prompt tokens recovered", "generated tokens recovered", "chance"):
+        table.add_column(column, justify="left" if column == "shield" else "right")
+    for r in results:
+        table.add_row(r.shield, f"{r.prompt_token_recovery:.1%} of {r.prompt_tokens}",
+                      f"{r.generated_token_recovery:.1%} of {r.generated_tokens}", f"{r.chance:.4%}")  # fmt: skip
+    out.print(table)
 
 
 @keys_app.command("generate")
@@ -356,7 +442,7 @@ def main() -> None:
         app()
     except TsqpError as e:
         err.print(f"[bold red]error:[/] {e}", highlight=False)
-        sys.exit(1)
+        sys.exit(EXIT_INTEGRITY if isinstance(e, IntegrityError) else 1)
     except KeyboardInterrupt:
         err.print("interrupted")
         sys.exit(130)

@@ -99,17 +99,18 @@ def check_product_exact(l1: int, p: int, limb_bits: int) -> None:
 def product_mod(x: torch.Tensor, w_q: torch.Tensor, p: int, limb_bits: int) -> torch.Tensor:
     """x (T, K) int64 in [0, p) @ w_q (K, N) float64 integers -> (T, N) int64 in [0, p), exactly.
 
-    Runs on w_q's device. Limbs from the most significant down, combined by Horner's rule.
+    Runs on w_q's device. The limbs are stacked into one product, so the weights are read
+    once (decode is memory-bound); then combined by Horner's rule from the most significant.
     """
     x = x.to(w_q.device)
     w_q = w_q.to(torch.float64)  # no copy on the server, which keeps float64
     n_limbs = -(-p.bit_length() // limb_bits)
     low = (1 << limb_bits) - 1
-    acc = torch.zeros(x.shape[0], w_q.shape[1], dtype=torch.int64, device=w_q.device)
-    for j in reversed(range(n_limbs)):
-        limb = (x >> (j * limb_bits)) & low
-        part = torch.remainder((limb.to(torch.float64) @ w_q).to(torch.int64), p)
-        acc = torch.remainder(acc * (1 << limb_bits) + part, p) if j < n_limbs - 1 else part
+    limbs = torch.cat([(x >> (j * limb_bits)) & low for j in range(n_limbs)])  # (n_limbs·T, K), least significant first
+    parts = torch.remainder((limbs.to(torch.float64) @ w_q).to(torch.int64), p).view(n_limbs, x.shape[0], -1)
+    acc = parts[-1]
+    for j in reversed(range(n_limbs - 1)):
+        acc = torch.remainder(acc * (1 << limb_bits) + parts[j], p)
     return acc
 
 

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from tsqp.errors import ServerUnavailable
@@ -24,11 +25,12 @@ READY = "tsqp serve-gpu ready"
 class PrivateServer:
     """A `tsqp serve-gpu` child process on a private ipc:// endpoint."""
 
-    def __init__(self, model_folder: Path, device: str = "auto", dtype: str = "float32", startup_timeout_s: float = 120.0) -> None:
+    def __init__(self, model_folder: Path, device: str = "auto", dtype: str = "float32", startup_timeout_s: float = 120.0,
+                 extra_args: Sequence[str] = ()) -> None:  # fmt: skip
         self._dir = tempfile.TemporaryDirectory(prefix="tsqp-")
         self.endpoint = f"ipc://{self._dir.name}/server.sock"
         command = [sys.executable, "-m", "tsqp", "serve-gpu", "--model", str(model_folder), "--endpoint", self.endpoint,
-                   "--device", device, "--dtype", dtype, "--quiet"]  # fmt: skip
+                   "--device", device, "--dtype", dtype, "--quiet", *extra_args]  # fmt: skip
         self._stderr = open(Path(self._dir.name) / "server.log", "w+")
         self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=self._stderr, text=True)
         self.startup_timeout_s = startup_timeout_s

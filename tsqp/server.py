@@ -21,7 +21,7 @@ import random
 import threading
 import time
 from collections import OrderedDict, defaultdict, deque
-from collections.abc import Callable
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -65,6 +65,7 @@ def default_limits(model: LoadedModel) -> Limits:
 
 LATENCY_SAMPLES = 1024  # per op: the ring buffer the percentiles come from
 MAX_CLIENTS = 256  # clients tracked in STATS; the least recently seen is dropped first
+MAX_PENDING = 64  # requests received ahead of their round (batching on); zmq's queues hold the rest
 
 
 @dataclass
@@ -106,6 +107,8 @@ class ServerStats:
     max_clients: int = MAX_CLIENTS
     clients_evicted: int = 0
     faults_injected: int = 0
+    batches: int = 0  # products computed for several requests at once
+    batched_requests: int = 0  # requests answered from such a product
 
     def client(self, key: str) -> ClientStats:
         """The counters of one client (created if new), now the most recently seen; bounded in number."""
@@ -128,6 +131,8 @@ class ServerStats:
             "clients": {key: vars(c).copy() for key, c in self.clients.items()},
             "clients_evicted": self.clients_evicted,
             "faults_injected": self.faults_injected,
+            "batches": self.batches,
+            "batched_requests": self.batched_requests,
         }
 
 
@@ -141,6 +146,25 @@ def _percentile(ordered: list[float], q: float) -> float | None:
 def client_key(identity: bytes) -> str:
     """A short hex name for a ROUTER identity (libzmq's are 5 bytes; a client-chosen one may be 255)."""
     return identity.hex() if len(identity) <= 8 else hashlib.blake2b(identity, digest_size=8).hexdigest()
+
+
+@dataclass
+class Received:
+    """A request taken off the socket and not answered yet."""
+
+    identity: Any  # the ROUTER identity frame: where the reply goes
+    frames: list[Any]
+    key: str  # client_key(identity)
+
+
+@dataclass
+class _BatchedLinear:
+    """One plain float LINEAR request of a batch: its place in the round and its input as (rows, K)."""
+
+    index: int
+    msg: Message
+    rows: torch.Tensor
+    result_elements: int
 
 
 class Server:
@@ -157,6 +181,7 @@ class Server:
         record_dir: str | os.PathLike[str] | None = None,
         fault_rate: float = 0.0,
         fault_seed: int | None = None,
+        batch: bool | None = None,
     ) -> None:
         check_listen_allowed(endpoint, curve is not None, insecure_public)
         self.model = model
@@ -164,6 +189,10 @@ class Server:
         self.dtype_name = dtype
         self.weights = LinearWeights(model.weights, model.config.n_layers, self.device, SERVER_DTYPES[dtype])
         self.limits = limits or default_limits(model)
+        # Cross-client batching pays where a product's cost is mostly reading the weights once
+        # (an accelerator); on CPU it measured slower for small batches (see serve_round).
+        self.batch = self.device.type == "cuda" if batch is None else batch
+        self._pending: deque[Received] = deque()  # arrival order
         self.quantized: QuantizedWeights | None = None  # built on the first otp request, for its weight width
         self.record_dir = record_dir
         self.recorder = Recorder(record_dir) if record_dir is not None else None
@@ -206,15 +235,51 @@ class Server:
     def serve_forever(self, stop: threading.Event | None = None) -> None:
         stop = stop or threading.Event()
         while not stop.is_set():
-            if self.socket.poll(100):  # blocking wait, no busy polling: the client needs the core
-                self.serve_one()
+            # Requests left pending when `stop` comes go unanswered, as those still queued in zmq do.
+            if self._pending or self.socket.poll(100):  # blocking wait, no busy polling: the client needs the core
+                if self._batching() or self._pending:
+                    self.serve_round()
+                else:
+                    self.serve_one()
             if self._monitor is not None:
                 self._log_handshake_failures()
 
     def serve_one(self) -> None:
         identity, *frames = self.socket.recv_multipart(copy=False)
         key = client_key(identity.bytes)
-        reply = self.handle(frames, key)
+        self._send(Received(identity, frames, key), self.handle(frames, key))
+
+    def serve_round(self) -> None:
+        """Take what is queued, then answer one round: the oldest pending request of each client.
+
+        One request per client per round, so a client that queues many long requests delays
+        another client's request by about one of its calls, not all of them. Each reply goes
+        out as soon as it is ready.
+        """
+        self.receive_queued()
+        chosen: list[Received] = []
+        later: deque[Received] = deque()
+        clients: set[str] = set()
+        for r in self._pending:
+            (later if r.key in clients else chosen).append(r)
+            clients.add(r.key)
+        self._pending = later
+        for i, reply in self.handle_many([(r.frames, r.key) for r in chosen]):
+            self._send(chosen[i], reply)
+
+    def receive_queued(self) -> int:
+        """Move the requests already queued on the socket to the pending ones, without waiting; returns how many are pending."""
+        while len(self._pending) < MAX_PENDING:
+            try:
+                identity, *frames = self.socket.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                break
+            self._pending.append(Received(identity, frames, client_key(identity.bytes)))
+        return len(self._pending)
+
+    def _send(self, request: Received, reply: Message) -> None:
+        """Encode and send one reply, counted for its client."""
+        key, frames = request.key, request.frames
         try:
             out = protocol.encode(reply)
         except Exception as e:  # a reply that cannot be sent still gets an answer
@@ -226,7 +291,103 @@ class Server:
         client.bytes_in += sum(_frame_bytes(f).nbytes for f in frames)
         client.bytes_out += sum(_frame_bytes(f).nbytes for f in out)
         client.errors += not reply.ok
-        self.socket.send_multipart([identity, *out], copy=False)
+        self.socket.send_multipart([request.identity, *out], copy=False)
+
+    def _batching(self) -> bool:
+        # Recording and fault injection act per request in `handle`: with either on, everything goes through it.
+        return self.batch and not getattr(self, "record_dir", None) and not getattr(self, "fault_rate", 0.0)
+
+    def handle_many(self, requests: Sequence[tuple[list[Any], str]]) -> Iterator[tuple[int, Message]]:
+        """`handle` for several requests (frames, client): yields (index, reply) once per request, as each is ready.
+
+        With batching on, plain float LINEAR requests for the same weights are answered from one
+        product over their rows; every other request goes through `handle`, in order.
+        """
+        batches = self._linear_batches(requests) if self._batching() and len(requests) > 1 else []
+        first = {batch[0].index: batch for batch in batches}
+        batched = {item.index for batch in batches for item in batch}
+        for i, (frames, client) in enumerate(requests):
+            if i in first:
+                yield from self._answer_batch(first[i], requests)
+            elif i not in batched:
+                yield i, self.handle(frames, client)
+
+    def _linear_batches(self, requests: Sequence[tuple[list[Any], str]]) -> list[list[_BatchedLinear]]:
+        """Groups of at least two requests that can share one product, each group in arrival order."""
+        groups: dict[Hashable, list[list[_BatchedLinear]]] = defaultdict(list)
+        for i, (frames, _) in enumerate(requests):
+            found = self._batchable(i, frames)
+            if found is None:
+                continue
+            key, item = found
+            batches = groups[key]
+            # A batch's result obeys the same limit as one request's: batching must not multiply memory.
+            if not batches or sum(b.result_elements for b in batches[-1]) + item.result_elements > self.limits.max_tensor_elements:
+                batches.append([])
+            batches[-1].append(item)
+        return [b for batches in groups.values() for b in batches if len(b) > 1]
+
+    def _batchable(self, index: int, frames: list[Any]) -> tuple[Hashable, _BatchedLinear] | None:
+        """(what must match to share a product, the request) for a valid plain float LINEAR request; else None.
+
+        Anything else, malformed or refused requests included, is left to `handle`, which answers it.
+        """
+        try:
+            msg = protocol.decode(frames, self.limits)
+        except Exception:
+            return None
+        if msg.op != "LINEAR" or set(msg.args) != {"layer", "modules"} or len(msg.tensors) != 1:
+            return None
+        x, layer, modules = msg.tensors[0], msg.args["layer"], msg.args["modules"]
+        if x.dtype not in FLOAT_DTYPES or x.dim() < 1 or x.shape[-1] == 0:
+            return None
+        if not isinstance(modules, list) or not all(isinstance(m, str) for m in modules):
+            return None
+        try:
+            out_features = self.weights.out_features(layer, modules)
+        except ProtocolError:
+            return None
+        rows = x.reshape(-1, x.shape[-1])
+        if rows.shape[0] * out_features > self.limits.max_tensor_elements:
+            return None
+        # A wrong feature size matches only its like: that product fails, and `handle` answers each.
+        key = (layer, tuple(modules), x.dtype, x.shape[-1])
+        return key, _BatchedLinear(index, msg, rows, rows.shape[0] * out_features)
+
+    def _answer_batch(self, batch: list[_BatchedLinear], requests: Sequence[tuple[list[Any], str]]) -> Iterator[tuple[int, Message]]:
+        """One product over the batch's rows, split back into one reply per request."""
+        msg = batch[0].msg
+        started = time.perf_counter()
+        try:
+            outputs = self.weights.linear(msg.args["layer"], msg.args["modules"], torch.cat([b.rows for b in batch]))
+            results = [self._out(y, msg.tensors[0].dtype) for y in outputs]
+        except Exception as e:  # a wrong feature size, or the larger product failing: answer one by one
+            log.info("a batch of %d LINEAR requests failed (%s: %s); answering them one by one", len(batch), type(e).__name__, e)
+            for b in batch:
+                yield b.index, self.handle(*requests[b.index])
+            return
+        elapsed = time.perf_counter() - started
+        n_rows = [b.rows.shape[0] for b in batch]
+        self.stats.requests += len(batch)
+        self.stats.batches += 1
+        self.stats.batched_requests += len(batch)
+        pieces = zip(*(y.split(n_rows) for y in results))  # per request: one (rows, N_i) piece per module
+        for b, parts in zip(batch, pieces):
+            # Each request is charged its share of the product, by rows, so compute_s still adds up.
+            share = elapsed * (b.rows.shape[0] / sum(n_rows) if sum(n_rows) else 1 / len(batch))
+            shape = b.msg.tensors[0].shape[:-1]
+            reply = protocol.reply(b.msg.id, {"compute_s": share}, [y.reshape(*shape, y.shape[-1]) for y in parts])
+            self._count_linear(b.msg, reply, share)
+            yield b.index, reply
+
+    def _count_linear(self, msg: Message, reply: Message, seconds: float) -> None:
+        """The per-op counters `handle` keeps, for a request answered from a batch."""
+        stats = self.stats.ops["LINEAR"]
+        stats.calls += 1
+        stats.bytes_in += msg.nbytes
+        stats.bytes_out += reply.nbytes
+        stats.record(seconds)
+        stats.compute_s += seconds
 
     def handle(self, frames: list[Any], client: str = "-") -> Message:
         """Frames of one request -> the reply. Never raises. `client` names the sender in logs."""

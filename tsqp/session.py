@@ -25,7 +25,7 @@ from tsqp.generation import Generation, generate
 from tsqp.linear import LinearWeights
 from tsqp.models import DEFAULT_MODEL, LoadedModel, load, resolve
 from tsqp.private_server import PrivateServer
-from tsqp.shields import ShieldedBackend, default_verify, make_shield
+from tsqp.shields import ShieldedBackend, default_verify, describe, make_shield
 
 
 class Session:
@@ -66,6 +66,12 @@ class Session:
         result.timings.update(self._wire_delta(before))
         result.timings["first_token_s_since_start"] = streamer.first_token_at - PROCESS_STARTED if streamer.first_token_at else 0.0
         return result
+
+    def shield_info(self) -> dict[str, Any]:
+        """Which shield protects this session's linear ops, and how (for reports)."""
+        if isinstance(self.backend, ShieldedBackend):
+            return {**describe(self.backend.shield), "verify": self.backend.verify}
+        return {"shield": "local" if isinstance(self.backend, LinearWeights) else "plain", "verify": False}
 
     def _wire_snapshot(self) -> dict[str, float]:
         stats = getattr(self.backend, "stats", None)
@@ -125,7 +131,7 @@ def connect(
     private_server: PrivateServer | None = None,
     curve_secret: str | os.PathLike[str] | None = None,
     server_key: str | os.PathLike[str] | None = None,
-    shield: str = "plain",
+    shield: str = "otp",
     verify: bool | None = None,
     precompute: int = 0,
     noise_scale: float = 10.0,

@@ -1,0 +1,241 @@
+"""Shields on a tiny random model: exact otp algebra, verification that catches faults, masks used once,
+and traffic that says nothing about the activations."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import RunningServer, make_tiny_model, start_server
+
+from tsqp import fixedpoint
+from tsqp.client import RemoteBackend
+from tsqp.core import Llama
+from tsqp.errors import IntegrityError, ShieldError
+from tsqp.generation import generate
+from tsqp.linear import LinearWeights
+from tsqp.models import LoadedModel, load
+from tsqp.recording import read_recording
+from tsqp.session import Session, shielded
+from tsqp.shields import SHIELDS, FloatFreivalds, OtpShield, ShieldedBackend, site_weights
+
+PROMPT = list(range(5, 29))
+
+
+@pytest.fixture(scope="module")
+def server(tiny: LoadedModel) -> Iterator[RunningServer]:
+    running = start_server(tiny)
+    yield running
+    running.close()
+
+
+def shielded_session(model: LoadedModel, endpoint: str, shield: str, verify: bool = True) -> Session:
+    remote = RemoteBackend(endpoint, timeout_s=30)
+    remote.hello(model.fingerprint)
+    return Session(model, shielded(remote, model, shield, verify))
+
+
+def local_tokens(model: LoadedModel, prompt: list[int], n: int) -> list[int]:
+    llama = Llama(model.config, model.hf_config, model.norms(), LinearWeights(model.weights, model.config.n_layers))
+    return generate(llama, prompt, n).token_ids
+
+
+# --- the fixed-point algebra -------------------------------------------------------------
+
+
+def test_product_mod_is_exact_for_extreme_inputs() -> None:
+    p, limb_bits = fixedpoint.previous_prime(1 << 40), 20
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randint(-2047, 2048, (96, 40), generator=gen, dtype=torch.int64)
+    x = torch.randint(0, p, (5, 96), generator=gen, dtype=torch.int64)
+    x[0] = p - 1  # the largest masked values, where a float64 product without limbs would round
+    fixedpoint.check_product_exact(fixedpoint.max_row_l1(w.double()), p, limb_bits)
+    got = fixedpoint.product_mod(x, w.double(), p, limb_bits)
+    expected = [[sum(int(a) * int(b) for a, b in zip(row, col)) % p for col in w.t().tolist()] for row in x.tolist()]
+    assert got.tolist() == expected
+
+
+def test_field_holds_every_honest_result_and_refuses_what_cannot_be_exact() -> None:
+    f = fixedpoint.choose_field(l1=933_541, weight_bits=12, activation_bits=16)  # SmolLM2's widest row at 12 bits
+    assert f.p > 2 * f.bound and fixedpoint._is_prime(f.p)
+    assert f.limbs == 2 and 933_541 * ((1 << f.limb_bits) - 1) < 2**53 and (2 * f.p) << f.limb_bits < 2**63
+    with pytest.raises(ShieldError, match="cannot be exact"):
+        fixedpoint.choose_field(l1=1 << 30, weight_bits=16, activation_bits=24)
+    with pytest.raises(ValueError, match="too wide"):
+        fixedpoint.check_product_exact(933_541, f.p, f.limb_bits + 8)
+
+
+def test_masks_are_uniform_over_the_field() -> None:
+    p = fixedpoint.previous_prime(1 << 36)
+    r = fixedpoint.random_mod((200_000,), p)
+    assert int(r.min()) >= 0 and int(r.max()) < p
+    # Mean and top-bit frequency of a uniform draw, within 6 standard errors.
+    assert abs(float(r.double().mean()) / p - 0.5) < 6 * math.sqrt(1 / 12 / r.numel())
+    high = float((r >= p // 2).double().mean())
+    assert abs(high - 0.5) < 6 * math.sqrt(0.25 / r.numel())
+
+
+def test_otp_unmasks_to_the_exact_integer_product(tiny: LoadedModel, server: RunningServer) -> None:
+    session = shielded_session(tiny, server.endpoint, "otp")
+    backend = session.backend
+    assert isinstance(backend, ShieldedBackend) and isinstance(backend.shield, OtpShield)
+    shield = backend.shield
+    site = (1, ("gate_proj", "up_proj"))
+    x = torch.randn(7, tiny.config.hidden_size)
+    wire, state = shield.mask(site, x)
+    z = torch.cat(backend.remote.call("LINEAR", {"layer": 1, "modules": list(site[1]), **shield.wire_args()}, [wire]).tensors, dim=-1)
+    shield.verify(site, wire, z, state)
+    w_q = shield.quantized.groups[site][0].to(torch.int64)  # (K, N)
+    assert torch.equal(state.y, state.x_q @ w_q)  # X_q·W_qᵀ exactly, not approximately
+    assert not torch.equal(wire, state.x_q)  # what travelled was masked
+    y = shield.unmask(site, z, state)
+    exact = x @ torch.cat([tiny.weights[f"layers.1.{m}"] for m in site[1]]).t()
+    assert (y - exact).abs().max() < 1e-2 * exact.abs().max()  # fixed point: close to the float product
+    session.close()
+
+
+# --- every shield generates the reference answer --------------------------------------------
+
+
+@pytest.mark.parametrize("shield", SHIELDS)
+def test_every_shield_generates_the_local_tokens(shield: str, tiny: LoadedModel, server: RunningServer) -> None:
+    session = shielded_session(tiny, server.endpoint, shield, verify=True)
+    assert generate(session.llama, PROMPT, 16).token_ids == local_tokens(tiny, PROMPT, 16)
+    session.close()
+
+
+def test_attention_offload_is_refused_under_a_shield(tiny: LoadedModel, server: RunningServer) -> None:
+    session = shielded_session(tiny, server.endpoint, "otp")
+    with pytest.raises(ShieldError, match="offload"):
+        session.backend.matmul(torch.ones(1, 2, 2), torch.ones(1, 2, 2))
+    session.close()
+
+
+# --- masks are used once -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shield", ["otp", "noise"])
+def test_a_mask_is_never_reused(shield: str, tiny: LoadedModel, server: RunningServer) -> None:
+    session = shielded_session(tiny, server.endpoint, shield, verify=False)
+    pool = session.backend.shield.pool
+    seen: set[bytes] = set()
+    handed_out = 0
+
+    def fingerprint(site: object, masks: torch.Tensor) -> None:
+        nonlocal handed_out
+        for row in masks:
+            seen.add(hashlib.sha256(repr(site).encode() + row.numpy().tobytes()).digest())
+        handed_out += masks.shape[0]
+
+    pool.on_take = fingerprint
+    session.backend.shield.prepare(4)  # a small pool, so the run also refills it on the way
+    generate(session.llama, PROMPT, 12)
+    # One row per token at each of a layer's four call sites (prefill, then 11 decode forwards),
+    # and one per forward at lm_head, which sees only the last position.
+    assert handed_out == 4 * tiny.config.n_layers * (len(PROMPT) + 11) + 12
+    assert len(seen) == handed_out  # every row ever handed out is distinct
+    assert session.backend.shield.times.masked_rows == handed_out
+    session.close()
+
+
+# --- integrity -------------------------------------------------------------------------------
+
+
+def test_float_freivalds_accepts_honest_products_and_rejects_one_wrong_element(tiny: LoadedModel) -> None:
+    sites = site_weights(tiny.weights, tiny.config.n_layers)
+    check = FloatFreivalds(sites, "float32")
+    site = (2, ("q_proj", "k_proj", "v_proj"))
+    x = torch.randn(9, tiny.config.hidden_size)
+    y = x @ sites[site][0]
+    check.check(site, x, y)
+    y[4, -1] += 1.0 + y[4, -1].abs()  # the fault injection's perturbation, in v_proj
+    with pytest.raises(IntegrityError, match="layer 2 v_proj"):
+        check.check(site, x, y)
+
+
+@pytest.mark.parametrize("shield", SHIELDS)
+def test_a_faulty_server_stops_every_shield_with_an_integrity_error(shield: str, tiny: LoadedModel) -> None:
+    running = start_server(tiny, fault_rate=0.01, fault_seed=7)
+    try:
+        session = shielded_session(tiny, running.endpoint, shield, verify=True)
+        with pytest.raises(IntegrityError, match="integrity check failed"):
+            generate(session.llama, PROMPT, 200)  # ~2600 calls: a fault is all but certain, and seeded
+        assert running.server.stats.faults_injected >= 1
+        session.close()
+    finally:
+        running.close()
+
+
+@pytest.fixture(scope="module")
+def long_tiny(tmp_path_factory: pytest.TempPathFactory) -> LoadedModel:
+    return load(make_tiny_model(tmp_path_factory.mktemp("long"), max_position_embeddings=512, tie_word_embeddings=False), with_tokenizer=False)
+
+
+@pytest.mark.parametrize("shield", SHIELDS)
+def test_no_false_alarm_over_a_long_generation(shield: str, long_tiny: LoadedModel) -> None:
+    running = start_server(long_tiny)
+    try:
+        session = shielded_session(long_tiny, running.endpoint, shield, verify=True)
+        result = generate(session.llama, PROMPT, 256)  # every call verified; none may fail
+        assert len(result.token_ids) == 256
+        session.close()
+    finally:
+        running.close()
+
+
+# --- what the server sees ------------------------------------------------------------------------
+
+
+def recorded_traffic(model: LoadedModel, shield: str, folder: Path) -> tuple[list[torch.Tensor], list[np.ndarray], list[str]]:
+    """Run one generation against a recording server; return the TEE's plaintext inputs and what the server kept."""
+    running = start_server(model, record_dir=folder)
+    plaintext: list[torch.Tensor] = []
+    try:
+        session = shielded_session(model, running.endpoint, shield, verify=True)  # plain too: a shield wrapper to spy in
+        shield_ = session.backend.shield
+        mask = shield_.mask
+
+        def spy(site: object, x: torch.Tensor) -> object:
+            plaintext.append(x.clone())
+            return mask(site, x)
+
+        shield_.mask = spy  # type: ignore[method-assign]
+        generate(session.llama, PROMPT, 6)
+        session.close()
+    finally:
+        running.close()
+    records = [r for r in read_recording(folder) if r.op in ("LINEAR", "LM_HEAD", "EMBED")]
+    return plaintext, [t for r in records if r.op != "EMBED" for t in r.tensors], [r.op for r in records]
+
+
+def correlation(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.corrcoef(a.astype(np.float64).ravel(), b.astype(np.float64).ravel())[0, 1])
+
+
+@pytest.mark.parametrize("shield, hidden", [("plain", False), ("otp", True)])
+def test_recorded_traffic_reveals_activations_and_token_ids_only_without_a_shield(shield: str, hidden: bool, tiny: LoadedModel, tmp_path: Path) -> None:
+    plaintext, received, ops = recorded_traffic(tiny, shield, tmp_path)
+    assert len(received) == len(plaintext) > 0  # every product's input, in order
+    pairs = list(zip(plaintext, received))
+    per_call = [correlation(x.numpy(), r) for x, r in pairs]
+    pooled = correlation(np.concatenate([x.numpy().ravel() for x, _ in pairs]), np.concatenate([r.ravel() for _, r in pairs]))
+    n_pooled = sum(x.numel() for x, _ in pairs)
+    # Under independence a sample correlation has standard error 1/sqrt(n): 6 of them is the bound.
+    per_call_bound = max(6 / math.sqrt(x.numel()) for x, _ in pairs)
+    if hidden:
+        assert "EMBED" not in ops  # the server never receives a token id
+        assert all(r.dtype == np.int64 for r in received)
+        assert max(abs(c) for c in per_call) < per_call_bound, max(abs(c) for c in per_call)
+        assert abs(pooled) < 6 / math.sqrt(n_pooled), pooled
+        ids = np.array(PROMPT)
+        for r in received:  # nor the prompt's ids in any tensor, as a run of three
+            flat = r.ravel()
+            assert not any(np.array_equal(flat[i : i + 3], ids[:3]) for i in range(flat.size - 2))
+    else:
+        assert "EMBED" in ops
+        assert min(per_call) > 0.99 and pooled > 0.99  # the same test finds the plaintext when nothing hides it
