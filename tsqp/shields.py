@@ -113,6 +113,16 @@ class MaskPool:
         self.times.offline_rows += rows
 
 
+def block_diagonal(vectors: list[torch.Tensor]) -> torch.Tensor:
+    """One column per module, each nonzero only on its module's outputs: (sum N_i, M) for one product per check."""
+    out = torch.zeros(sum(v.shape[0] for v in vectors), len(vectors), dtype=vectors[0].dtype)
+    start = 0
+    for i, v in enumerate(vectors):
+        out[start : start + v.shape[0], i] = v
+        start += v.shape[0]
+    return out
+
+
 class FloatFreivalds:
     """Freivalds' check of float products y = x·W_t against a secret vector r per weight matrix.
 
@@ -123,26 +133,24 @@ class FloatFreivalds:
     def __init__(self, sites: Mapping[Site, tuple[torch.Tensor, list[int]]], server_dtype: str) -> None:
         self.eps = UNIT_ROUNDOFF.get(server_dtype, UNIT_ROUNDOFF["float32"])
         gen = torch.Generator().manual_seed(secrets.randbits(63))
-        self.checks: dict[Site, list[tuple[slice, torch.Tensor, torch.Tensor, torch.Tensor]]] = {}
+        self.checks: dict[Site, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
         for site, (w_t, sizes) in sites.items():
-            checks, start = [], 0
-            for n in sizes:
-                w = w_t[:, start : start + n].double()  # (K, n)
-                signs = torch.randint(0, 2, (n,), generator=gen, dtype=torch.float64) * 2 - 1
-                r = signs * (1 + torch.rand(n, generator=gen, dtype=torch.float64))
-                checks.append((slice(start, start + n), r, w @ r, (w * w) @ (r * r)))  # r, W r, W² r²
-                start += n
-            self.checks[site] = checks
+            signs = torch.randint(0, 2, (w_t.shape[1],), generator=gen, dtype=torch.float64) * 2 - 1
+            r = block_diagonal(list((signs * (1 + torch.rand(w_t.shape[1], generator=gen, dtype=torch.float64))).split(sizes)))  # (N, M)
+            w = w_t.double()
+            # numpy: a decode step makes ~120 checks, where torch's per-op overhead would dominate
+            self.checks[site] = (r.detach().numpy(), (w @ r).detach().numpy(), ((w * w) @ (r * r)).detach().numpy())  # r, W r, W² r²
 
     def check(self, site: Site, x: torch.Tensor, y: torch.Tensor) -> None:
         """x (T, K) the server's input, y (T, N) its result."""
-        x, y = x.double(), y.double()
-        k = x.shape[-1]
-        for name, (cols, r, wr, w2r2) in zip(module_names(site), self.checks[site]):
-            error = (y[:, cols] @ r - x @ wr).abs()
-            tolerance = FLOAT_TOLERANCE_SIGMAS * self.eps * (k * ((x * x) @ w2r2)).sqrt() + 1e-30
-            if not bool((error <= tolerance).all()):
-                raise IntegrityError(_integrity_message(site, name, f"Freivalds residual {float((error / tolerance).max()):.3g}× the float tolerance"))
+        r, wr, w2r2 = self.checks[site]
+        x64 = x.detach().numpy().astype(np.float64)
+        error = np.abs(y.detach().numpy().astype(np.float64) @ r - x64 @ wr)  # (T, M)
+        tolerance = FLOAT_TOLERANCE_SIGMAS * self.eps * np.sqrt(x.shape[-1] * ((x64 * x64) @ w2r2)) + 1e-30
+        bad = ~(error <= tolerance)  # NaN counts as bad
+        if bad.any():
+            module = module_names(site)[int(np.nonzero(bad.any(axis=0))[0][0])]
+            raise IntegrityError(_integrity_message(site, module, f"Freivalds residual {float((error / tolerance).max()):.3g}× the float tolerance"))
 
 
 def _integrity_message(site: Site, module: str, detail: str) -> str:
@@ -269,16 +277,19 @@ class OtpShield(Shield):
         self.pool = MaskPool(self._make, list(sites), self.times)
         self.checks = self._freivalds_vectors() if verify else None
 
-    def _freivalds_vectors(self) -> dict[Site, list[tuple[slice, np.ndarray, np.ndarray]]]:
+    def _freivalds_vectors(self) -> dict[Site, tuple[np.ndarray, np.ndarray]]:
+        """Per site: r (N, 2M) block-diagonal, two vectors per module, and s = W_q·r (K, 2M), both mod 2⁶⁴."""
         checks = {}
         for site, (w_q, _, sizes) in self.quantized.groups.items():
-            entries, start = [], 0
-            for n in sizes:
-                r = fixedpoint.random_u64((n, self.FREIVALDS_VECTORS))
-                s = w_q[:, start : start + n].to(torch.int64) @ r  # (K, 2), wraps mod 2⁶⁴
-                entries.append((slice(start, start + n), r.detach().numpy().view(np.uint64), s.detach().numpy().view(np.uint64)))
+            columns = [fixedpoint.random_u64((n,)) for n in sizes for _ in range(self.FREIVALDS_VECTORS)]
+            r = torch.zeros(sum(sizes), len(columns), dtype=torch.int64)
+            start = 0
+            for i, n in enumerate(sizes):
+                for j in range(self.FREIVALDS_VECTORS):
+                    r[start : start + n, i * self.FREIVALDS_VECTORS + j] = columns[i * self.FREIVALDS_VECTORS + j]
                 start += n
-            checks[site] = entries
+            s = w_q.to(torch.int64) @ r  # (K, 2M); int64 products wrap mod 2⁶⁴, as numpy's uint64 below
+            checks[site] = (r.detach().numpy().view(np.uint64), s.detach().numpy().view(np.uint64))
         return checks
 
     def wire_args(self) -> dict[str, Any]:
@@ -305,11 +316,13 @@ class OtpShield(Shield):
         y = self._integers(z, state)
         if y.numel() and int(y.abs().max()) > self.field.bound:
             raise IntegrityError(_integrity_message(site, "|".join(module_names(site)), "a value beyond any honest result"))
-        x_q = state.x_q.detach().numpy().view(np.uint64)
-        y_u = y.detach().numpy().view(np.uint64)
-        for name, (cols, r, s) in zip(module_names(site), self.checks[site]):
-            if not np.array_equal(y_u[:, cols] @ r, x_q @ s):
-                raise IntegrityError(_integrity_message(site, name, "Freivalds check mod 2^64"))
+        r, s = self.checks[site]
+        lhs = y.detach().numpy().view(np.uint64) @ r  # (T, 2M), mod 2⁶⁴
+        rhs = state.x_q.detach().numpy().view(np.uint64) @ s
+        bad = (lhs != rhs).any(axis=0)
+        if bad.any():
+            module = module_names(site)[int(np.nonzero(bad)[0][0]) // self.FREIVALDS_VECTORS]
+            raise IntegrityError(_integrity_message(site, module, "Freivalds check mod 2^64"))
 
     def unmask(self, site: Site, z: torch.Tensor, state: Any) -> torch.Tensor:
         y = self._integers(z, state)
