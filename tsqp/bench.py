@@ -65,6 +65,8 @@ class BenchConfig:
     server_key: str | None = None
     clients: list[int] = field(default_factory=list)  # load test: concurrent runner counts; empty: none
     batch: bool | None = None  # the private server's cross-client batching; None: its default for the device
+    device: str = "auto"  # the private server's device and weight dtype
+    dtype: str = "float32"
 
     @property
     def modes(self) -> list[str]:
@@ -280,7 +282,7 @@ def _private_server(config: BenchConfig, folder: Path) -> PrivateServer | None:
 
     if config.endpoint is not None:
         return None
-    return PrivateServer(folder, extra_args=[] if config.batch is None else ["--batch" if config.batch else "--no-batch"])
+    return PrivateServer(folder, config.device, config.dtype, extra_args=[] if config.batch is None else ["--batch" if config.batch else "--no-batch"])
 
 
 def _bench_hf(config: BenchConfig, folder: Path, prompts: dict[int, list[int]], counter: _Counter) -> list[Result]:

@@ -321,6 +321,8 @@ def bench(
     server_key: ServerKeyOpt = None,
     clients: Annotated[Optional[str], typer.Option(help="Load test: comma list of concurrent client counts, e.g. 1,2,4,8. For each N, N runner processes decode at once against one server (first prompt length); reports aggregate tok/s, step p50/p99 and whether answers match a single client's.")] = None,
     batch: Annotated[Optional[bool], typer.Option("--batch/--no-batch", help="Cross-client batching in the private server (serve-gpu --batch/--no-batch). Default: the server's default for its device.")] = None,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "float32",
 ) -> None:
     """Measure prefill latency, decode speed and where each decoded token's time goes, per mode and prompt length.
 
@@ -336,7 +338,8 @@ def bench(
         config = benchmark.BenchConfig(model, benchmark.parse_shields(shields), verify, benchmark.parse_sizes(prompt_tokens),
                                        new_tokens, repeat, endpoint, timeout,
                                        str(curve_secret) if curve_secret else None, str(server_key) if server_key else None,
-                                       benchmark.parse_clients(clients) if clients is not None else [], batch=batch)  # fmt: skip
+                                       benchmark.parse_clients(clients) if clients is not None else [], batch=batch,
+                                       device=device, dtype=dtype)  # fmt: skip
         if plot is not None:
             benchmark.require_matplotlib()
     except TsqpError as e:

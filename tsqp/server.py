@@ -186,6 +186,8 @@ class Server:
         check_listen_allowed(endpoint, curve is not None, insecure_public)
         self.model = model
         self.device = pick_device(device)
+        # Masked float products (noise, seqmix) lose their masks' precision under TF32: full fp32 only.
+        torch.backends.cuda.matmul.allow_tf32 = False
         self.dtype_name = dtype
         self.weights = LinearWeights(model.weights, model.config.n_layers, self.device, SERVER_DTYPES[dtype])
         self.limits = limits or default_limits(model)
