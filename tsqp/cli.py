@@ -112,6 +112,7 @@ def serve_gpu(
     record: Annotated[Optional[Path], typer.Option("--record", metavar="DIR", help="Write every tensor received to DIR (what a curious server keeps; read by `tsqp audit`). Off by default.")] = None,
     fault_rate: Annotated[float, typer.Option("--fault-rate", min=0.0, max=1.0, help="Testing integrity: corrupt one random element of this fraction of results.")] = 0.0,
     fault_seed: Annotated[Optional[int], typer.Option("--fault-seed", help="Seed of the fault injection, for reproducible runs.")] = None,
+    otp_weight_bits: Annotated[int, typer.Option("--otp-weight-bits", min=0, max=16, help="Quantize the weights for otp clients of this width at start-up (0: on the first otp request).")] = 12,
     batch: Annotated[Optional[bool], typer.Option("--batch/--no-batch", help="Compute LINEAR requests of different clients that wait for the same weights at the same time as one product. Default: on with CUDA, off on CPU (slower there).")] = None,
 ) -> None:
     """Serve the model's linear layers (embedding, projections, lm_head) to trusted runners.
@@ -159,7 +160,7 @@ def serve_gpu(
             if max_tensor_elements is not None:
                 limits = dataclasses.replace(limits, max_tensor_elements=max_tensor_elements)
             server = Server(loaded, endpoint, device, dtype, limits=limits, curve=curve, insecure_public=insecure_public, batch=batch,
-                            record_dir=record, fault_rate=fault_rate, fault_seed=fault_seed)  # fmt: skip
+                            record_dir=record, fault_rate=fault_rate, fault_seed=fault_seed, otp_weight_bits=otp_weight_bits)  # fmt: skip
         except (ValueError, TsqpError) as e:
             _fail(str(e))
     stop = threading.Event()
@@ -209,12 +210,12 @@ def run_tee(
     """
     shielding = shield_options(shield, verify, precompute, noise_scale, weight_bits, activation_bits)
     from tsqp.models import resolve
-    from tsqp.private_server import PrivateServer
+    from tsqp.private_server import PrivateServer, shield_args
 
     with err.status("Loading model and connecting…", spinner="dots"):
         folder = resolve(model, _progress)
         # Started before this process imports torch, so both load side by side.
-        server = PrivateServer(folder, device, dtype) if endpoint is None and not local else None
+        server = PrivateServer(folder, device, dtype, extra_args=shield_args(shield, weight_bits)) if endpoint is None and not local else None
         try:
             from tsqp.session import connect
 
@@ -239,7 +240,7 @@ def run_tee(
             f"[dim]{len(result.token_ids)} tokens · {shield_info['shield']}{' + verify' if shield_info['verify'] else ''}"
             f" · prefill {t['prefill_s']:.2f} s · {t['decode_tokens_per_s']:.1f} tok/s"
             + (f" · {t['round_trips']:.0f} round trips" if "round_trips" in t else "")
-            + (f" · offline masks {t['offline_s']:.2f} s" if t.get("offline_s") else "") + "[/]"
+            + (f" · offline masks {t['offline_s']:.2f} s, {shield_info.get('pool_peak_mib', 0):.0f} MiB" if t.get("offline_s") else "") + "[/]"
         )
 
 

@@ -108,8 +108,8 @@ class LinearWeights:
 class QuantizedWeights:
     """The same matrices as integers, quantized per output row (`otp`): W_q (K, N) and its scales.
 
-    The server keeps them in float64 for exact products; the TEE keeps float32 (exact for
-    up to 24-bit integers, half the memory) for its offline R·W_qᵀ products.
+    Kept in float64 (on the server's device, or in the TEE for its offline R·W_qᵀ products):
+    the exact products run in float64, and converting per call would cost a weight pass.
     """
 
     def __init__(self, weights: Mapping[str, torch.Tensor], n_layers: int, bits: int,

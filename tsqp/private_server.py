@@ -22,6 +22,11 @@ from tsqp.errors import ServerUnavailable
 READY = "tsqp serve-gpu ready"
 
 
+def shield_args(shield: str, weight_bits: int) -> list[str]:
+    """serve-gpu options for a run with this shield: quantize for otp at start-up, in parallel with the runner."""
+    return ["--otp-weight-bits", str(weight_bits if shield == "otp" else 0)]
+
+
 class PrivateServer:
     """A `tsqp serve-gpu` child process on a private ipc:// endpoint."""
 

@@ -24,7 +24,7 @@ from tsqp.errors import AuthError, TsqpError
 from tsqp.generation import Generation, generate
 from tsqp.linear import LinearWeights
 from tsqp.models import DEFAULT_MODEL, LoadedModel, load, resolve
-from tsqp.private_server import PrivateServer
+from tsqp.private_server import PrivateServer, shield_args
 from tsqp.shields import ShieldedBackend, default_verify, describe, make_shield
 
 
@@ -152,7 +152,7 @@ def connect(
         loaded = load(folder)
         backend: Any = LinearWeights(loaded.weights, loaded.config.n_layers)
         return Session(loaded, backend, offload_attention_from=offload_attention_from)
-    server = private_server or (PrivateServer(folder, device, dtype) if endpoint is None else None)
+    server = private_server or (PrivateServer(folder, device, dtype, extra_args=shield_args(shield, weight_bits)) if endpoint is None else None)
     try:
         loaded = load(folder)  # while the private server loads its own copy
         if server is not None:

@@ -74,6 +74,7 @@ class MaskPool:
         self.make, self.sites, self.times, self.chunk = make, list(sites), times, chunk
         self._blocks: dict[Site, list[tuple[torch.Tensor, torch.Tensor]]] = {s: [] for s in self.sites}
         self.on_take: Callable[[Site, torch.Tensor], None] | None = None  # tests fingerprint every mask handed out
+        self.peak_bytes = 0  # the offline phase's memory: the most the pool held at once
 
     def available(self, site: Site) -> int:
         return sum(r.shape[0] for r, _ in self._blocks[site])
@@ -111,6 +112,10 @@ class MaskPool:
         self._blocks[site].append(self.make(site, rows))
         self.times.offline_s += time.perf_counter() - started
         self.times.offline_rows += rows
+        self.peak_bytes = max(self.peak_bytes, self.nbytes())
+
+    def nbytes(self) -> int:
+        return sum(r.nbytes + rw.nbytes for blocks in self._blocks.values() for r, rw in blocks)
 
 
 def block_diagonal(vectors: list[torch.Tensor]) -> torch.Tensor:
@@ -343,7 +348,7 @@ def make_shield(name: str, weights: Mapping[str, torch.Tensor], n_layers: int, v
     if name == "otp":
         if not 2 <= weight_bits <= 16:
             raise ShieldError(f"otp weight bits must be 2..16, got {weight_bits}")
-        quantized = QuantizedWeights(weights, n_layers, weight_bits, dtype=torch.float32)
+        quantized = QuantizedWeights(weights, n_layers, weight_bits)  # float64: no conversion per pool refill
         return OtpShield(sites, verify, server_dtype, quantized, activation_bits)
     raise ShieldError(f"unknown shield {name!r}; choose one of {', '.join(SHIELDS)}")
 
@@ -433,5 +438,7 @@ def describe(shield: Shield) -> dict[str, Any]:
                     activation_bits=f.activation_bits, bound_bits=f.bound.bit_length())  # fmt: skip
     if isinstance(shield, NoiseShield):
         info["noise_scale"] = shield.scale
+    if shield.pool is not None:
+        info["pool_peak_mib"] = shield.pool.peak_bytes / 2**20
     return info
 
