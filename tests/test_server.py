@@ -115,7 +115,7 @@ def test_linear_single_modules(dealer: zmq.Socket, tiny: LoadedModel, module: st
 
 
 def test_linear_large_input_takes_the_torch_path(dealer: zmq.Socket, tiny: LoadedModel) -> None:
-    x = x_input(rows=40, seed=4)  # > SMALL_PRODUCT_ROWS rows: not the numpy fast path
+    x = x_input(rows=40, seed=4)  # several rows: not the one-row numpy fast path
     r = call(dealer, "LINEAR", 4, {"layer": 0, "modules": ["o_proj"]}, [x])
     assert r.ok, r.error
     close(r.tensors[0], x @ tiny.weights["layers.0.o_proj"].T)
