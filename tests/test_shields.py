@@ -239,3 +239,11 @@ def test_recorded_traffic_reveals_activations_and_token_ids_only_without_a_shiel
     else:
         assert "EMBED" in ops
         assert min(per_call) > 0.99 and pooled > 0.99  # the same test finds the plaintext when nothing hides it
+
+
+def test_matmul_mod_2_64_equals_wrapping_integer_arithmetic() -> None:
+    gen = torch.Generator().manual_seed(1)
+    w = torch.randint(-2047, 2048, (33, 700), generator=gen, dtype=torch.int64)
+    r = fixedpoint.random_u64((700, 3)).numpy().view(np.uint64)
+    expected = [[sum(int(a) * int(b) for a, b in zip(row, col)) % 2**64 for col in r.T.tolist()] for row in w.tolist()]
+    assert fixedpoint.matmul_mod_2_64(w.double(), r).tolist() == expected

@@ -119,8 +119,10 @@ class QuantizedWeights:
         sources = [(key, w_t, sizes) for key, w_t, sizes in fused_groups(weights, n_layers)]
         sources.append(("lm_head", weights["lm_head"].t(), [weights["lm_head"].shape[0]]))
         for key, w_t, sizes in sources:
-            w_q, scale = fixedpoint.quantize_rows(w_t.t(), bits)  # per output row of W (N, K)
-            self.groups[key] = (w_q.t().to(device=device, dtype=dtype).contiguous(), scale.t().float(), sizes)
+            # Per output row of W (N, K), kept in that layout: W_q_t is its transposed view, which BLAS
+            # reads as it is (a contiguous (K, N) copy would cost a second pass over the weights).
+            w_q, scale = fixedpoint.quantize_rows(w_t.t(), bits)  # (N, K), scale (N, 1)
+            self.groups[key] = (w_q.to(device=device, dtype=dtype).t(), scale.t(), sizes)
         self.l1 = max(fixedpoint.max_row_l1(w_q) for w_q, _, _ in self.groups.values())
 
     def product_mod(self, key: GroupKey | str, x: torch.Tensor, p: int, limb_bits: int) -> list[torch.Tensor]:

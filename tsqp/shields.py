@@ -118,13 +118,15 @@ class MaskPool:
         return sum(r.nbytes + rw.nbytes for blocks in self._blocks.values() for r, rw in blocks)
 
 
-def block_diagonal(vectors: list[torch.Tensor]) -> torch.Tensor:
-    """One column per module, each nonzero only on its module's outputs: (sum N_i, M) for one product per check."""
-    out = torch.zeros(sum(v.shape[0] for v in vectors), len(vectors), dtype=vectors[0].dtype)
+def block_diagonal(blocks: list[torch.Tensor]) -> torch.Tensor:
+    """Blocks (N_i, C) -> (sum N_i, C·len): module i's check vectors nonzero only on its outputs, so one
+    product checks every module of a fused call."""
+    c = blocks[0].shape[1]
+    out = torch.zeros(sum(b.shape[0] for b in blocks), c * len(blocks), dtype=blocks[0].dtype)
     start = 0
-    for i, v in enumerate(vectors):
-        out[start : start + v.shape[0], i] = v
-        start += v.shape[0]
+    for i, b in enumerate(blocks):
+        out[start : start + b.shape[0], i * c : (i + 1) * c] = b
+        start += b.shape[0]
     return out
 
 
@@ -141,7 +143,7 @@ class FloatFreivalds:
         self.checks: dict[Site, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
         for site, (w_t, sizes) in sites.items():
             signs = torch.randint(0, 2, (w_t.shape[1],), generator=gen, dtype=torch.float64) * 2 - 1
-            r = block_diagonal(list((signs * (1 + torch.rand(w_t.shape[1], generator=gen, dtype=torch.float64))).split(sizes)))  # (N, M)
+            r = block_diagonal([v[:, None] for v in (signs * (1 + torch.rand(w_t.shape[1], generator=gen, dtype=torch.float64))).split(sizes)])  # (N, M)
             w = w_t.double()
             # numpy: a decode step makes ~120 checks, where torch's per-op overhead would dominate
             self.checks[site] = (r.detach().numpy(), (w @ r).detach().numpy(), ((w * w) @ (r * r)).detach().numpy())  # r, W r, W² r²
@@ -286,15 +288,8 @@ class OtpShield(Shield):
         """Per site: r (N, 2M) block-diagonal, two vectors per module, and s = W_q·r (K, 2M), both mod 2⁶⁴."""
         checks = {}
         for site, (w_q, _, sizes) in self.quantized.groups.items():
-            columns = [fixedpoint.random_u64((n,)) for n in sizes for _ in range(self.FREIVALDS_VECTORS)]
-            r = torch.zeros(sum(sizes), len(columns), dtype=torch.int64)
-            start = 0
-            for i, n in enumerate(sizes):
-                for j in range(self.FREIVALDS_VECTORS):
-                    r[start : start + n, i * self.FREIVALDS_VECTORS + j] = columns[i * self.FREIVALDS_VECTORS + j]
-                start += n
-            s = w_q.to(torch.int64) @ r  # (K, 2M); int64 products wrap mod 2⁶⁴, as numpy's uint64 below
-            checks[site] = (r.detach().numpy().view(np.uint64), s.detach().numpy().view(np.uint64))
+            r = block_diagonal([fixedpoint.random_u64((n, self.FREIVALDS_VECTORS)) for n in sizes]).numpy().view(np.uint64)
+            checks[site] = (r, fixedpoint.matmul_mod_2_64(w_q, r))
         return checks
 
     def wire_args(self) -> dict[str, Any]:
@@ -332,7 +327,7 @@ class OtpShield(Shield):
     def unmask(self, site: Site, z: torch.Tensor, state: Any) -> torch.Tensor:
         y = self._integers(z, state)
         w_scale = self.quantized.groups[site][1]  # (1, N)
-        return (y.to(torch.float64) * state.x_scale * w_scale.double()).float()
+        return (y.to(torch.float64) * state.x_scale * w_scale).float()
 
 
 def make_shield(name: str, weights: Mapping[str, torch.Tensor], n_layers: int, verify: bool, server_dtype: str = "float32",
