@@ -187,7 +187,7 @@ def test_json_is_one_object(tiny_chat_path: Path, tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_audit_on_the_default_model() -> None:
-    command = [sys.executable, "-m", "tsqp", "audit", "--json", "--shields", "plain,otp,seqmix", "--prompts", "2", "--new-tokens", "6"]
+    command = [sys.executable, "-m", "tsqp", "audit", "--json", "--shields", "plain,otp,seqmix", "--prompts", "4", "--new-tokens", "4"]
     done = subprocess.run(command, capture_output=True, text=True, timeout=400, env={**os.environ, "COLUMNS": "200"})
     assert done.returncode == 0, done.stderr[-2000:]
     results = {r["shield"]: r for r in json.loads(done.stdout)["results"]}
@@ -195,5 +195,8 @@ def test_audit_on_the_default_model() -> None:
     plain, otp, seqmix = results["plain"], results["otp"], results["seqmix"]
     assert plain["prompt_token_recovery"] >= 0.95 and plain["generated_token_recovery"] >= 0.95
     assert seqmix["generated_token_recovery"] >= 0.95  # one decoded row times a scalar hides nothing
-    assert otp["prompt_token_recovery"] <= 0.01 and otp["generated_token_recovery"] <= 0.01
-    assert otp["prompt_tokens"] > 20 and otp["generated_tokens"] > 2  # enough tokens that 0.01 means something
+    # otp: at chance. Over 157 prompt tokens one lucky guess (0.6%) stays under 1%; a blind guesser
+    # here hits ~0.02% of prompt tokens (measured on uniform random rows), so two are a ~1e-3 event.
+    assert otp["prompt_tokens"] >= 100 and otp["prompt_token_recovery"] <= 0.01
+    # 16 answer tokens cannot resolve 1%: at most one lucky guess (random rows hit ~1e-3 per token).
+    assert otp["generated_tokens"] >= 16 and otp["generated_token_recovery"] <= 1 / 16

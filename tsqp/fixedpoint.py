@@ -129,7 +129,7 @@ def matmul_mod_2_64(w: torch.Tensor, r: np.ndarray) -> np.ndarray:
     n_limbs = -(-64 // bits)
     low = np.uint64((1 << bits) - 1)
     limbs = np.concatenate([(r >> np.uint64(bits * j)) & low for j in range(n_limbs)], axis=1).astype(np.float64)  # (N, C·L)
-    products = (w @ torch.from_numpy(limbs).to(w.device)).cpu().numpy().astype(np.int64).view(np.uint64)  # (K, C·L)
+    products = (w @ torch.from_numpy(limbs).to(w.device)).detach().cpu().numpy().astype(np.int64).view(np.uint64)  # (K, C·L)
     c = r.shape[1]
     out = np.zeros((w.shape[0], c), dtype=np.uint64)
     for j in range(n_limbs):

@@ -288,7 +288,7 @@ class OtpShield(Shield):
         """Per site: r (N, 2M) block-diagonal, two vectors per module, and s = W_q·r (K, 2M), both mod 2⁶⁴."""
         checks = {}
         for site, (w_q, _, sizes) in self.quantized.groups.items():
-            r = block_diagonal([fixedpoint.random_u64((n, self.FREIVALDS_VECTORS)) for n in sizes]).numpy().view(np.uint64)
+            r = block_diagonal([fixedpoint.random_u64((n, self.FREIVALDS_VECTORS)) for n in sizes]).detach().numpy().view(np.uint64)
             checks[site] = (r, fixedpoint.matmul_mod_2_64(w_q, r))
         return checks
 
