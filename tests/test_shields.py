@@ -91,8 +91,8 @@ def test_otp_unmasks_to_the_exact_integer_product(tiny: LoadedModel, server: Run
     z = torch.cat(backend.remote.call("LINEAR", {"layer": 1, "modules": list(site[1]), **shield.wire_args()}, [wire]).tensors, dim=-1)
     shield.verify(site, wire, z, state)
     w_q = shield.quantized.groups[site][0].to(torch.int64)  # (K, N)
-    assert torch.equal(state.y, state.x_q @ w_q)  # X_q·W_qᵀ exactly, not approximately
-    assert not torch.equal(wire, state.x_q)  # what travelled was masked
+    assert torch.equal(torch.from_numpy(state.y), torch.from_numpy(state.x_q) @ w_q)  # X_q·W_qᵀ exactly, not approximately
+    assert not torch.equal(wire, torch.from_numpy(state.x_q))  # what travelled was masked
     y = shield.unmask(site, z, state)
     exact = x @ torch.cat([tiny.weights[f"layers.1.{m}"] for m in site[1]]).t()
     assert (y - exact).abs().max() < 1e-2 * exact.abs().max()  # fixed point: close to the float product

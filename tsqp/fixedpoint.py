@@ -137,11 +137,6 @@ def matmul_mod_2_64(w: torch.Tensor, r: np.ndarray) -> np.ndarray:
     return out
 
 
-def centred(y: torch.Tensor, p: int) -> torch.Tensor:
-    """Representatives of Z_p in (-p/2, p/2]: the signed integers the TEE works with."""
-    return torch.where(y > p // 2, y - p, y)
-
-
 def random_mod(shape: tuple[int, ...], p: int) -> torch.Tensor:
     """Elements uniform over Z_p from the OS's cryptographic generator (rejection sampling: no modulo bias)."""
     count = int(np.prod(shape))
