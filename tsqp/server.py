@@ -251,6 +251,7 @@ class Server:
                 self._log_handshake_failures()
 
     def serve_one(self) -> None:
+        # ROUTER fair-queues its peers: one client's queued calls alternate with another's.
         identity, *frames = self.socket.recv_multipart(copy=False)
         key = client_key(identity.bytes)
         self._send(Received(identity, frames, key), self.handle(frames, key))
@@ -301,7 +302,7 @@ class Server:
 
     def _batching(self) -> bool:
         # Recording and fault injection act per request in `handle`: with either on, everything goes through it.
-        return self.batch and not getattr(self, "record_dir", None) and not getattr(self, "fault_rate", 0.0)
+        return self.batch and self.recorder is None and not self.fault_rate
 
     def handle_many(self, requests: Sequence[tuple[list[Any], str]]) -> Iterator[tuple[int, Message]]:
         """`handle` for several requests (frames, client): yields (index, reply) once per request, as each is ready.
