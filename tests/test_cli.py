@@ -137,3 +137,8 @@ def test_shield_errors_are_one_line(tiny_chat_path: Path) -> None:
     result = tsqp("run-tee", "--model", str(tiny_chat_path), "--prompt", "Hi", "--shield", "rot13")
     assert result.returncode == 1 and "--shield 'rot13' is not one of plain, otp, noise, seqmix" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_attention_offload_under_a_shield_is_refused_up_front(tiny_chat_path: Path) -> None:
+    result = tsqp("run-tee", "--model", str(tiny_chat_path), "--prompt", "Hi", "--offload-attention-from", "4")
+    assert result.returncode == 1 and "--shield plain --no-verify" in result.stderr and "Traceback" not in result.stderr

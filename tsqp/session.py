@@ -20,7 +20,7 @@ from typing import Any
 from tsqp import PROCESS_STARTED
 from tsqp.client import RemoteBackend
 from tsqp.core import Llama
-from tsqp.errors import AuthError, TsqpError
+from tsqp.errors import AuthError, ShieldError, TsqpError
 from tsqp.generation import Generation, generate
 from tsqp.linear import LinearWeights
 from tsqp.models import DEFAULT_MODEL, LoadedModel, load, resolve
@@ -147,6 +147,8 @@ def connect(
     """
     if endpoint is None and (curve_secret is not None or server_key is not None):
         raise AuthError("CURVE keys are for a remote server: pass its endpoint too (a private server listens on a private ipc:// socket, without keys)")
+    if offload_attention_from is not None and not local and (shield != "plain" or verify):
+        raise ShieldError("--offload-attention-from sends attention's activations unmasked: use it with --shield plain --no-verify only")
     folder = resolve(model, progress)  # converts a GGUF once, before any server needs it
     if local:
         loaded = load(folder)
