@@ -35,6 +35,12 @@ def fused_groups(weights: Mapping[str, torch.Tensor], n_layers: int) -> Iterator
             yield (layer, group), torch.cat(mats, dim=0).t(), [m.shape[0] for m in mats]
 
 
+def product_sites(weights: Mapping[str, torch.Tensor], n_layers: int) -> Iterator[tuple[GroupKey | str, torch.Tensor, list[int]]]:
+    """`fused_groups`, then the lm_head ("lm_head", W_t (D, V), [V]): every product a forward pass makes."""
+    yield from fused_groups(weights, n_layers)
+    yield "lm_head", weights["lm_head"].t(), [weights["lm_head"].shape[0]]
+
+
 class LinearWeights:
     """Embedding, projections and lm_head of one model, ready for products on one device."""
 
@@ -116,9 +122,7 @@ class QuantizedWeights:
                  device: str | torch.device = "cpu", dtype: torch.dtype = torch.float64) -> None:  # fmt: skip
         self.bits = bits
         self.groups: dict[GroupKey | str, tuple[torch.Tensor, torch.Tensor, list[int]]] = {}  # -> (W_q_t, scale (1, N), sizes)
-        sources = [(key, w_t, sizes) for key, w_t, sizes in fused_groups(weights, n_layers)]
-        sources.append(("lm_head", weights["lm_head"].t(), [weights["lm_head"].shape[0]]))
-        for key, w_t, sizes in sources:
+        for key, w_t, sizes in product_sites(weights, n_layers):
             # Per output row of W (N, K), kept in that layout: W_q_t is its transposed view, which BLAS
             # reads as it is (a contiguous (K, N) copy would cost a second pass over the weights).
             w_q, scale = fixedpoint.quantize_rows(w_t.t(), bits)  # (N, K), scale (N, 1)
