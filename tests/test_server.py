@@ -579,7 +579,7 @@ def test_stats_count_per_client(tiny_server: Any, tiny: LoadedModel) -> None:
         assert len(client_key(b"x" * 255)) == 16
         alice = clients[b"alice".hex()]
         assert alice["requests"] == 3 and alice["errors"] == 2
-        reply_bytes = sum(len(f) for f in protocol.encode(r)) + sum(len(f) for f in protocol.encode(bad))
+        reply_bytes = sum(len(bytes(f)) for f in protocol.encode(r)) + sum(len(bytes(f)) for f in protocol.encode(bad))
         assert alice["bytes_in"] == sum(len(bytes(f)) for f in sent) + len(b"\xc1 junk") + sum(len(bytes(f)) for f in sent)
         assert alice["bytes_out"] > reply_bytes  # and the third reply's
         assert alice["bytes_out"] < reply_bytes + 200

@@ -11,6 +11,7 @@ it is the all-in-TEE baseline. There is no other place where these products are 
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator, Mapping, Sequence
 
 import torch
@@ -60,38 +61,45 @@ class LinearWeights:
         # (layer, modules) -> (W_t (K, sum N), output sizes)
         self._groups = {key: (w_t.to(device=self.device, dtype=dtype).contiguous(), sizes) for key, w_t, sizes in fused_groups(weights, n_layers)}
 
-    def check_linear(self, layer: int, modules: Sequence[str]) -> tuple[int, tuple[str, ...]]:
+    def check_linear(self, layer: int, modules: Sequence[str]) -> GroupKey:
         """Validate a (layer, modules) request; returns the fused group key."""
+        key = (layer, tuple(modules))
+        if key in self._groups and type(layer) is int:  # `type is int`: True is not layer 1
+            return key
         if not isinstance(layer, int) or isinstance(layer, bool) or not 0 <= layer < self.n_layers:
             raise ProtocolError(f"layer index {layer!r} out of range 0..{self.n_layers - 1}")
-        key = (layer, tuple(modules))
-        if key not in self._groups:
-            unknown = [m for m in modules if m not in MODULES]
-            if unknown:
-                raise ProtocolError(f"unknown module {unknown[0]!r}; known: {', '.join(MODULES)}")
-            groups = [list(g) for g in CALL_GROUPS]
-            raise ProtocolError(f"modules {list(modules)} are not one call group; use one of {groups}")
-        return key
+        unknown = [m for m in modules if m not in MODULES]
+        if unknown:
+            raise ProtocolError(f"unknown module {unknown[0]!r}; known: {', '.join(MODULES)}")
+        groups = [list(g) for g in CALL_GROUPS]
+        raise ProtocolError(f"modules {list(modules)} are not one call group; use one of {groups}")
 
-    def out_features(self, layer: int, modules: Sequence[str]) -> int:
-        return sum(self._groups[self.check_linear(layer, modules)][1])
+    def out_features(self, key: GroupKey) -> int:
+        """Total outputs of a checked group."""
+        return sum(self._groups[key][1])
 
     def linear(self, layer: int, modules: Sequence[str], x: torch.Tensor) -> list[torch.Tensor]:
         """x (..., K) -> one (..., N_i) tensor per module, from a single fused product."""
-        fused, sizes = self._groups[self.check_linear(layer, modules)]
+        return self.group_product(self.check_linear(layer, modules), x)
+
+    def group_product(self, key: GroupKey, x: torch.Tensor) -> list[torch.Tensor]:
+        """`linear` for a key `check_linear` returned."""
+        fused, sizes = self._groups[key]
         if x.shape[-1] != fused.shape[0]:
-            raise ProtocolError(f"input has {x.shape[-1]} features, {modules[0]} of layer {layer} expects {fused.shape[0]}")
-        y = self._product(x, fused)
+            raise ProtocolError(f"input has {x.shape[-1]} features, {key[1][0]} of layer {key[0]} expects {fused.shape[0]}")
+        if self._one_numpy_row(x, fused):
+            # One decode row on CPU: numpy's BLAS call costs ~half of torch's dispatch here
+            # (a 30-layer decode step: 36 ms vs 56 ms of products), and numpy slices cost
+            # ~0.4 µs where each torch op costs 2-4 µs: ~120 of these calls make a token.
+            y = x.detach().numpy() @ fused.detach().numpy()
+            ends = list(itertools.accumulate(sizes))
+            return [torch.from_numpy(y[..., end - size : end]) for size, end in zip(sizes, ends)]
+        y = x.to(self.device, self.dtype) @ fused
         return list(y.split(sizes, dim=-1)) if len(sizes) > 1 else [y]
 
-    def _product(self, x: torch.Tensor, w_t: torch.Tensor) -> torch.Tensor:
-        x = x.to(self.device, self.dtype)
-        if self._numpy_ok and x.numel() == w_t.shape[0]:
-            # One decode row on CPU: numpy's BLAS call costs ~half of torch's dispatch here
-            # (a 30-layer decode step: 36 ms vs 56 ms of products). From 2 rows numpy's
-            # kernel is slower than torch's (q|k|v: ~430 µs vs ~250 µs for 2-8 rows).
-            return torch.from_numpy(x.detach().numpy() @ w_t.detach().numpy())
-        return x @ w_t
+    def _one_numpy_row(self, x: torch.Tensor, w_t: torch.Tensor) -> bool:
+        # From 2 rows numpy's kernel is slower than torch's (q|k|v: ~430 µs vs ~250 µs for 2-8 rows).
+        return self._numpy_ok and x.dtype == torch.float32 and x.numel() == w_t.shape[0]
 
     def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
         vocab = self.embedding.shape[0]
@@ -102,7 +110,9 @@ class LinearWeights:
     def lm_head(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.lm_head_t.shape[0]:
             raise ProtocolError(f"lm_head input has {x.shape[-1]} features, expects {self.lm_head_t.shape[0]}")
-        return self._product(x, self.lm_head_t)
+        if self._one_numpy_row(x, self.lm_head_t):
+            return torch.from_numpy(x.detach().numpy() @ self.lm_head_t.detach().numpy())
+        return x.to(self.device, self.dtype) @ self.lm_head_t
 
     @staticmethod
     def matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -351,7 +351,7 @@ class Server:
         if not isinstance(modules, list) or not all(isinstance(m, str) for m in modules):
             return None
         try:
-            out_features = self.weights.out_features(layer, modules)
+            out_features = self.weights.out_features(self.weights.check_linear(layer, modules))
         except ProtocolError:
             return None
         rows = x.reshape(-1, x.shape[-1])
@@ -494,11 +494,12 @@ class Server:
         layer, modules = msg.args.get("layer"), msg.args.get("modules")
         if not isinstance(modules, list) or not all(isinstance(m, str) for m in modules):
             raise ProtocolError("args.modules must be a list of module names")
+        key = self.weights.check_linear(layer, modules)
         if msg.tensors[0].dtype == torch.int64:
-            return self._product_mod(msg, self.weights.check_linear(layer, modules))
+            return self._product_mod(msg, key)
         x = _float_input(msg.tensors[0])
-        self._check_result(x.numel() // max(x.shape[-1], 1) * self.weights.out_features(layer, modules))
-        outputs = self.weights.linear(layer, modules, x)
+        self._check_result(x.numel() // max(x.shape[-1], 1) * self.weights.out_features(key))
+        outputs = self.weights.group_product(key, x)
         return protocol.reply(msg.id, tensors=[self._out(y, x.dtype) for y in outputs])
 
     def _matmul(self, msg: Message) -> Message:
@@ -580,7 +581,9 @@ class Server:
 
     @staticmethod
     def _out(y: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        return y.to(dtype).cpu().contiguous()
+        if y.dtype == dtype and not y.is_cuda:  # the common CPU case: no op at all (each costs µs per call)
+            return y
+        return y.to(dtype).cpu()
 
 
 _HANDSHAKE_FAILED = zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
