@@ -278,11 +278,16 @@ def _bench_split(config: BenchConfig, folder: Path, prompts: dict[int, list[int]
 
 def _private_server(config: BenchConfig, folder: Path) -> PrivateServer | None:
     """The private server the split modes and the load test use, unless `config.endpoint` names one; None then."""
-    from tsqp.private_server import PrivateServer
+    from tsqp.private_server import OTP_WEIGHT_BITS, PrivateServer, shield_args
 
     if config.endpoint is not None:
         return None
-    return PrivateServer(folder, config.device, config.dtype, extra_args=[] if config.batch is None else ["--batch" if config.batch else "--no-batch"])
+    # Quantized weights (float64, ~8 bytes a weight) only when otp is measured: otherwise they
+    # would inflate every mode's server memory and start-up.
+    args = shield_args("otp" if "otp" in config.shields else "plain", OTP_WEIGHT_BITS)
+    if config.batch is not None:
+        args.append("--batch" if config.batch else "--no-batch")
+    return PrivateServer(folder, config.device, config.dtype, extra_args=args)
 
 
 def _bench_hf(config: BenchConfig, folder: Path, prompts: dict[int, list[int]], counter: _Counter) -> list[Result]:

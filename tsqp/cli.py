@@ -16,6 +16,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from tsqp.errors import IntegrityError, TsqpError
+from tsqp.private_server import OTP_WEIGHT_BITS
 
 EXIT_INTEGRITY = 3  # a server result failed verification: distinct, so scripts can tell
 
@@ -112,7 +113,7 @@ def serve_gpu(
     record: Annotated[Optional[Path], typer.Option("--record", metavar="DIR", help="Write every tensor received to DIR (what a curious server keeps; read by `tsqp audit`). Off by default.")] = None,
     fault_rate: Annotated[float, typer.Option("--fault-rate", min=0.0, max=1.0, help="Testing integrity: corrupt one random element of this fraction of results.")] = 0.0,
     fault_seed: Annotated[Optional[int], typer.Option("--fault-seed", help="Seed of the fault injection, for reproducible runs.")] = None,
-    otp_weight_bits: Annotated[int, typer.Option("--otp-weight-bits", min=0, max=16, help="Quantize the weights for otp clients of this width at start-up (0: on the first otp request).")] = 12,
+    otp_weight_bits: Annotated[int, typer.Option("--otp-weight-bits", min=0, max=16, help="Quantize the weights for otp clients of this width at start-up (0: on the first otp request).")] = OTP_WEIGHT_BITS,
     batch: Annotated[Optional[bool], typer.Option("--batch/--no-batch", help="Compute LINEAR requests of different clients that wait for the same weights at the same time as one product. Default: on with CUDA, off on CPU (slower there).")] = None,
 ) -> None:
     """Serve the model's linear layers (embedding, projections, lm_head) to trusted runners.
@@ -199,7 +200,7 @@ def run_tee(
     verify: VerifyOpt = None,
     precompute: PrecomputeOpt = 0,
     noise_scale: NoiseScaleOpt = 10.0,
-    weight_bits: WeightBitsOpt = 12,
+    weight_bits: WeightBitsOpt = OTP_WEIGHT_BITS,
     activation_bits: ActivationBitsOpt = 16,
 ) -> None:
     """Generate an answer; every linear op runs on the server, masked by the shield (otp by default), the rest here.

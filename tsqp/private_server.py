@@ -20,6 +20,7 @@ from pathlib import Path
 from tsqp.errors import ServerUnavailable
 
 READY = "tsqp serve-gpu ready"
+OTP_WEIGHT_BITS = 12  # default width of otp's quantized weights: kept 8/8 test prompts' greedy tokens
 
 
 def shield_args(shield: str, weight_bits: int) -> list[str]:

@@ -24,7 +24,7 @@ from tsqp.errors import AuthError, ShieldError, TsqpError
 from tsqp.generation import Generation, generate
 from tsqp.linear import LinearWeights
 from tsqp.models import DEFAULT_MODEL, LoadedModel, load, resolve
-from tsqp.private_server import PrivateServer, shield_args
+from tsqp.private_server import OTP_WEIGHT_BITS, PrivateServer, shield_args
 from tsqp.shields import ShieldedBackend, default_verify, describe, make_shield
 
 
@@ -135,7 +135,7 @@ def connect(
     verify: bool | None = None,
     precompute: int = 0,
     noise_scale: float = 10.0,
-    weight_bits: int = 12,
+    weight_bits: int = OTP_WEIGHT_BITS,
     activation_bits: int = 16,
 ) -> Session:
     """Open a session: to `endpoint`, to a private server (endpoint None), or in-process (`local`).
@@ -176,7 +176,7 @@ def connect(
 
 
 def shielded(remote: RemoteBackend, model: LoadedModel, shield: str = "plain", verify: bool | None = None, precompute: int = 0,
-             noise_scale: float = 10.0, weight_bits: int = 12, activation_bits: int = 16) -> RemoteBackend | ShieldedBackend:  # fmt: skip
+             noise_scale: float = 10.0, weight_bits: int = OTP_WEIGHT_BITS, activation_bits: int = 16) -> RemoteBackend | ShieldedBackend:  # fmt: skip
     """`remote` behind the named shield; plain without verification is the bare remote backend (nothing to do)."""
     verify = default_verify(shield) if verify is None else verify
     if shield == "plain" and not verify:

@@ -28,6 +28,7 @@ import torch
 from tsqp import fixedpoint
 from tsqp.errors import IntegrityError, ShieldError
 from tsqp.linear import GroupKey, QuantizedWeights, product_sites
+from tsqp.private_server import OTP_WEIGHT_BITS
 
 SHIELDS = ("plain", "otp", "noise", "seqmix")
 Site = GroupKey | str  # (layer, modules) of a LINEAR call, or "lm_head"
@@ -339,7 +340,7 @@ class OtpShield(Shield):
 
 
 def make_shield(name: str, weights: Mapping[str, torch.Tensor], n_layers: int, verify: bool, server_dtype: str = "float32",
-                noise_scale: float = 10.0, weight_bits: int = 12, activation_bits: int = 16) -> Shield:  # fmt: skip
+                noise_scale: float = 10.0, weight_bits: int = OTP_WEIGHT_BITS, activation_bits: int = 16) -> Shield:  # fmt: skip
     """The TEE's side of shield `name` for a model's weights (the TEE holds them: only masked products leave)."""
     sites = site_weights(weights, n_layers)
     if name == "plain":
