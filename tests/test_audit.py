@@ -194,7 +194,10 @@ def test_audit_on_the_default_model() -> None:
     assert list(results) == ["plain", "otp", "seqmix"]
     plain, otp, seqmix = results["plain"], results["otp"], results["seqmix"]
     assert plain["prompt_token_recovery"] >= 0.95 and plain["generated_token_recovery"] >= 0.95
-    assert seqmix["generated_token_recovery"] >= 0.95  # one decoded row times a scalar hides nothing
+    # One decoded row times a secret scalar hides nothing: every token fed back as the next
+    # forward's row is known plaintext (3 of each 4-token answer, at least 12 of 16). Each answer's
+    # last row only has a sign guess, which missed 2 of 4 in one run (seqmix draws fresh signs).
+    assert seqmix["generated_tokens"] >= 16 and seqmix["generated_token_recovery"] >= 0.75
     # otp: at chance. Over 157 prompt tokens one lucky guess (0.6%) stays under 1%; a blind guesser
     # here hits ~0.02% of prompt tokens (measured on uniform random rows), so two are a ~1e-3 event.
     assert otp["prompt_tokens"] >= 100 and otp["prompt_token_recovery"] <= 0.01
