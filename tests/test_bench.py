@@ -163,7 +163,7 @@ def test_plot_draws_stacked_bars(report: BenchReport, tmp_path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def load_report(tiny_chat_path: Path) -> BenchReport:
-    return bench.run(BenchConfig(model=str(tiny_chat_path), prompt_tokens=[8], new_tokens=5, repeat=1, clients=[1, 2]))
+    return bench.run(BenchConfig(model=str(tiny_chat_path), shields=["plain"], prompt_tokens=[8], new_tokens=5, repeat=1, clients=[1, 2]))
 
 
 def check_load(data: dict[str, Any], clients: list[int]) -> None:
@@ -176,6 +176,7 @@ def check_load(data: dict[str, Any], clients: list[int]) -> None:
         assert 0 < r["step_ms"]["p50"] <= r["step_ms"]["p99"], r
         assert r["answers_match_single_client"] is True, r
         assert r["tokens"] == 5 * r["clients"] and r["wall_s"] > 0
+        assert r["shield"] == "plain", r  # the runners' sessions say so: the mode asked, not connect's default
 
 
 def test_load_test_runs_concurrent_clients_against_one_server(load_report: BenchReport) -> None:

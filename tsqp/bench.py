@@ -145,6 +145,7 @@ class LoadResult:
     wall_s: float = 0.0
     tokens: int = 0
     mismatched_runners: list[int] = field(default_factory=list)
+    shield: str = ""  # what the runners' sessions report (the first --shields mode)
 
 
 # --- options -----------------------------------------------------------------
@@ -486,7 +487,7 @@ def _bench_load(config: BenchConfig, folder: Path, counter: _Counter) -> list[Lo
             results.append(LoadResult(clients=n, aggregate_tokens_per_s=tokens / wall if wall > 0 else 0.0,
                                       step_ms={"p50": percentile(steps, 50), "p99": percentile(steps, 99)},
                                       answers_match_single_client=not mismatched, wall_s=wall, tokens=tokens,
-                                      mismatched_runners=mismatched))  # fmt: skip
+                                      mismatched_runners=mismatched, shield=",".join(sorted({o["shield"] for o in outcomes}))))  # fmt: skip
         return results
     finally:
         if server is not None:
@@ -498,7 +499,9 @@ def _load_round(ctx: Any, config: BenchConfig, folder: Path, endpoint: str, grou
     import queue as queues
 
     barrier, results = ctx.Barrier(len(groups)), ctx.Queue()
-    args = (endpoint, str(folder), config.prompt_tokens[0], config.new_tokens, config.timeout_s, config.curve_secret, config.server_key)
+    # The first --shields mode, named here: `connect`'s own default (otp) would measure another mode than asked.
+    args = (endpoint, str(folder), config.shields[0], config.verify, config.prompt_tokens[0], config.new_tokens, config.timeout_s,
+            config.curve_secret, config.server_key)  # fmt: skip
     processes = [ctx.Process(target=_load_runner, args=(i, shifts, *args, barrier, results), daemon=True) for i, shifts in enumerate(groups)]
     for p in processes:
         p.start()
@@ -532,8 +535,8 @@ def _load_round(ctx: Any, config: BenchConfig, folder: Path, endpoint: str, grou
     return [outcomes[i] for i in range(len(groups))]
 
 
-def _load_runner(runner: int, shifts: list[int], endpoint: str, folder: str, prompt_tokens: int, new_tokens: int, timeout_s: float,
-                 curve_secret: str | None, server_key: str | None, barrier: Any, results: Any) -> None:  # fmt: skip
+def _load_runner(runner: int, shifts: list[int], endpoint: str, folder: str, shield: str, verify: bool | None, prompt_tokens: int,
+                 new_tokens: int, timeout_s: float, curve_secret: str | None, server_key: str | None, barrier: Any, results: Any) -> None:  # fmt: skip
     """A runner process: its own session, a warm-up, the barrier, then one greedy generation per shift."""
     try:
         import torch
@@ -542,7 +545,7 @@ def _load_runner(runner: int, shifts: list[int], endpoint: str, folder: str, pro
         from tsqp.generation import generate
         from tsqp.session import connect
 
-        with connect(endpoint, folder, timeout_s=timeout_s, curve_secret=curve_secret, server_key=server_key) as session:
+        with connect(endpoint, folder, timeout_s=timeout_s, curve_secret=curve_secret, server_key=server_key, shield=shield, verify=verify) as session:
             model = session.model
             prompts = [prompt_ids(model.tokenizer, prompt_tokens + s, model.config.vocab_size)[s:] for s in shifts]
             generate(session.llama, prompts[0], 2, eos_ids=())  # first calls allocate caches and buffers
@@ -555,7 +558,8 @@ def _load_runner(runner: int, shifts: list[int], endpoint: str, folder: str, pro
                 answers.append(result.token_ids)
                 steps += [b - a for a, b in zip(stamps, stamps[1:])]  # one decode forward (and its sampling) each
             ended = time.monotonic()
-        results.put({"runner": runner, "answers": answers, "steps": steps, "started": started, "ended": ended})
+            shield_name = session.shield_info()["shield"]
+        results.put({"runner": runner, "answers": answers, "steps": steps, "started": started, "ended": ended, "shield": shield_name})
     except BaseException as e:  # noqa: BLE001 - reported to the parent, which fails the bench
         barrier.abort()
         results.put({"runner": runner, "error": f"{type(e).__name__}: {e}"})
@@ -655,7 +659,7 @@ def render_table(report: BenchReport) -> Any:
                           f"{r.round_trips_per_token:.0f}", f"{r.bytes_per_token / 1024:.1f}", f"{1000 * r.offline_s_per_token:.1f}")  # fmt: skip
     if report.load is None:
         return Group(speed, per_token)
-    load = Table(title=escape(f"load test · {s['prompt_tokens'][0]} prompt tokens · {s['new_tokens']} new tokens per client · one server"),
+    load = Table(title=escape(f"load test · {report.load[0].shield} · {s['prompt_tokens'][0]} prompt tokens · {s['new_tokens']} new tokens per client · one server"),
                  box=box.SIMPLE_HEAD, pad_edge=False,
                  caption="tok/s: all clients' tokens / wall time from release to the last client done; step: one decode forward")  # fmt: skip
     for name in ("clients", "aggregate tok/s", "step p50 ms", "step p99 ms", "answers"):

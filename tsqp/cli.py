@@ -321,7 +321,7 @@ def bench(
     timeout: Annotated[float, typer.Option(help="Seconds to wait for any one server reply.")] = 60.0,
     curve_secret: CurveSecretOpt = None,
     server_key: ServerKeyOpt = None,
-    clients: Annotated[Optional[str], typer.Option(help="Load test: comma list of concurrent client counts, e.g. 1,2,4,8. For each N, N runner processes decode at once against one server (first prompt length); reports aggregate tok/s, step p50/p99 and whether answers match a single client's.")] = None,
+    clients: Annotated[Optional[str], typer.Option(help="Load test: comma list of concurrent client counts, e.g. 1,2,4,8. For each N, N runner processes decode at once against one server (first prompt length, first --shields mode); reports aggregate tok/s, step p50/p99 and whether answers match a single client's.")] = None,
     batch: Annotated[Optional[bool], typer.Option("--batch/--no-batch", help="Cross-client batching in the private server (serve-gpu --batch/--no-batch). Default: the server's default for its device.")] = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "float32",
