@@ -11,7 +11,6 @@ it is the all-in-TEE baseline. There is no other place where these products are 
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Iterator, Mapping, Sequence
 
 import torch
@@ -87,19 +86,16 @@ class LinearWeights:
         fused, sizes = self._groups[key]
         if x.shape[-1] != fused.shape[0]:
             raise ProtocolError(f"input has {x.shape[-1]} features, {key[1][0]} of layer {key[0]} expects {fused.shape[0]}")
-        if self._one_numpy_row(x, fused):
-            # One decode row on CPU: numpy's BLAS call costs ~half of torch's dispatch here
-            # (a 30-layer decode step: 36 ms vs 56 ms of products), and numpy slices cost
-            # ~0.4 µs where each torch op costs 2-4 µs: ~120 of these calls make a token.
-            y = x.detach().numpy() @ fused.detach().numpy()
-            ends = list(itertools.accumulate(sizes))
-            return [torch.from_numpy(y[..., end - size : end]) for size, end in zip(sizes, ends)]
-        y = x.to(self.device, self.dtype) @ fused
+        y = self._product(x, fused)
         return list(y.split(sizes, dim=-1)) if len(sizes) > 1 else [y]
 
-    def _one_numpy_row(self, x: torch.Tensor, w_t: torch.Tensor) -> bool:
-        # From 2 rows numpy's kernel is slower than torch's (q|k|v: ~430 µs vs ~250 µs for 2-8 rows).
-        return self._numpy_ok and x.dtype == torch.float32 and x.numel() == w_t.shape[0]
+    def _product(self, x: torch.Tensor, w_t: torch.Tensor) -> torch.Tensor:
+        if self._numpy_ok and x.dtype == torch.float32 and x.numel() == w_t.shape[0]:
+            # One decode row on CPU: numpy's BLAS call costs ~half of torch's dispatch here
+            # (a 30-layer decode step: 36 ms vs 56 ms of products). From 2 rows numpy's
+            # kernel is slower than torch's (q|k|v: ~430 µs vs ~250 µs for 2-8 rows).
+            return torch.from_numpy(x.detach().numpy() @ w_t.detach().numpy())
+        return x.to(self.device, self.dtype) @ w_t
 
     def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
         vocab = self.embedding.shape[0]
@@ -110,9 +106,7 @@ class LinearWeights:
     def lm_head(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.lm_head_t.shape[0]:
             raise ProtocolError(f"lm_head input has {x.shape[-1]} features, expects {self.lm_head_t.shape[0]}")
-        if self._one_numpy_row(x, self.lm_head_t):
-            return torch.from_numpy(x.detach().numpy() @ self.lm_head_t.detach().numpy())
-        return x.to(self.device, self.dtype) @ self.lm_head_t
+        return self._product(x, self.lm_head_t)
 
     @staticmethod
     def matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
