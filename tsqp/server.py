@@ -159,10 +159,11 @@ class Received:
 
 @dataclass
 class _BatchedLinear:
-    """One plain float LINEAR request of a batch: its place in the round and its input as (rows, K)."""
+    """One plain float LINEAR request of a batch: its place in the round, its checked group and its input as (rows, K)."""
 
     index: int
     msg: Message
+    group: GroupKey
     rows: torch.Tensor
     result_elements: int
 
@@ -351,22 +352,23 @@ class Server:
         if not isinstance(modules, list) or not all(isinstance(m, str) for m in modules):
             return None
         try:
-            out_features = self.weights.out_features(self.weights.check_linear(layer, modules))
+            group = self.weights.check_linear(layer, modules)
         except ProtocolError:
             return None
+        out_features = self.weights.out_features(group)
         rows = x.reshape(-1, x.shape[-1])
         if rows.shape[0] * out_features > self.limits.max_tensor_elements:
             return None
         # A wrong feature size matches only its like: that product fails, and `handle` answers each.
         key = (layer, tuple(modules), x.dtype, x.shape[-1])
-        return key, _BatchedLinear(index, msg, rows, rows.shape[0] * out_features)
+        return key, _BatchedLinear(index, msg, group, rows, rows.shape[0] * out_features)
 
     def _answer_batch(self, batch: list[_BatchedLinear], requests: Sequence[tuple[list[Any], str]]) -> Iterator[tuple[int, Message]]:
         """One product over the batch's rows, split back into one reply per request."""
         msg = batch[0].msg
         started = time.perf_counter()
         try:
-            outputs = self.weights.linear(msg.args["layer"], msg.args["modules"], torch.cat([b.rows for b in batch]))
+            outputs = self.weights.group_product(batch[0].group, torch.cat([b.rows for b in batch]))
             results = [self._out(y, msg.tensors[0].dtype) for y in outputs]
         except Exception as e:  # a wrong feature size, or the larger product failing: answer one by one
             log.info("a batch of %d LINEAR requests failed (%s: %s); answering them one by one", len(batch), type(e).__name__, e)
