@@ -11,8 +11,8 @@ import torch
 import zmq
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from tsqp.models import LoadedModel, load
-from tsqp.server import Server
+from tsqp.model.loading import LoadedModel, load
+from tsqp.server.server import Server
 
 TINY = dict(vocab_size=320, hidden_size=64, intermediate_size=160, num_hidden_layers=3, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5,
@@ -73,7 +73,7 @@ def tiny_server(tiny: LoadedModel) -> Iterator[RunningServer]:
 @pytest.fixture(scope="session")
 def smollm2_folder() -> Path:
     """The default model as tsqp caches it (converted from its GGUF on first use)."""
-    from tsqp.models import resolve
+    from tsqp.model.loading import resolve
 
     return resolve("smollm2")
 

@@ -13,7 +13,7 @@ import pytest
 from conftest import make_tiny_model
 from typer.testing import CliRunner
 
-from tsqp.audit import (
+from tsqp.tools.audit import (
     LAYER0_MODULES,
     PublicWeights,
     evaluate,
@@ -26,11 +26,11 @@ from tsqp.audit import (
     score_prompt_tokens,
     wire_rows,
 )
-from tsqp.cli import app
+from tsqp.cli.app import app
 from tsqp.errors import TsqpError
-from tsqp.generation import Generation
-from tsqp.models import load
-from tsqp.recording import Recorded
+from tsqp.tee.generation import Generation
+from tsqp.model.loading import load
+from tsqp.server.recording import Recorded
 
 runner = CliRunner()
 VOCAB = 4096

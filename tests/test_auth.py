@@ -25,13 +25,13 @@ import zmq.auth
 from conftest import start_server
 from typer.testing import CliRunner
 
-from tsqp.cli import app
-from tsqp.client import RemoteBackend
+from tsqp.cli.app import app
+from tsqp.wire.client import RemoteBackend
 from tsqp.errors import AuthError
-from tsqp.keys import generate, load_public, load_secret, server_keys
-from tsqp.models import LoadedModel, load
-from tsqp.private_server import READY
-from tsqp.server import Server, is_local_endpoint
+from tsqp.wire.keys import generate, load_public, load_secret, server_keys
+from tsqp.model.loading import LoadedModel, load
+from tsqp.tee.private_server import READY
+from tsqp.server.server import Server, is_local_endpoint
 
 runner = CliRunner()
 

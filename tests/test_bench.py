@@ -12,10 +12,10 @@ from typing import Any
 import pytest
 from typer.testing import CliRunner
 
-from tsqp import bench
-from tsqp.bench import PARTS, BenchConfig, BenchReport, Run
-from tsqp.cli import app
-from tsqp.models import load_tokenizer
+from tsqp.tools.bench import runs as bench
+from tsqp.tools.bench.runs import PARTS, BenchConfig, BenchReport, Run
+from tsqp.cli.app import app
+from tsqp.model.loading import load_tokenizer
 
 runner = CliRunner()
 SHIELDED = ("plain", "otp", "noise", "seqmix")

@@ -13,8 +13,8 @@ import pytest
 from conftest import start_server
 from typer.testing import CliRunner
 
-from tsqp.cli import app
-from tsqp.models import load
+from tsqp.cli.app import app
+from tsqp.model.loading import load
 
 runner = CliRunner()
 
@@ -113,7 +113,7 @@ def test_check_grad_flags_a_planted_file(tiny_chat_path: Path, tmp_path: Path) -
 
 
 def test_check_grad_on_the_project_itself(tiny_chat_path: Path) -> None:
-    sources = sorted(str(p) for p in (Path(__file__).parent.parent / "tsqp").glob("*.py"))
+    sources = sorted(str(p) for p in (Path(__file__).parent.parent / "tsqp").rglob("*.py"))
     args = [arg for path in sources for arg in ("--path", path)]
     result = tsqp("check-grad", "--model", str(tiny_chat_path), *args)
     assert result.returncode == 0, result.stdout + result.stderr

@@ -15,10 +15,10 @@ import pytest
 import torch
 import zmq
 
-from tsqp import protocol
-from tsqp.client import RemoteBackend
+from tsqp.wire import protocol
+from tsqp.wire.client import RemoteBackend
 from tsqp.errors import ModelMismatch, RemoteError, ServerUnavailable
-from tsqp.models import LoadedModel
+from tsqp.model.loading import LoadedModel
 
 SLACK_S = 0.75  # poll slices are 200 ms; allow for a loaded machine
 
@@ -353,7 +353,7 @@ def test_late_reply_to_a_timed_out_request_is_not_taken_for_the_next_answer(make
 def test_ipv6_loopback_endpoint_works(tiny) -> None:  # noqa: ANN001
     from conftest import start_server
 
-    from tsqp.client import RemoteBackend
+    from tsqp.wire.client import RemoteBackend
 
     running = start_server(tiny, "tcp://[::1]:0")
     client = RemoteBackend(running.endpoint, connect_timeout_s=3)

@@ -12,14 +12,14 @@ import zmq
 
 from conftest import make_tiny_model, start_server
 from test_server import close, connected_dealer, receive, send, x_input
-from tsqp import protocol
-from tsqp.client import RemoteBackend
-from tsqp.core import Llama
-from tsqp.generation import generate
-from tsqp.linear import LinearWeights
-from tsqp.models import LoadedModel, load
-from tsqp.protocol import Limits, Message
-from tsqp.server import Server
+from tsqp.wire import protocol
+from tsqp.wire.client import RemoteBackend
+from tsqp.tee.llama import Llama
+from tsqp.tee.generation import generate
+from tsqp.model.linear import LinearWeights
+from tsqp.model.loading import LoadedModel, load
+from tsqp.wire.protocol import Limits, Message
+from tsqp.server.server import Server
 
 
 PROMPTS = [list(range(start, start + 9)) for start in (3, 50, 120, 200)]

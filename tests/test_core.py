@@ -9,11 +9,11 @@ import torch
 from conftest import make_tiny_model, start_server
 from transformers import LlamaForCausalLM
 
-from tsqp.client import RemoteBackend
-from tsqp.core import Llama, causal_mask
-from tsqp.generation import generate, sample
-from tsqp.linear import LinearWeights
-from tsqp.models import LoadedModel, load
+from tsqp.wire.client import RemoteBackend
+from tsqp.tee.llama import Llama, causal_mask
+from tsqp.tee.generation import generate, sample
+from tsqp.model.linear import LinearWeights
+from tsqp.model.loading import LoadedModel, load
 
 LOGIT_TOLERANCE = 1e-4  # fp32 on a tiny model; observed differences are ~1e-6
 

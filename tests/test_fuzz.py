@@ -21,8 +21,8 @@ import zmq
 
 from conftest import start_server
 from test_server import assert_valid_linear_works, call, raw_header, x_input
-from tsqp import protocol
-from tsqp.models import LoadedModel
+from tsqp.wire import protocol
+from tsqp.model.loading import LoadedModel
 
 SEED = 20261128
 RSS_BOUND_MIB = 64  # growth of this process's VmRSS over the fuzz run, measured after a warm-up

@@ -4,7 +4,7 @@ import textwrap
 
 import pytest
 
-from tsqp.gradscan import Finding, scan_file, scan_source
+from tsqp.tools.gradscan import Finding, scan_file, scan_source
 
 
 def scan(src: str) -> list[Finding]:

@@ -9,9 +9,9 @@ import pytest
 import torch
 from conftest import make_tiny_model
 
-from tsqp import models
+from tsqp.model import loading as models
 from tsqp.errors import ModelLoadError
-from tsqp.models import load, model_fingerprint, resolve
+from tsqp.model.loading import load, model_fingerprint, resolve
 
 
 def test_missing_model_names_the_problem(tmp_path: Path) -> None:

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from tsqp import protocol
+from tsqp.wire import protocol
 from tsqp.errors import ProtocolError
-from tsqp.protocol import Limits, Message, decode, encode
+from tsqp.wire.protocol import Limits, Message, decode, encode
 
 ALL_DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32]
 SHAPES = [(), (1,), (7,), (3, 5), (2, 3, 4), (2, 1, 3, 2), (0,), (4, 0), (2, 0, 3)]
@@ -261,7 +261,7 @@ def test_same_computation_under_no_grad_encodes() -> None:
 
 
 def test_checkgrad_control_reproduces_the_original_failure() -> None:
-    from tsqp.checkgrad import control_error
+    from tsqp.tools.checkgrad import control_error
 
     error = control_error()
     assert error is not None and "requires grad" in error

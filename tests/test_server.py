@@ -13,10 +13,10 @@ import torch
 import zmq
 
 from conftest import start_server
-from tsqp import protocol
-from tsqp.models import LoadedModel
-from tsqp.protocol import Limits, Message
-from tsqp.server import Server, client_key
+from tsqp.wire import protocol
+from tsqp.model.loading import LoadedModel
+from tsqp.wire.protocol import Limits, Message
+from tsqp.server.server import Server, client_key
 
 REPLY_TIMEOUT_MS = 2000  # generous: a healthy server answers these in milliseconds
 
@@ -516,7 +516,7 @@ def test_health_answers_uptime_requests_and_fingerprint(dealer: zmq.Socket, tiny
 
 
 def test_remote_backend_health(tiny_server: Any, tiny: LoadedModel) -> None:
-    from tsqp.client import RemoteBackend
+    from tsqp.wire.client import RemoteBackend
 
     backend = RemoteBackend(tiny_server.endpoint, timeout_s=5)
     try:
@@ -531,7 +531,7 @@ def test_remote_backend_health(tiny_server: Any, tiny: LoadedModel) -> None:
 
 
 def test_latency_percentiles_come_from_a_bounded_ring_buffer() -> None:
-    from tsqp.server import LATENCY_SAMPLES, OpStats
+    from tsqp.server.server import LATENCY_SAMPLES, OpStats
 
     op = OpStats()
     assert op.as_dict()["p50_s"] is None and op.as_dict()["latency_samples"] == 0
@@ -636,7 +636,7 @@ def test_refused_and_malformed_requests_are_logged_with_the_client(dealer: zmq.S
 def test_json_formatter_writes_one_object_per_record() -> None:
     import logging
 
-    from tsqp.logs import JsonFormatter
+    from tsqp.server.logs import JsonFormatter
 
     try:
         raise ValueError("boom")
@@ -658,7 +658,7 @@ def _serve_gpu(model_folder: Any, *options: str) -> tuple[Any, str]:
     import subprocess
     import sys
 
-    from tsqp.private_server import READY
+    from tsqp.tee.private_server import READY
 
     port = _free_port()
     endpoint = f"tcp://127.0.0.1:{port}"

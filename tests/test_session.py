@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from tsqp.errors import ServerUnavailable
-from tsqp.private_server import PrivateServer
-from tsqp.session import connect
+from tsqp.tee.private_server import PrivateServer
+from tsqp.tee.session import connect
 
 
 def test_private_server_killed_mid_generation_fails_fast(tiny_path: Path) -> None:

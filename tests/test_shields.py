@@ -13,16 +13,16 @@ import pytest
 import torch
 from conftest import RunningServer, make_tiny_model, start_server
 
-from tsqp import fixedpoint
-from tsqp.client import RemoteBackend
-from tsqp.core import Llama
+from tsqp.model import fixedpoint
+from tsqp.wire.client import RemoteBackend
+from tsqp.tee.llama import Llama
 from tsqp.errors import IntegrityError, ShieldError
-from tsqp.generation import generate
-from tsqp.linear import LinearWeights
-from tsqp.models import LoadedModel, load
-from tsqp.recording import read_recording
-from tsqp.session import Session, shielded
-from tsqp.shields import SHIELDS, FloatFreivalds, OtpShield, ShieldedBackend, site_weights
+from tsqp.tee.generation import generate
+from tsqp.model.linear import LinearWeights
+from tsqp.model.loading import LoadedModel, load
+from tsqp.server.recording import read_recording
+from tsqp.tee.session import Session, shielded
+from tsqp.shields.base import SHIELDS, FloatFreivalds, OtpShield, ShieldedBackend, site_weights
 
 PROMPT = list(range(5, 29))
 

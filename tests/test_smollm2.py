@@ -14,11 +14,11 @@ import torch
 from conftest import start_server
 from transformers import AutoModelForCausalLM
 
-from tsqp.client import RemoteBackend
-from tsqp.core import Llama
-from tsqp.generation import generate
-from tsqp.models import LoadedModel, load, resolve
-from tsqp.session import Session
+from tsqp.wire.client import RemoteBackend
+from tsqp.tee.llama import Llama
+from tsqp.tee.generation import generate
+from tsqp.model.loading import LoadedModel, load, resolve
+from tsqp.tee.session import Session
 
 pytestmark = pytest.mark.slow
 
@@ -74,7 +74,7 @@ def test_plain_split_round_trips_per_token(split: Session) -> None:
 
 
 def test_local_backend_gives_the_split_tokens(smol: LoadedModel, split: Session) -> None:
-    from tsqp.linear import LinearWeights
+    from tsqp.model.linear import LinearWeights
 
     local = Llama(smol.config, smol.hf_config, smol.norms(), LinearWeights(smol.weights, smol.config.n_layers))
     ids = split.prompt_ids(PROMPTS[1])
@@ -116,7 +116,7 @@ OTP_MIN_AGREEING = 7  # of 8 prompts; measured: 8 of 8 with 12-bit weights and 1
 
 def test_otp_keeps_the_fp32_greedy_tokens(smol: LoadedModel, smol_hf: AutoModelForCausalLM, split: Session) -> None:
     """Fixed-point otp (exact mod p, quantized) against transformers in fp32: the first 16 greedy tokens."""
-    from tsqp.session import shielded
+    from tsqp.tee.session import shielded
 
     otp = Session(smol, shielded(split.backend, smol, "otp", verify=True))
     agreeing, first_token_agrees = 0, 0

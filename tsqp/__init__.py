@@ -22,7 +22,7 @@ __all__ = ["connect", "__version__"]
 
 def __getattr__(name: str) -> Any:  # keep `import tsqp` light: torch loads on first use
     if name == "connect":
-        from tsqp.session import connect
+        from tsqp.tee.session import connect
 
         return connect
     raise AttributeError(name)

@@ -1,3 +1,3 @@
-from tsqp.cli import main
+from tsqp.cli.app import main
 
 main()

@@ -26,9 +26,9 @@ from typing import Any
 import numpy as np
 
 from tsqp.errors import TsqpError
-from tsqp.generation import Generation
-from tsqp.models import LoadedModel
-from tsqp.recording import Recorded, read_recording
+from tsqp.tee.generation import Generation
+from tsqp.model.loading import LoadedModel
+from tsqp.server.recording import Recorded, read_recording
 
 DEFAULT_SHIELDS = ("plain", "otp", "noise", "seqmix")
 LAYER0_MODULES = ["q_proj", "k_proj", "v_proj"]  # the first linear call: its input is the normed embedding
@@ -238,8 +238,8 @@ def record_shield(folder: Path, shield: str, prompts: Sequence[Prompt], new_toke
                   device: str = "auto", dtype: str = "float32",
                   on_generation: Callable[[int], None] | None = None) -> list[Generation]:  # fmt: skip
     """Greedy generations under `shield` through a private server recording into `record_dir`."""
-    from tsqp.private_server import PrivateServer
-    from tsqp.session import connect
+    from tsqp.tee.private_server import PrivateServer
+    from tsqp.tee.session import connect
 
     server = PrivateServer(folder, device, dtype, extra_args=["--record", str(record_dir)])
     generations = []
@@ -261,7 +261,7 @@ def run_audit(model: str | os.PathLike[str], shields: Sequence[str] = DEFAULT_SH
               new_tokens: int = 8, device: str = "auto", dtype: str = "float32", keep: Path | None = None,
               progress: Callable[[str], None] | None = None) -> list[AuditResult]:  # fmt: skip
     """Record and attack each shield in turn; `keep` keeps the recordings as keep/SHIELD."""
-    from tsqp.models import load, resolve
+    from tsqp.model.loading import load, resolve
 
     folder = resolve(model)
     weights = PublicWeights.of(load(folder, with_tokenizer=False))

@@ -16,7 +16,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from tsqp.errors import IntegrityError, TsqpError
-from tsqp.private_server import OTP_WEIGHT_BITS
+from tsqp.tee.private_server import OTP_WEIGHT_BITS
 
 EXIT_INTEGRITY = 3  # a server result failed verification: distinct, so scripts can tell
 
@@ -75,7 +75,7 @@ ActivationBitsOpt = Annotated[int, typer.Option("--activation-bits", min=2, max=
 
 def shield_options(shield: str, verify: bool | None, precompute: int, noise_scale: float, weight_bits: int, activation_bits: int) -> dict[str, Any]:
     """The shield settings shared by run-tee, bench and audit, checked and ready for `tsqp.connect`."""
-    from tsqp.shields import SHIELDS
+    from tsqp.shields.base import SHIELDS
 
     if shield not in SHIELDS:
         _fail(f"--shield {shield!r} is not one of {', '.join(SHIELDS)}")
@@ -127,12 +127,12 @@ def serve_gpu(
     """
     import torch
 
-    from tsqp.keys import server_keys
-    from tsqp.models import load
-    from tsqp.private_server import READY
-    from tsqp.server import SERVER_DTYPES, Server, check_listen_allowed, default_limits
+    from tsqp.wire.keys import server_keys
+    from tsqp.model.loading import load
+    from tsqp.tee.private_server import READY
+    from tsqp.server.server import SERVER_DTYPES, Server, check_listen_allowed, default_limits
 
-    from tsqp import logs
+    from tsqp.server import logs
 
     try:
         logs.configure(log_level, as_json=log_json)
@@ -210,15 +210,15 @@ def run_tee(
     Example: tsqp run-tee --prompt "Hi" --shield plain --no-verify   (the unprotected baseline)
     """
     shielding = shield_options(shield, verify, precompute, noise_scale, weight_bits, activation_bits)
-    from tsqp.models import resolve
-    from tsqp.private_server import PrivateServer, shield_args
+    from tsqp.model.loading import resolve
+    from tsqp.tee.private_server import PrivateServer, shield_args
 
     with err.status("Loading model and connecting…", spinner="dots"):
         folder = resolve(model, _progress)
         # Started before this process imports torch, so both load side by side.
         server = PrivateServer(folder, device, dtype, extra_args=shield_args(shield, weight_bits)) if endpoint is None and not local else None
         try:
-            from tsqp.session import connect
+            from tsqp.tee.session import connect
 
             session = connect(endpoint, folder, local=local, timeout_s=timeout, connect_timeout_s=min(timeout, 10.0),
                               offload_attention_from=offload_attention_from, private_server=server,
@@ -262,8 +262,8 @@ def check_grad(
 
     Example: tsqp check-grad --path tee_runner.py
     """
-    from tsqp.checkgrad import GradReport, control_error, scan_paths
-    from tsqp.session import connect
+    from tsqp.tools.checkgrad import GradReport, control_error, scan_paths
+    from tsqp.tee.session import connect
 
     report = GradReport()
     for p in path or []:
@@ -334,7 +334,7 @@ def bench(
 
     Load test: tsqp bench --shields plain --prompt-tokens 32 --repeat 1 --clients 1,2,4,8
     """
-    from tsqp import bench as benchmark
+    from tsqp.tools.bench import runs as benchmark
 
     try:
         config = benchmark.BenchConfig(model, benchmark.parse_shields(shields), verify, benchmark.parse_sizes(prompt_tokens),
@@ -383,8 +383,8 @@ def audit(
 
     Example: tsqp audit --shields plain,otp --prompts 2 --new-tokens 4 --json
     """
-    from tsqp.audit import PROMPTS
-    from tsqp.shields import SHIELDS
+    from tsqp.tools.audit import PROMPTS
+    from tsqp.shields.base import SHIELDS
 
     names = [s.strip() for s in shields.split(",") if s.strip()]
     unknown = [s for s in names if s not in SHIELDS]
@@ -392,7 +392,7 @@ def audit(
         _fail(f"--shields {shields!r}: give distinct names from {', '.join(SHIELDS)}")
     if prompts > len(PROMPTS):
         _fail(f"--prompts {prompts}: there are {len(PROMPTS)} built-in prompts")
-    from tsqp.audit import run_audit
+    from tsqp.tools.audit import run_audit
 
     with err.status("Auditing…", spinner="dots") as status:
         results = run_audit(model, names, PROMPTS[:prompts], new_tokens, device, dtype, keep,
@@ -424,7 +424,7 @@ def keys_generate(
 
     Example: tsqp keys generate keys/ --name server
     """
-    from tsqp.keys import generate
+    from tsqp.wire.keys import generate
 
     try:
         public, secret = generate(folder, name, force)

@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 from tsqp.errors import TsqpError
 
 if TYPE_CHECKING:
-    from tsqp.private_server import PrivateServer
+    from tsqp.tee.private_server import PrivateServer
 
 # torch is imported where it is used: option errors should come back at once.
 
@@ -203,7 +203,7 @@ class _Counter:
 
 def run(config: BenchConfig, progress: Progress | None = None) -> BenchReport:
     """Measure every mode at every prompt size; `progress` hears before each run."""
-    from tsqp.models import resolve
+    from tsqp.model.loading import resolve
 
     if config.new_tokens < 2:
         raise TsqpError("--new-tokens must be at least 2: decode speed needs decoded tokens after the first")
@@ -239,7 +239,7 @@ def run_with_progress(config: BenchConfig, console: Any) -> BenchReport:
 
 
 def _bench_local(config: BenchConfig, folder: Path, counter: _Counter) -> tuple[list[Result], dict[int, list[int]]]:
-    from tsqp.session import connect
+    from tsqp.tee.session import connect
 
     counter.show("local: loading the model")
     with connect(model=folder, local=True) as session:
@@ -254,7 +254,7 @@ def _bench_local(config: BenchConfig, folder: Path, counter: _Counter) -> tuple[
 
 
 def _bench_split(config: BenchConfig, folder: Path, prompts: dict[int, list[int]], counter: _Counter) -> list[Result]:
-    from tsqp.session import Session, connect, shielded
+    from tsqp.tee.session import Session, connect, shielded
 
     counter.show("starting the server and loading the model")
     server = _private_server(config, folder)
@@ -279,7 +279,7 @@ def _bench_split(config: BenchConfig, folder: Path, prompts: dict[int, list[int]
 
 def _private_server(config: BenchConfig, folder: Path) -> PrivateServer | None:
     """The private server the split modes and the load test use, unless `config.endpoint` names one; None then."""
-    from tsqp.private_server import OTP_WEIGHT_BITS, PrivateServer, shield_args
+    from tsqp.tee.private_server import OTP_WEIGHT_BITS, PrivateServer, shield_args
 
     if config.endpoint is not None:
         return None
@@ -321,7 +321,7 @@ def _measure(config: BenchConfig, mode: str, n: int, once: Callable[[int], Run],
         runs.append(once(config.new_tokens))
         counter.done += 1
     peak = {"tee": peak_rss_mib("self"), "server": peak_rss_mib(server_pid) if server_pid is not None else None}
-    from tsqp.shields import default_verify
+    from tsqp.shields.base import default_verify
 
     verify = (default_verify(mode) if config.verify is None else config.verify) if mode in config.shields else False
     return aggregate(mode, verify, n, config.new_tokens, runs, peak)
@@ -333,7 +333,7 @@ def _tsqp_run(session: Any, ids: list[int]) -> Callable[[int], Run]:
     A shield's mask pool is filled for the whole run before it starts (the offline phase),
     so the timed generation is the online phase alone.
     """
-    from tsqp.generation import generate
+    from tsqp.tee.generation import generate
 
     stats = getattr(session.backend, "stats", None)  # WireStats of a RemoteBackend; local has none
     shield = getattr(session.backend, "shield", None)
@@ -542,8 +542,8 @@ def _load_runner(runner: int, shifts: list[int], endpoint: str, folder: str, shi
         import torch
 
         torch.set_num_threads(LOAD_RUNNER_THREADS)
-        from tsqp.generation import generate
-        from tsqp.session import connect
+        from tsqp.tee.generation import generate
+        from tsqp.tee.session import connect
 
         with connect(endpoint, folder, timeout_s=timeout_s, curve_secret=curve_secret, server_key=server_key, shield=shield, verify=verify) as session:
             model = session.model

@@ -25,10 +25,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from tsqp import fixedpoint
+from tsqp.model import fixedpoint
 from tsqp.errors import IntegrityError, ShieldError
-from tsqp.linear import GroupKey, QuantizedWeights, product_sites
-from tsqp.private_server import OTP_WEIGHT_BITS
+from tsqp.model.linear import GroupKey, QuantizedWeights, product_sites
+from tsqp.tee.private_server import OTP_WEIGHT_BITS
 
 SHIELDS = ("plain", "otp", "noise", "seqmix")
 Site = GroupKey | str  # (layer, modules) of a LINEAR call, or "lm_head"

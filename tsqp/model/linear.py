@@ -15,7 +15,7 @@ from collections.abc import Iterator, Mapping, Sequence
 
 import torch
 
-from tsqp import fixedpoint
+from tsqp.model import fixedpoint
 from tsqp.errors import ProtocolError
 
 MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")

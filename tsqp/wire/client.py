@@ -18,10 +18,10 @@ import torch
 import zmq
 import zmq.utils.monitor
 
-from tsqp import protocol
+from tsqp.wire import protocol
 from tsqp.errors import AuthError, ModelMismatch, ProtocolError, RemoteError, ServerUnavailable
-from tsqp.keys import ClientKeys, client_keys, set_client_keys
-from tsqp.protocol import Message
+from tsqp.wire.keys import ClientKeys, client_keys, set_client_keys
+from tsqp.wire.protocol import Message
 
 DEFAULT_ENDPOINT = "tcp://127.0.0.1:5555"
 # A failed security handshake is final: libzmq would retry it forever without a word.

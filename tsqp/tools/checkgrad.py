@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 
-from tsqp import protocol
-from tsqp.gradscan import Finding, scan_file
+from tsqp.wire import protocol
+from tsqp.tools.gradscan import Finding, scan_file
 
 
 @dataclass

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from tsqp.core import Llama
+from tsqp.tee.llama import Llama
 from tsqp.errors import InputError
 
 

@@ -18,14 +18,14 @@ from collections.abc import Callable
 from typing import Any
 
 from tsqp import PROCESS_STARTED
-from tsqp.client import RemoteBackend
-from tsqp.core import Llama
+from tsqp.wire.client import RemoteBackend
+from tsqp.tee.llama import Llama
 from tsqp.errors import AuthError, ShieldError, TsqpError
-from tsqp.generation import Generation, generate
-from tsqp.linear import LinearWeights
-from tsqp.models import DEFAULT_MODEL, LoadedModel, load, resolve
-from tsqp.private_server import OTP_WEIGHT_BITS, PrivateServer, shield_args
-from tsqp.shields import ShieldedBackend, default_verify, describe, make_shield
+from tsqp.tee.generation import Generation, generate
+from tsqp.model.linear import LinearWeights
+from tsqp.model.loading import DEFAULT_MODEL, LoadedModel, load, resolve
+from tsqp.tee.private_server import OTP_WEIGHT_BITS, PrivateServer, shield_args
+from tsqp.shields.base import ShieldedBackend, default_verify, describe, make_shield
 
 
 class Session:

@@ -31,13 +31,15 @@ import zmq
 import zmq.utils.monitor
 from zmq.auth.thread import ThreadAuthenticator
 
-from tsqp import fixedpoint, protocol
+from tsqp.model import fixedpoint
+
+from tsqp.wire import protocol
 from tsqp.errors import AuthError, ProtocolError
-from tsqp.keys import ServerKeys, start_curve_server
-from tsqp.linear import CALL_GROUPS, GroupKey, LinearWeights, QuantizedWeights
-from tsqp.models import LoadedModel
-from tsqp.protocol import Limits, Message
-from tsqp.recording import Recorder
+from tsqp.wire.keys import ServerKeys, start_curve_server
+from tsqp.model.linear import CALL_GROUPS, GroupKey, LinearWeights, QuantizedWeights
+from tsqp.model.loading import LoadedModel
+from tsqp.wire.protocol import Limits, Message
+from tsqp.server.recording import Recorder
 
 log = logging.getLogger("tsqp.server")
 

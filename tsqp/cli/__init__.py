@@ -1,0 +1,1 @@
+"""The `tsqp` command line: one module per command, shared options in `options`, `main` in `app`."""

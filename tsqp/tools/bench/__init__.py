@@ -1,0 +1,1 @@
+"""`tsqp bench`: prefill latency, decode speed and where each decoded token's time goes."""
