@@ -25,8 +25,10 @@ def main() -> None:
         result = session.generate(args.prompt, max_new_tokens=args.max_new_tokens)
     t = result.timings
     print(result.text)
-    print(f"{len(result.token_ids)} tokens; prefill {t['prefill_s']:.3f} s; {t['decode_tokens_per_s']:.1f} tok/s; "
-          f"{t['round_trips']:.0f} round trips; {t['bytes_sent'] / 1e6:.1f} MB sent, {t['bytes_received'] / 1e6:.1f} MB received")
+    print(
+        f"{len(result.token_ids)} tokens; prefill {t['prefill_s']:.3f} s; {t['decode_tokens_per_s']:.1f} tok/s; "
+        f"{t['round_trips']:.0f} round trips; {t['bytes_sent'] / 1e6:.1f} MB sent, {t['bytes_received'] / 1e6:.1f} MB received"
+    )
 
 
 if __name__ == "__main__":

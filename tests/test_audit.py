@@ -13,6 +13,11 @@ import pytest
 from conftest import make_tiny_model
 from typer.testing import CliRunner
 
+from tsqp.cli.app import app
+from tsqp.errors import TsqpError
+from tsqp.model.loading import load
+from tsqp.server.recording import Recorded
+from tsqp.tee.generation import Generation
 from tsqp.tools.audit import (
     LAYER0_MODULES,
     PublicWeights,
@@ -26,11 +31,6 @@ from tsqp.tools.audit import (
     score_prompt_tokens,
     wire_rows,
 )
-from tsqp.cli.app import app
-from tsqp.errors import TsqpError
-from tsqp.tee.generation import Generation
-from tsqp.model.loading import load
-from tsqp.server.recording import Recorded
 
 runner = CliRunner()
 VOCAB = 4096
@@ -68,6 +68,7 @@ def test_plain_gives_every_token_away(tiny_folder: Path, tiny_weights: PublicWei
     read_ids = read_token_ids(messages)
     ids_only = score_prompt_tokens([np.full(len(ids), -1) for ids in read_ids], read_ids, generations)
     assert layer0_only[0] >= 0.95 * 48 and ids_only == (48, 48)
+
 
 def test_otp_leaves_the_attacks_at_chance(tiny_folder: Path, tiny_weights: PublicWeights, tmp_path: Path) -> None:
     messages, generations = record(tiny_folder, "otp", tmp_path)

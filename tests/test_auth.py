@@ -26,12 +26,13 @@ from conftest import start_server
 from typer.testing import CliRunner
 
 from tsqp.cli.app import app
-from tsqp.wire.client import RemoteBackend
 from tsqp.errors import AuthError
-from tsqp.wire.keys import generate, load_public, load_secret, server_keys
-from tsqp.model.loading import LoadedModel, load
+from tsqp.model.loading import LoadedModel
+from tsqp.server.server import Server
 from tsqp.tee.private_server import READY
-from tsqp.server.server import Server, is_local_endpoint
+from tsqp.wire.client import RemoteBackend
+from tsqp.wire.endpoints import is_local_endpoint
+from tsqp.wire.keys import generate, load_public, load_secret, server_keys
 
 runner = CliRunner()
 

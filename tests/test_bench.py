@@ -12,10 +12,12 @@ from typing import Any
 import pytest
 from typer.testing import CliRunner
 
-from tsqp.tools.bench import runs as bench
-from tsqp.tools.bench.runs import PARTS, BenchConfig, BenchReport, Run
 from tsqp.cli.app import app
 from tsqp.model.loading import load_tokenizer
+from tsqp.tools.bench import runs
+from tsqp.tools.bench.config import BenchConfig, prompt_ids
+from tsqp.tools.bench.plot import plot
+from tsqp.tools.bench.results import PARTS, BenchReport, Run, aggregate, percentile
 
 runner = CliRunner()
 SHIELDED = ("plain", "otp", "noise", "seqmix")
@@ -26,7 +28,7 @@ TINY_RUN = ["--prompt-tokens", "8,16", "--new-tokens", "6", "--repeat", "2"]
 
 @pytest.fixture(scope="module")
 def report(tiny_chat_path: Path) -> BenchReport:
-    return bench.run(BenchConfig(model=str(tiny_chat_path), prompt_tokens=list(SIZES), new_tokens=6, repeat=2))
+    return runs.run(BenchConfig(model=str(tiny_chat_path), prompt_tokens=list(SIZES), new_tokens=6, repeat=2))
 
 
 def check_report(data: dict[str, Any], verify: bool | None = None, shields: tuple[str, ...] = SHIELDED) -> None:
@@ -91,7 +93,7 @@ def test_cli_writes_json_and_prints_the_table(tiny_chat_path: Path, tmp_path: Pa
 
 
 def test_json_dash_prints_only_json(report: BenchReport, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(bench, "run", lambda config, progress=None: report)
+    monkeypatch.setattr(runs, "run", lambda config, progress=None: report)
     result = runner.invoke(app, ["bench", "--json", "-"])
     assert result.exit_code == 0, result.output
     check_report(json.loads(result.stdout))
@@ -126,18 +128,18 @@ def test_help_explains_every_option() -> None:
 def test_prompts_have_exactly_n_tokens(tiny_chat_path: Path) -> None:
     tokenizer = load_tokenizer(tiny_chat_path)
     for n in (1, 8, 100, 512):
-        ids = bench.prompt_ids(tokenizer, n, 49152)
-        assert len(ids) == n and ids == bench.prompt_ids(tokenizer, n, 49152)
+        ids = prompt_ids(tokenizer, n, 49152)
+        assert len(ids) == n and ids == prompt_ids(tokenizer, n, 49152)
         assert tokenizer.bos_token_id not in ids  # plain text, no chat template or special tokens
-    no_tokenizer = bench.prompt_ids(None, 300, 320)
+    no_tokenizer = prompt_ids(None, 300, 320)
     assert len(no_tokenizer) == 300 and all(0 <= i < 320 for i in no_tokenizer)
-    assert no_tokenizer == bench.prompt_ids(None, 300, 320)
+    assert no_tokenizer == prompt_ids(None, 300, 320)
 
 
 def test_breakdown_adds_up_to_the_median_step() -> None:
     runs = [Run(prefill_s=0.1 * i, decode_tokens_per_s=tps, serialization_s=0.001, wire_s=0.002, server_s=0.003, round_trips=14, bytes=1000)
             for i, tps in enumerate([50.0, 100.0, 40.0, 80.0], start=1)]  # fmt: skip
-    r = bench.aggregate("plain", False, 8, 6, runs, {"tee": 1.0, "server": 2.0})
+    r = aggregate("plain", False, 8, 6, runs, {"tee": 1.0, "server": 2.0})
     assert (r.decode_tokens_per_s.min, r.decode_tokens_per_s.median, r.decode_tokens_per_s.max) == (40.0, 65.0, 100.0)
     assert r.ms_per_token == pytest.approx(1000 / 65)
     assert sum(r.breakdown_ms_per_token.values()) == pytest.approx(1000 / 65)
@@ -153,8 +155,9 @@ def test_plot_without_matplotlib_is_a_clear_error(report: BenchReport, tmp_path:
 
 def test_plot_draws_stacked_bars(report: BenchReport, tmp_path: Path) -> None:
     import matplotlib  # noqa: F401  (a test dependency: the plot is checked, not skipped)
+
     path = tmp_path / "bench.png"
-    bench.plot(report, path)
+    plot(report, path)
     assert path.read_bytes().startswith(b"\x89PNG")
 
 
@@ -163,7 +166,7 @@ def test_plot_draws_stacked_bars(report: BenchReport, tmp_path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def load_report(tiny_chat_path: Path) -> BenchReport:
-    return bench.run(BenchConfig(model=str(tiny_chat_path), shields=["plain"], prompt_tokens=[8], new_tokens=5, repeat=1, clients=[1, 2]))
+    return runs.run(BenchConfig(model=str(tiny_chat_path), shields=["plain"], prompt_tokens=[8], new_tokens=5, repeat=1, clients=[1, 2]))
 
 
 def check_load(data: dict[str, Any], clients: list[int]) -> None:
@@ -186,7 +189,7 @@ def test_load_test_runs_concurrent_clients_against_one_server(load_report: Bench
 
 
 def test_load_table_and_mismatch_exit(load_report: BenchReport, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.setattr(bench, "run", lambda config, progress=None: load_report)
+    monkeypatch.setattr(runs, "run", lambda config, progress=None: load_report)
     out = tmp_path / "load.json"
     result = runner.invoke(app, ["bench", "--clients", "1,2", "--json", str(out)], env={"COLUMNS": "100"})
     assert result.exit_code == 0, result.output
@@ -213,6 +216,6 @@ def test_bad_clients_is_an_error(text: str) -> None:
 
 
 def test_percentile() -> None:
-    assert bench.percentile([3.0], 99) == 3.0
-    assert bench.percentile([1.0, 2.0, 3.0, 4.0], 50) == 2.5
-    assert bench.percentile(list(map(float, range(101))), 99) == pytest.approx(99.0)
+    assert percentile([3.0], 99) == 3.0
+    assert percentile([1.0, 2.0, 3.0, 4.0], 50) == 2.5
+    assert percentile(list(map(float, range(101))), 99) == pytest.approx(99.0)

@@ -101,12 +101,7 @@ def test_check_grad_is_clean_on_the_split_path(tiny_chat_path: Path) -> None:
 
 def test_check_grad_flags_a_planted_file(tiny_chat_path: Path, tmp_path: Path) -> None:
     planted = tmp_path / "runner.py"
-    planted.write_text(
-        "import torch\n\n"
-        "def forward(x, w):\n"
-        "    hidden = x @ w\n"
-        "    return hidden.numpy()\n"
-    )
+    planted.write_text("import torch\n\ndef forward(x, w):\n    hidden = x @ w\n    return hidden.numpy()\n")
     result = tsqp("check-grad", "--model", str(tiny_chat_path), "--path", str(planted))
     assert result.returncode == 1
     assert "runner.py:5" in result.stdout and "not clean" in result.stdout

@@ -24,7 +24,7 @@ class ModelConfig:
         return self.n_heads // self.n_kv_heads
 
     @classmethod
-    def from_hf(cls, hf: Any) -> "ModelConfig":
+    def from_hf(cls, hf: Any) -> ModelConfig:
         n_heads = hf.num_attention_heads
         head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // n_heads
         return cls(

@@ -15,8 +15,8 @@ from collections.abc import Iterator, Mapping, Sequence
 
 import torch
 
-from tsqp.model import fixedpoint
 from tsqp.errors import ProtocolError
+from tsqp.model import fixedpoint
 
 MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # Modules that read the same input and therefore travel together in one LINEAR call.

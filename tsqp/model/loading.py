@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tsqp.errors import ModelLoadError
-
 from tsqp.model.config import ModelConfig
 
 if TYPE_CHECKING:  # torch loads lazily: `resolve` runs before a private server is spawned

@@ -8,8 +8,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from tsqp.tee.llama import Llama
 from tsqp.errors import InputError
+from tsqp.tee.llama import Llama
 
 
 @dataclass

@@ -14,29 +14,29 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 from tsqp.errors import ServerUnavailable
+from tsqp.shields.config import ShieldConfig
+from tsqp.wire.endpoints import READY
 
-READY = "tsqp serve-gpu ready"
-OTP_WEIGHT_BITS = 12  # default width of otp's quantized weights: kept 8/8 test prompts' greedy tokens
 
-
-def shield_args(shield: str, weight_bits: int) -> list[str]:
+def shield_args(shield: ShieldConfig) -> list[str]:
     """serve-gpu options for a run with this shield: quantize for otp at start-up, in parallel with the runner."""
-    return ["--otp-weight-bits", str(weight_bits if shield == "otp" else 0)]
+    return ["--otp-weight-bits", str(shield.weight_bits if shield.name == "otp" else 0)]
 
 
 class PrivateServer:
     """A `tsqp serve-gpu` child process on a private ipc:// endpoint."""
 
-    def __init__(self, model_folder: Path, device: str = "auto", dtype: str = "float32", startup_timeout_s: float = 120.0,
-                 extra_args: Sequence[str] = ()) -> None:  # fmt: skip
+    def __init__(self, model_folder: Path, device: str = "auto", dtype: str = "float32", shield: ShieldConfig | None = None,
+                 startup_timeout_s: float = 120.0, extra_args: Sequence[str] = ()) -> None:  # fmt: skip
         self._dir = tempfile.TemporaryDirectory(prefix="tsqp-")
         self.endpoint = f"ipc://{self._dir.name}/server.sock"
         command = [sys.executable, "-m", "tsqp", "serve-gpu", "--model", str(model_folder), "--endpoint", self.endpoint,
-                   "--device", device, "--dtype", dtype, "--quiet", *extra_args]  # fmt: skip
+                   "--device", device, "--dtype", dtype, "--quiet", *(shield_args(shield) if shield else ()), *extra_args]  # fmt: skip
         self._stderr = open(Path(self._dir.name) / "server.log", "w+")
         self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=self._stderr, text=True)
         self.startup_timeout_s = startup_timeout_s
@@ -83,8 +83,19 @@ class PrivateServer:
         self._stderr.close()
         self._dir.cleanup()
 
-    def __enter__(self) -> "PrivateServer":
+    def __enter__(self) -> PrivateServer:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+@contextmanager
+def closed_on_failure(server: PrivateServer | None) -> Iterator[None]:
+    """Close `server` if the block raises; once it succeeds, the server's new owner (a session) closes it."""
+    try:
+        yield
+    except BaseException:
+        if server is not None:
+            server.close()
+        raise

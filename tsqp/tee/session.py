@@ -18,14 +18,15 @@ from collections.abc import Callable
 from typing import Any
 
 from tsqp import PROCESS_STARTED
-from tsqp.wire.client import RemoteBackend
-from tsqp.tee.llama import Llama
 from tsqp.errors import AuthError, ShieldError, TsqpError
-from tsqp.tee.generation import Generation, generate
 from tsqp.model.linear import LinearWeights
 from tsqp.model.loading import DEFAULT_MODEL, LoadedModel, load, resolve
-from tsqp.tee.private_server import OTP_WEIGHT_BITS, PrivateServer, shield_args
-from tsqp.shields.base import ShieldedBackend, default_verify, describe, make_shield
+from tsqp.shields.backend import ShieldedBackend, describe, make_shield
+from tsqp.shields.config import ACTIVATION_BITS, DEFAULT_SHIELD, NOISE_SCALE, WEIGHT_BITS, ShieldConfig
+from tsqp.tee.generation import Generation, generate
+from tsqp.tee.llama import Llama
+from tsqp.tee.private_server import PrivateServer, closed_on_failure
+from tsqp.wire.client import RemoteBackend
 
 
 class Session:
@@ -87,7 +88,7 @@ class Session:
         if self.private_server is not None:
             self.private_server.close()
 
-    def __enter__(self) -> "Session":
+    def __enter__(self) -> Session:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -112,7 +113,7 @@ class _TextStream:
         text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
         if text.endswith("\ufffd"):
             return  # an incomplete multi-byte character: wait for the next token
-        delta, self.text = text[len(self.text):], text
+        delta, self.text = text[len(self.text) :], text
         if delta and self.on_text is not None:
             self.on_text(delta)
 
@@ -131,31 +132,33 @@ def connect(
     private_server: PrivateServer | None = None,
     curve_secret: str | os.PathLike[str] | None = None,
     server_key: str | os.PathLike[str] | None = None,
-    shield: str = "otp",
+    shield: str = DEFAULT_SHIELD,
     verify: bool | None = None,
     precompute: int = 0,
-    noise_scale: float = 10.0,
-    weight_bits: int = OTP_WEIGHT_BITS,
-    activation_bits: int = 16,
+    noise_scale: float = NOISE_SCALE,
+    weight_bits: int = WEIGHT_BITS,
+    activation_bits: int = ACTIVATION_BITS,
+    shield_config: ShieldConfig | None = None,
 ) -> Session:
     """Open a session: to `endpoint`, to a private server (endpoint None), or in-process (`local`).
 
     `shield` protects every linear op (`tsqp.shields`); `verify` checks every server result
     (default: on with otp); `precompute` fills the mask pool for that many tokens before the
-    first request. `private_server` hands over one already started (the CLI starts it before
-    importing torch).
+    first request. `shield_config`, when given, replaces those six settings. `private_server`
+    hands over one already started (the CLI starts it before importing torch).
     """
+    shielding = (shield_config or ShieldConfig(shield, verify, precompute, noise_scale, weight_bits, activation_bits)).validate()
     if endpoint is None and (curve_secret is not None or server_key is not None):
         raise AuthError("CURVE keys are for a remote server: pass its endpoint too (a private server listens on a private ipc:// socket, without keys)")
-    if offload_attention_from is not None and not local and (shield != "plain" or verify):
-        raise ShieldError("--offload-attention-from sends attention's activations unmasked: use it with --shield plain --no-verify only")
+    if offload_attention_from is not None and not local and (shielding.name != "plain" or shielding.verifies):
+        raise ShieldError("attention offload sends attention's activations unmasked: only the plain shield without verification allows it")
     folder = resolve(model, progress)  # converts a GGUF once, before any server needs it
     if local:
         loaded = load(folder)
         backend: Any = LinearWeights(loaded.weights, loaded.config.n_layers)
         return Session(loaded, backend, offload_attention_from=offload_attention_from)
-    server = private_server or (PrivateServer(folder, device, dtype, extra_args=shield_args(shield, weight_bits)) if endpoint is None else None)
-    try:
+    server = private_server or (PrivateServer(folder, device, dtype, shielding) if endpoint is None else None)
+    with closed_on_failure(server):
         loaded = load(folder)  # while the private server loads its own copy
         if server is not None:
             server.wait_ready()
@@ -164,24 +167,18 @@ def connect(
                                curve_secret=curve_secret, server_key=server_key)  # fmt: skip
         try:
             remote.hello(loaded.fingerprint)
-            backend = shielded(remote, loaded, shield, verify, precompute, noise_scale, weight_bits, activation_bits)
+            backend = shielded(remote, loaded, shielding)
         except BaseException:
             remote.close()
             raise
-    except BaseException:
-        if server is not None:
-            server.close()
-        raise
     return Session(loaded, backend, server, offload_attention_from)
 
 
-def shielded(remote: RemoteBackend, model: LoadedModel, shield: str = "plain", verify: bool | None = None, precompute: int = 0,
-             noise_scale: float = 10.0, weight_bits: int = OTP_WEIGHT_BITS, activation_bits: int = 16) -> RemoteBackend | ShieldedBackend:  # fmt: skip
-    """`remote` behind the named shield; plain without verification is the bare remote backend (nothing to do)."""
-    verify = default_verify(shield) if verify is None else verify
-    if shield == "plain" and not verify:
+def shielded(remote: RemoteBackend, model: LoadedModel, shielding: ShieldConfig) -> RemoteBackend | ShieldedBackend:
+    """`remote` behind the configured shield; plain without verification is the bare remote backend (nothing to do)."""
+    if shielding.name == "plain" and not shielding.verifies:
         return remote
     server_dtype = str(remote.info.get("dtype", "float32"))
-    guard = make_shield(shield, model.weights, model.config.n_layers, verify, server_dtype, noise_scale, weight_bits, activation_bits)
-    guard.prepare(precompute)
-    return ShieldedBackend(remote, guard, model.weights["embed"], verify)
+    guard = make_shield(shielding, model.weights, model.config.n_layers, server_dtype)
+    guard.prepare(shielding.precompute)
+    return ShieldedBackend(remote, guard, model.weights["embed"], shielding.verifies)

@@ -26,11 +26,11 @@ from typing import Any
 import numpy as np
 
 from tsqp.errors import TsqpError
-from tsqp.tee.generation import Generation
 from tsqp.model.loading import LoadedModel
 from tsqp.server.recording import Recorded, read_recording
+from tsqp.shields.config import SHIELDS, ShieldConfig
+from tsqp.tee.generation import Generation
 
-DEFAULT_SHIELDS = ("plain", "otp", "noise", "seqmix")
 LAYER0_MODULES = ["q_proj", "k_proj", "v_proj"]  # the first linear call: its input is the normed embedding
 EXACT_COSINE = 0.99  # a row this close to a vocabulary row (up to a scalar) is that token
 PROMPTS = (
@@ -72,7 +72,7 @@ class PublicWeights:
     eps: float
 
     @classmethod
-    def of(cls, model: LoadedModel) -> "PublicWeights":
+    def of(cls, model: LoadedModel) -> PublicWeights:
         w = model.weights
         return cls(w["embed"].detach().float().numpy(), w["lm_head"].detach().float().numpy(), w["layers.0.attn_norm"].detach().float().numpy(),
                    model.config.rms_norm_eps)  # fmt: skip
@@ -241,10 +241,11 @@ def record_shield(folder: Path, shield: str, prompts: Sequence[Prompt], new_toke
     from tsqp.tee.private_server import PrivateServer
     from tsqp.tee.session import connect
 
-    server = PrivateServer(folder, device, dtype, extra_args=["--record", str(record_dir)])
-    generations = []
     # verify off: the audit is about what the server sees, which checking does not change.
-    with connect(None, folder, private_server=server, shield=shield, verify=False) as session:
+    shielding = ShieldConfig(shield, verify=False)
+    server = PrivateServer(folder, device, dtype, shielding, extra_args=["--record", str(record_dir)])
+    generations = []
+    with connect(None, folder, private_server=server, shield_config=shielding) as session:
         for i, prompt in enumerate(prompts):
             generations.append(session.generate(prompt, max_new_tokens=new_tokens))
             if on_generation is not None:
@@ -257,7 +258,7 @@ def recorded_attack_input(record_dir: Path) -> list[Recorded]:
     return [m for m in read_recording(record_dir) if m.op in ("EMBED", "LM_HEAD") or is_layer0_input(m)]
 
 
-def run_audit(model: str | os.PathLike[str], shields: Sequence[str] = DEFAULT_SHIELDS, prompts: Sequence[Prompt] = PROMPTS[:4],
+def run_audit(model: str | os.PathLike[str], shields: Sequence[str] = SHIELDS, prompts: Sequence[Prompt] = PROMPTS[:4],
               new_tokens: int = 8, device: str = "auto", dtype: str = "float32", keep: Path | None = None,
               progress: Callable[[str], None] | None = None) -> list[AuditResult]:  # fmt: skip
     """Record and attack each shield in turn; `keep` keeps the recordings as keep/SHIELD."""
@@ -266,8 +267,8 @@ def run_audit(model: str | os.PathLike[str], shields: Sequence[str] = DEFAULT_SH
     folder = resolve(model)
     weights = PublicWeights.of(load(folder, with_tokenizer=False))
     results = []
+    say = progress or (lambda _: None)
     for shield in shields:
-        say = progress or (lambda _: None)
         say(f"{shield}: starting a recording server")
         with _record_dir(keep, shield) as record_dir:
             generations = record_shield(folder, shield, prompts, new_tokens, Path(record_dir), device, dtype,

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 
-from tsqp.wire import protocol
 from tsqp.tools.gradscan import Finding, scan_file
+from tsqp.wire import protocol
 
 
 @dataclass

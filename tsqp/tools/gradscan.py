@@ -14,6 +14,7 @@ import ast
 from dataclasses import dataclass
 from pathlib import Path
 
+
 @dataclass(frozen=True)
 class Finding:
     path: str
@@ -82,14 +83,12 @@ def _is_detached(call: ast.Call) -> bool:
 
 
 def _is_numpy_call(node: ast.Call) -> bool:
-    return (isinstance(node.func, ast.Attribute) and node.func.attr == "numpy"
-            and not node.args)
+    return isinstance(node.func, ast.Attribute) and node.func.attr == "numpy" and not node.args
 
 
 def _forced(node: ast.Call) -> bool:
     # `t.numpy(force=True)` detaches internally, so it never raises.
-    return any(k.arg == "force" and isinstance(k.value, ast.Constant)
-               and k.value.value is True for k in node.keywords)
+    return any(k.arg == "force" and isinstance(k.value, ast.Constant) and k.value.value is True for k in node.keywords)
 
 
 class _Collector(ast.NodeVisitor):
@@ -160,6 +159,7 @@ def _safe_functions(col: _Collector) -> set[_Func]:
     least fixpoint grounded in real entries (decorator or no_grad call site)
     so that closed call cycles with no safe entry are not marked safe.
     """
+
     def ok(site: _Site, safe: set[_Func]) -> bool:
         return site.no_grad or site.func in safe
 
@@ -194,9 +194,9 @@ def scan_source(source: str, path: str = "<string>") -> list[Finding]:
     col.visit(ast.parse(source, filename=path))
     safe = _safe_functions(col)
     findings = [
-        Finding(path, node.lineno, node.col_offset,
-                site.func.qualname if site.func else "<module>",
-                ast.get_source_segment(source, node) or "", _reason(site, col))
+        Finding(
+            path, node.lineno, node.col_offset, site.func.qualname if site.func else "<module>", ast.get_source_segment(source, node) or "", _reason(site, col)
+        )
         for node, site in col.numpy_calls
         if not (_is_detached(node) or _forced(node) or site.no_grad or site.func in safe)
     ]

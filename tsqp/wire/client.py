@@ -18,14 +18,13 @@ import torch
 import zmq
 import zmq.utils.monitor
 
-from tsqp.wire import protocol
 from tsqp.errors import AuthError, ModelMismatch, ProtocolError, RemoteError, ServerUnavailable
+from tsqp.wire import protocol
+from tsqp.wire.endpoints import HANDSHAKE_FAILED, new_socket
 from tsqp.wire.keys import ClientKeys, client_keys, set_client_keys
 from tsqp.wire.protocol import Message
 
 DEFAULT_ENDPOINT = "tcp://127.0.0.1:5555"
-# A failed security handshake is final: libzmq would retry it forever without a word.
-HANDSHAKE_FAILED = zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
 
 
 @dataclass
@@ -76,9 +75,7 @@ class RemoteBackend:
         self.stats = WireStats()
         self.info: dict[str, Any] = {}
         self._next_id = 0
-        self.socket = (context or zmq.Context.instance()).socket(zmq.DEALER)
-        self.socket.setsockopt(zmq.LINGER, 0)
-        self.socket.setsockopt(zmq.IPV6, "[" in endpoint)  # tcp://[::1]:PORT; IPv4 endpoints stay plain
+        self.socket = new_socket(context or zmq.Context.instance(), zmq.DEALER, endpoint)
         if self.curve is not None:
             set_client_keys(self.socket, self.curve)
         # Connection events tell us a server died, or refused us, without waiting for the deadline.
@@ -165,9 +162,7 @@ class RemoteBackend:
             if (self._was_connected and not self._connected) or (self.server_alive is not None and not self.server_alive()):
                 raise ServerUnavailable(f"the tsqp server at {self.endpoint} went away while answering {op}")
             if time.monotonic() > deadline:
-                raise ServerUnavailable(
-                    f"no answer to {op} from {self.endpoint} in time; is `tsqp serve-gpu` running there?"
-                )
+                raise ServerUnavailable(f"no answer to {op} from {self.endpoint} in time; is `tsqp serve-gpu` running there?")
 
     def _watch_connection(self) -> None:
         """Follow connect/disconnect events (a restarted server reconnects by itself); raise on a refused handshake."""

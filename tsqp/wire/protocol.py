@@ -31,6 +31,7 @@ import msgpack
 import torch
 
 from tsqp.errors import ProtocolError
+from tsqp.wire.endpoints import frame_buffer
 
 VERSION = (1, 0)
 VERSION_FIELD = list(VERSION)
@@ -121,7 +122,7 @@ def decode(frames: Sequence[Any], limits: Limits = Limits(), expect_reply: bool 
     """Frames -> Message, validating version, frame count, op, dtypes, shapes and sizes."""
     if not frames:
         raise ProtocolError("empty message: no header frame")
-    raw = _buffer(frames[0])
+    raw = frame_buffer(frames[0])
     if len(raw) > limits.max_header_bytes:
         raise ProtocolError(f"header is {len(raw)} bytes, limit {limits.max_header_bytes}")
     try:
@@ -153,7 +154,7 @@ def decode(frames: Sequence[Any], limits: Limits = Limits(), expect_reply: bool 
     tensors = []
     total = len(raw)
     for i, (spec, frame) in enumerate(zip(specs, frames[1:])):
-        tensor = _tensor(i, spec, _buffer(frame), limits)
+        tensor = _tensor(i, spec, frame_buffer(frame), limits)
         total += tensor.numel() * tensor.element_size()
         if total > limits.max_message_bytes:
             raise ProtocolError(f"message exceeds {limits.max_message_bytes} bytes")
@@ -163,10 +164,6 @@ def decode(frames: Sequence[Any], limits: Limits = Limits(), expect_reply: bool 
         msg.ok = header.get("ok") is True
         msg.error = str(header.get("error")) if not msg.ok else None
     return msg
-
-
-def _buffer(frame: Any) -> memoryview:
-    return memoryview(frame.buffer if hasattr(frame, "buffer") else frame)
 
 
 def _tensor(i: int, spec: Any, buf: memoryview, limits: Limits) -> torch.Tensor:

@@ -1,0 +1,105 @@
+"""`tsqp bench`: every mode side by side against the all-in-TEE `local` path and transformers' `generate`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from tsqp.cli.console import err, fail, out
+from tsqp.cli.options import (
+    ALL_SHIELDS,
+    CurveSecretOpt,
+    Device,
+    DeviceOpt,
+    Dtype,
+    DtypeOpt,
+    EndpointOpt,
+    ModelOpt,
+    ServerKeyOpt,
+    ShieldsOpt,
+    TimeoutOpt,
+    VerifyOpt,
+    counts,
+    shield_names,
+)
+from tsqp.errors import TsqpError
+
+
+def bench(
+    model: ModelOpt = "smollm2",
+    shields: ShieldsOpt = ALL_SHIELDS,
+    verify: VerifyOpt = None,
+    prompt_tokens: Annotated[str, typer.Option(help="Comma list of prompt lengths, in tokens.")] = "32,128,512",
+    new_tokens: Annotated[int, typer.Option(min=2, help="Tokens to decode per run (end-of-sequence is ignored).")] = 64,
+    repeat: Annotated[int, typer.Option(min=1, help="Timed runs per mode and prompt length (after one warm-up).")] = 5,
+    json_file: Annotated[
+        str | None, typer.Option("--json", metavar="FILE", help="Also write the results as JSON to FILE; `-` prints JSON to stdout instead of the table.")
+    ] = None,
+    endpoint: EndpointOpt = None,
+    plot: Annotated[
+        Path | None, typer.Option("--plot", metavar="FILE.png", help="Save stacked bars of the per-token time breakdown (needs matplotlib).")
+    ] = None,
+    timeout: TimeoutOpt = 60.0,
+    curve_secret: CurveSecretOpt = None,
+    server_key: ServerKeyOpt = None,
+    clients: Annotated[
+        str | None,
+        typer.Option(
+            help="Load test: comma list of concurrent client counts, e.g. 1,2,4,8. For each N, N runner processes decode at once against one server (first prompt length, first --shields mode); reports aggregate tok/s, step p50/p99 and whether answers match a single client's."
+        ),
+    ] = None,
+    batch: Annotated[
+        bool | None,
+        typer.Option(
+            "--batch/--no-batch",
+            help="Cross-client batching in the private server (serve-gpu --batch/--no-batch). Default: the server's default for its device.",
+        ),
+    ] = None,
+    device: DeviceOpt = Device.auto,
+    dtype: DtypeOpt = Dtype.float32,
+) -> None:
+    """Measure prefill latency, decode speed and where each decoded token's time goes, per mode and prompt length.
+
+    Modes: hf-generate (transformers' generate here), local (tsqp, linear ops here) and each shield (split).
+
+    Example: tsqp bench --prompt-tokens 32,128 --new-tokens 32 --repeat 3 --json bench.json
+
+    Load test: tsqp bench --shields plain --prompt-tokens 32 --repeat 1 --clients 1,2,4,8
+    """
+    from tsqp.tools.bench import runs
+    from tsqp.tools.bench.config import BenchConfig
+    from tsqp.tools.bench.plot import require_matplotlib
+    from tsqp.tools.bench.report import render_table
+
+    config = BenchConfig(model, shield_names(shields), verify, counts(prompt_tokens, "--prompt-tokens", "token counts", "32,128,512"),
+                         new_tokens, repeat, endpoint, timeout,
+                         str(curve_secret) if curve_secret else None, str(server_key) if server_key else None,
+                         counts(clients, "--clients", "client counts", "1,2,4,8") if clients is not None else [], batch=batch,
+                         device=device.value, dtype=dtype.value)  # fmt: skip
+    if plot is not None:
+        try:
+            require_matplotlib()
+        except TsqpError as e:
+            fail(str(e))
+    report = runs.run_with_progress(config, err)
+    data = json.dumps(report.to_json(), indent=2)
+    if json_file == "-":
+        print(data)
+    else:
+        if json_file:
+            Path(json_file).write_text(data + "\n")
+        out.print(render_table(report))
+    if plot is not None:
+        from tsqp.tools.bench.plot import plot as save_plot
+
+        save_plot(report, plot)
+        err.print(f"plot saved to {plot}")
+    wrong = [r.clients for r in report.load or [] if not r.answers_match_single_client]
+    if wrong:
+        fail(
+            f"load test: with {', '.join(map(str, wrong))} concurrent clients, some answers differ from the single-client answers "
+            "for the same prompts (a server bug: concurrent sessions must not affect each other)"
+        )

@@ -1,0 +1,127 @@
+"""Options shared by several commands, declared once, and the parsing of their values.
+
+Fixed choices are Enums, so `--help` lists them and a bad value fails before anything loads.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from tsqp.cli.console import fail
+from tsqp.shields.config import SHIELDS, ShieldConfig
+
+
+class Device(str, Enum):
+    auto = "auto"
+    cuda = "cuda"
+    cpu = "cpu"
+
+
+class Dtype(str, Enum):
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+
+
+class LogLevel(str, Enum):
+    debug = "debug"
+    info = "info"
+    warning = "warning"
+    error = "error"
+
+
+ModelOpt = Annotated[
+    str,
+    typer.Option("--model", "-m", envvar="TSQP_MODEL", help="`smollm2` (default, SmolLM2-135M-Instruct), a Hugging Face folder or a .gguf file."),
+]
+EndpointOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--endpoint",
+        "-e",
+        envvar="TSQP_ENDPOINT",
+        help="Server to use, e.g. tcp://127.0.0.1:5555 or ipc:///tmp/tsqp.sock. Default: start a private server for this run.",
+    ),
+]
+DeviceOpt = Annotated[Device, typer.Option(help="Where the server computes: auto (CUDA when available), cuda or cpu.")]
+DtypeOpt = Annotated[Dtype, typer.Option(help="Server weight dtype.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object instead of text, for scripts.")]
+TimeoutOpt = Annotated[float, typer.Option(help="Seconds to wait for any one server reply.")]
+CurveSecretOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--curve-secret",
+        metavar="FILE",
+        help="This client's secret key file (NAME.key_secret from `tsqp keys generate`): authenticates to a CURVE server given by --endpoint. Needs --server-key.",
+    ),
+]
+ServerKeyOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--server-key",
+        metavar="FILE",
+        help="The server's public key file (its NAME.key): proves the server is the right one and encrypts the link. Needs --curve-secret.",
+    ),
+]
+ShieldOpt = Annotated[
+    str,
+    typer.Option(
+        "--shield",
+        "-s",
+        help="What the server may see: plain (everything: the original prototype), otp (exact one-time pad, recommended), noise (Gaussian masking) or seqmix (token mixing; hides nothing while decoding).",
+    ),
+]
+ShieldsOpt = Annotated[str, typer.Option(help=f"Comma list of shields: {', '.join(SHIELDS)}.")]
+ALL_SHIELDS = ",".join(SHIELDS)
+VerifyOpt = Annotated[
+    bool | None,
+    typer.Option(
+        "--verify/--no-verify", help="Check every server result with Freivalds' test and stop with an integrity error on a wrong one. Default: on with otp."
+    ),
+]
+PrecomputeOpt = Annotated[
+    int,
+    typer.Option(
+        "--precompute", min=0, help="Precompute masks for this many tokens before the first request (the offline phase); more are made ahead of need in chunks."
+    ),
+]
+NoiseScaleOpt = Annotated[float, typer.Option("--noise-scale", min=0.0, help="noise shield: mask standard deviation relative to each row's RMS.")]
+WeightBitsOpt = Annotated[
+    int, typer.Option("--weight-bits", min=2, max=16, help="otp: bits per quantized weight (per output row); 12 kept 8/8 test prompts' greedy tokens.")
+]
+ActivationBitsOpt = Annotated[int, typer.Option("--activation-bits", min=2, max=24, help="otp: bits per fixed-point activation (per row).")]
+
+
+def shield_config(name: str, verify: bool | None, precompute: int, noise_scale: float, weight_bits: int, activation_bits: int) -> ShieldConfig:
+    """The shield settings of run-tee's options, checked before anything loads."""
+    if name not in SHIELDS:
+        fail(f"--shield {name!r} is not one of {', '.join(SHIELDS)}")
+    return ShieldConfig(name, verify, precompute, noise_scale, weight_bits, activation_bits).validate()
+
+
+def shield_names(text: str, option: str = "--shields") -> list[str]:
+    """A comma list of distinct shield names."""
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    if not names:
+        fail(f"{option} needs at least one name, e.g. plain")
+    unknown = [n for n in names if n not in SHIELDS]
+    if unknown:
+        fail(f"{option} {text!r}: unknown shield {unknown[0]!r}; give distinct names from {', '.join(SHIELDS)}")
+    if len(set(names)) != len(names):
+        fail(f"{option} {text!r} names a shield twice; give distinct names from {', '.join(SHIELDS)}")
+    return names
+
+
+def counts(text: str, option: str, what: str, example: str) -> list[int]:
+    """A comma list of positive integers for `option`, deduplicated in order."""
+    try:
+        values = [int(n) for n in text.split(",") if n.strip()]
+    except ValueError:
+        fail(f"{option} {text!r} is not a comma list of integers, e.g. {example}")
+    if not values or min(values) < 1:
+        fail(f"{option} needs positive {what}, e.g. {example}")
+    return list(dict.fromkeys(values))

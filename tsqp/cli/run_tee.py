@@ -1,0 +1,109 @@
+"""`tsqp run-tee`: the trusted runner; every linear op goes to the server under the chosen shield."""
+
+from __future__ import annotations
+
+import json
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+
+from tsqp.cli.console import err, fail, out, progress
+from tsqp.cli.options import (
+    ActivationBitsOpt,
+    CurveSecretOpt,
+    Device,
+    DeviceOpt,
+    Dtype,
+    DtypeOpt,
+    EndpointOpt,
+    JsonOpt,
+    ModelOpt,
+    NoiseScaleOpt,
+    PrecomputeOpt,
+    ServerKeyOpt,
+    ShieldOpt,
+    TimeoutOpt,
+    VerifyOpt,
+    WeightBitsOpt,
+    shield_config,
+)
+from tsqp.shields.config import ACTIVATION_BITS, DEFAULT_SHIELD, NOISE_SCALE, WEIGHT_BITS
+
+if TYPE_CHECKING:
+    from tsqp.tee.generation import Generation
+
+
+def run_tee(
+    prompt: Annotated[str, typer.Option("--prompt", "-p", help="The user's message (or raw text with --no-chat).")],
+    model: ModelOpt = "smollm2",
+    endpoint: EndpointOpt = None,
+    local: Annotated[bool, typer.Option("--local", help="Run the linear ops in this process too (the all-in-TEE baseline).")] = False,
+    chat: Annotated[bool, typer.Option("--chat/--no-chat", help="Apply the model's chat template to the prompt.")] = True,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n", min=1, help="Most tokens to generate.")] = 128,
+    temperature: Annotated[float, typer.Option(min=0.0, help="Sampling temperature; 0 is greedy.")] = 0.0,
+    top_p: Annotated[float, typer.Option(min=0.0, max=1.0, help="Nucleus sampling: keep the smallest set of tokens with this much probability.")] = 1.0,
+    seed: Annotated[int | None, typer.Option(help="Random seed for sampling.")] = None,
+    timeout: TimeoutOpt = 60.0,
+    offload_attention_from: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="Also send attention's QKᵀ and AV products to the server for calls of at least this many tokens (long prefills). Default: attention stays here.",
+        ),
+    ] = None,
+    device: DeviceOpt = Device.auto,
+    dtype: DtypeOpt = Dtype.float32,
+    as_json: JsonOpt = False,
+    curve_secret: CurveSecretOpt = None,
+    server_key: ServerKeyOpt = None,
+    shield: ShieldOpt = DEFAULT_SHIELD,
+    verify: VerifyOpt = None,
+    precompute: PrecomputeOpt = 0,
+    noise_scale: NoiseScaleOpt = NOISE_SCALE,
+    weight_bits: WeightBitsOpt = WEIGHT_BITS,
+    activation_bits: ActivationBitsOpt = ACTIVATION_BITS,
+) -> None:
+    """Generate an answer; every linear op runs on the server, masked by the shield (otp by default), the rest here.
+
+    Example: tsqp run-tee --prompt "What is the capital of France?" --max-new-tokens 32
+
+    Example: tsqp run-tee --prompt "Hi" --shield plain --no-verify   (the unprotected baseline)
+    """
+    shielding = shield_config(shield, verify, precompute, noise_scale, weight_bits, activation_bits)
+    if offload_attention_from is not None and not local and (shielding.name != "plain" or shielding.verifies):
+        fail("--offload-attention-from sends attention's activations unmasked: use it with --shield plain --no-verify only")
+    from tsqp.model.loading import resolve
+    from tsqp.tee.private_server import PrivateServer, closed_on_failure
+
+    with err.status("Loading model and connecting…", spinner="dots"):
+        folder = resolve(model, progress)
+        # Started before this process imports torch, so both load side by side.
+        server = PrivateServer(folder, device.value, dtype.value, shielding) if endpoint is None and not local else None
+        with closed_on_failure(server):
+            from tsqp.tee.session import connect
+
+            session = connect(endpoint, folder, local=local, timeout_s=timeout, connect_timeout_s=min(timeout, 10.0),
+                              offload_attention_from=offload_attention_from, private_server=server,
+                              curve_secret=curve_secret, server_key=server_key, shield_config=shielding)  # fmt: skip
+    with session:
+        stream = None if as_json else (lambda text: out.print(text, end="", markup=False, highlight=False, soft_wrap=True))
+        result = session.generate(prompt, max_new_tokens, temperature, top_p, seed, chat, on_text=stream)
+    shield_info = session.shield_info()
+    if as_json:
+        print(json.dumps({"text": result.text, "token_ids": result.token_ids, "prompt_token_ids": result.prompt_token_ids,
+                          "timings": result.timings, "shield": shield_info}))  # fmt: skip
+    else:
+        out.print()
+        err.print(_summary(result, shield_info))
+
+
+def _summary(result: Generation, shield_info: dict[str, Any]) -> str:
+    """One dim line under the answer: tokens, shield, speed, round trips, offline work."""
+    t = result.timings
+    return (
+        f"[dim]{len(result.token_ids)} tokens · {shield_info['shield']}{' + verify' if shield_info['verify'] else ''}"
+        f" · prefill {t['prefill_s']:.2f} s · {t['decode_tokens_per_s']:.1f} tok/s"
+        + (f" · {t['round_trips']:.0f} round trips" if "round_trips" in t else "")
+        + (f" · offline masks {t['offline_s']:.2f} s, {shield_info.get('pool_peak_mib', 0):.0f} MiB" if t.get("offline_s") else "")
+        + "[/]"
+    )

@@ -1,0 +1,120 @@
+"""`ShieldedBackend`: a `LinearBackend` whose every product is masked here, computed by the server, verified and unmasked here."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from tsqp.errors import IntegrityError, ShieldError
+from tsqp.model.linear import QuantizedWeights
+from tsqp.shields.base import Shield
+from tsqp.shields.config import ShieldConfig
+from tsqp.shields.noise import NoiseShield
+from tsqp.shields.otp import OtpShield
+from tsqp.shields.pool import ShieldTimes
+from tsqp.shields.seqmix import SeqmixShield
+from tsqp.shields.sites import Site, integrity_message, module_names, site_weights
+
+
+def make_shield(config: ShieldConfig, weights: Mapping[str, torch.Tensor], n_layers: int, server_dtype: str = "float32") -> Shield:
+    """The TEE's side of the configured shield for a model's weights (the TEE holds them: only masked products leave)."""
+    config.validate()
+    sites = site_weights(weights, n_layers)
+    verify = config.verifies
+    if config.name == "noise":
+        return NoiseShield(sites, verify, server_dtype, config.noise_scale)
+    if config.name == "seqmix":
+        return SeqmixShield(sites, verify, server_dtype)
+    if config.name == "otp":
+        quantized = QuantizedWeights(weights, n_layers, config.weight_bits)  # float64: no conversion per pool refill
+        return OtpShield(sites, verify, server_dtype, quantized, config.activation_bits)
+    return Shield(sites, verify, server_dtype)
+
+
+@dataclass
+class ShieldedStats:
+    """The wire's counters and the shield's times, read together as one snapshot."""
+
+    wire: Any
+    times: ShieldTimes
+
+    def as_dict(self) -> dict[str, float]:
+        return {**self.wire.as_dict(), **vars(self.times)}
+
+
+class ShieldedBackend:
+    """A `LinearBackend`: each product masked here, computed by the server, verified and unmasked here."""
+
+    def __init__(self, remote: Any, shield: Shield, embedding: torch.Tensor, verify: bool) -> None:
+        self.remote = remote
+        self.shield = shield
+        self.embedding = embedding  # (V, D): the lookup stays in the TEE
+        self.verify = verify
+        self.stats = ShieldedStats(remote.stats, shield.times)
+
+    def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
+        if not self.shield.embeds_remotely:
+            return self.embedding[token_ids]
+        rows = self.remote.embed(token_ids)
+        if self.verify:  # a lookup: the TEE's own copy checks it outright
+            expected = self.embedding[token_ids]
+            if not bool(((rows.float() - expected).abs() <= self.shield.freivalds.eps * expected.abs()).all()):  # type: ignore[union-attr]
+                raise IntegrityError("integrity check failed: the server's embedding rows are wrong; generation stopped")
+        return rows
+
+    def linear(self, layer: int, modules: Sequence[str], x: torch.Tensor) -> list[torch.Tensor]:
+        site = (layer, tuple(modules))
+        return self._call("LINEAR", {"layer": layer, "modules": list(modules)}, site, x)
+
+    def lm_head(self, x: torch.Tensor) -> torch.Tensor:
+        return self._call("LM_HEAD", {}, "lm_head", x)[0]
+
+    def matmul(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        raise ShieldError("attention offload sends unmasked activations: it is not available with a shield")
+
+    def _call(self, op: str, args: dict[str, Any], site: Site, x: torch.Tensor) -> list[torch.Tensor]:
+        if site not in self.shield.sites:
+            raise ShieldError(f"unknown call site {site}")
+        sizes = self.shield.sites[site][1]
+        lead = x.shape[:-1]
+        times = self.shield.times
+        offline_before = times.offline_s  # a pool refill inside `mask` is offline work, counted apart
+        t0 = time.perf_counter()
+        wire, state = self.shield.mask(site, x.reshape(-1, x.shape[-1]))
+        t1 = time.perf_counter()
+        parts = self.remote.call(op, {**args, **self.shield.wire_args()}, [wire]).tensors
+        z = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
+        if z.shape != (wire.shape[0], sum(sizes)):
+            raise IntegrityError(integrity_message(site, "|".join(module_names(site)), f"shape {list(z.shape)}, expected {[wire.shape[0], sum(sizes)]}"))
+        t2 = time.perf_counter()
+        if self.verify:
+            self.shield.verify(site, wire, z, state)
+        t3 = time.perf_counter()
+        y = self.shield.unmask(site, z, state)
+        t4 = time.perf_counter()
+        times.mask_s += (t1 - t0) - (times.offline_s - offline_before)
+        times.verify_s += (t3 - t2) if self.verify else 0.0
+        times.unmask_s += t4 - t3
+        y = y.reshape(*lead, y.shape[-1])
+        return list(y.split(sizes, dim=-1)) if len(sizes) > 1 else [y]
+
+    def close(self) -> None:
+        self.remote.close()
+
+
+def describe(shield: Shield) -> dict[str, Any]:
+    """What a report says about a shield's configuration."""
+    info: dict[str, Any] = {"shield": shield.name}
+    if isinstance(shield, OtpShield):
+        f = shield.field
+        info.update(p=f.p, p_bits=f.p.bit_length(), limbs=f.limbs, limb_bits=f.limb_bits, weight_bits=f.weight_bits,
+                    activation_bits=f.activation_bits, bound_bits=f.bound.bit_length())  # fmt: skip
+    if isinstance(shield, NoiseShield):
+        info["noise_scale"] = shield.scale
+    if shield.pool is not None:
+        info["pool_peak_mib"] = shield.pool.peak_bytes / 2**20
+    return info

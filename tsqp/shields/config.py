@@ -1,0 +1,47 @@
+"""`ShieldConfig`: a shield's settings, checked once, and the one home of their defaults.
+
+The one object handed from the CLI to the session, the shield and the private server.
+Imports nothing heavy: the CLI checks its options before torch loads.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from tsqp.errors import ShieldError
+
+SHIELDS = ("plain", "otp", "noise", "seqmix")
+DEFAULT_SHIELD = "otp"
+NOISE_SCALE = 10.0  # noise: mask standard deviation over each row's RMS
+WEIGHT_BITS = 12  # otp: bits per quantized weight (per output row); kept 8/8 test prompts' greedy tokens
+ACTIVATION_BITS = 16  # otp: bits per fixed-point activation (per row)
+WEIGHT_BITS_RANGE = (2, 16)  # the server's exact float64 products need weights of at most 16 bits
+ACTIVATION_BITS_RANGE = (2, 24)
+
+
+@dataclass(frozen=True)
+class ShieldConfig:
+    name: str = DEFAULT_SHIELD
+    verify: bool | None = None  # Freivalds' check of every result; None: the shield's default (on with otp)
+    precompute: int = 0  # tokens of masks made before the first request
+    noise_scale: float = NOISE_SCALE
+    weight_bits: int = WEIGHT_BITS
+    activation_bits: int = ACTIVATION_BITS
+
+    @property
+    def verifies(self) -> bool:
+        """Whether results are checked: `verify`, else on with otp, whose check is exact and cheap."""
+        return self.name == "otp" if self.verify is None else self.verify
+
+    def validate(self) -> ShieldConfig:
+        """Raise `ShieldError` naming the first setting out of range; returns self."""
+        if self.name not in SHIELDS:
+            raise ShieldError(f"unknown shield {self.name!r}; choose one of {', '.join(SHIELDS)}")
+        if self.precompute < 0:
+            raise ShieldError(f"precompute must be at least 0 tokens, got {self.precompute}")
+        if not self.noise_scale > 0:
+            raise ShieldError(f"noise scale must be positive, got {self.noise_scale}")
+        for what, bits, (low, high) in (("weight", self.weight_bits, WEIGHT_BITS_RANGE), ("activation", self.activation_bits, ACTIVATION_BITS_RANGE)):
+            if not low <= bits <= high:
+                raise ShieldError(f"otp {what} bits must be {low}..{high}, got {bits}")
+        return self

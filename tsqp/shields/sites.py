@@ -1,0 +1,25 @@
+"""Call sites: the products one forward pass makes, as the shields key their masks and checks."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+
+from tsqp.model.linear import GroupKey, product_sites
+
+Site = GroupKey | str  # (layer, modules) of a LINEAR call, or "lm_head"
+
+
+def site_weights(weights: Mapping[str, torch.Tensor], n_layers: int) -> dict[Site, tuple[torch.Tensor, list[int]]]:
+    """Every call site's W_t (K, N) (fused as on the server) and its modules' output sizes."""
+    return {key: (w_t, sizes) for key, w_t, sizes in product_sites(weights, n_layers)}
+
+
+def module_names(site: Site) -> tuple[str, ...]:
+    return ("lm_head",) if site == "lm_head" else site[1]
+
+
+def integrity_message(site: Site, module: str, detail: str) -> str:
+    where = "lm_head" if site == "lm_head" else f"layer {site[0]} {module}"
+    return f"integrity check failed: the server's result for {where} is wrong ({detail}); generation stopped"

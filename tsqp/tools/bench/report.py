@@ -1,0 +1,54 @@
+"""The bench's tables, for a terminal of 80 columns."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tsqp.tools.bench.results import BenchReport, Stat
+
+
+def render_table(report: BenchReport) -> Any:
+    """Two narrow tables (speed and memory; per decoded token), so they fit 80 columns."""
+    from rich import box
+    from rich.console import Group
+    from rich.markup import escape
+    from rich.table import Table
+
+    s = report.settings
+    speed = Table(title=escape(f"tsqp bench · {s['new_tokens']} new tokens · median [min–max] of {s['repeat']} runs"), box=box.SIMPLE_HEAD, pad_edge=False)
+    for name in ("mode", "prompt", "prefill s", "decode tok/s", "×local", "TEE MiB", "srv MiB"):
+        speed.add_column(name, justify="left" if name == "mode" else "right")
+    per_token = Table(title="per decoded token (medians): time in ms, round trips, KiB", box=box.SIMPLE_HEAD, pad_edge=False,
+                      caption="total = tee + mask(/unmask) + verif(y) + ser(ialization) + wire + server compute; trips, KiB: round trips and bytes per token; "
+                              "offline: mask pool ms per token, made before the run")  # fmt: skip
+    for name in ("mode", "prompt", "total", "tee", "mask", "verif", "ser", "wire", "server", "trips", "KiB", "offline"):
+        per_token.add_column(name, justify="left" if name == "mode" else "right")
+    for r in report.results:
+        mode, b, p = r.mode + (" +verify" if r.verify else ""), r.breakdown_ms_per_token, r.peak_rss_mib
+        ratio = f"{r.ratio_vs_local:.2f}" if r.ratio_vs_local is not None else ""
+        speed.add_row(
+            mode, str(r.prompt_tokens), _stat(r.prefill_s, "{:.3f}"), _stat(r.decode_tokens_per_s, "{:.1f}"), ratio, _mib(p["tee"]), _mib(p["server"])
+        )
+        per_token.add_row(mode, str(r.prompt_tokens), f"{r.ms_per_token:.1f}",
+                          *(f"{b[k]:.1f}" for k in ("tee_compute", "mask_unmask", "verify", "serialization", "wire", "server_compute")),
+                          f"{r.round_trips_per_token:.0f}", f"{r.bytes_per_token / 1024:.1f}", f"{1000 * r.offline_s_per_token:.1f}")  # fmt: skip
+    if report.load is None:
+        return Group(speed, per_token)
+    load = Table(title=escape(f"load test · {report.load[0].shield} · {s['prompt_tokens'][0]} prompt tokens · {s['new_tokens']} new tokens per client · one server"),
+                 box=box.SIMPLE_HEAD, pad_edge=False,
+                 caption="tok/s: all clients' tokens / wall time from release to the last client done; step: one decode forward")  # fmt: skip
+    for name in ("clients", "aggregate tok/s", "step p50 ms", "step p99 ms", "answers"):
+        load.add_column(name, justify="right")
+    for r in report.load:
+        answers = "match" if r.answers_match_single_client else f"[bold red]differ[/] ({len(r.mismatched_runners)})"
+        load.add_row(str(r.clients), f"{r.aggregate_tokens_per_s:.1f}", f"{r.step_ms['p50']:.1f}", f"{r.step_ms['p99']:.1f}", answers)
+    return Group(speed, per_token, load)
+
+
+def _stat(s: Stat, fmt: str) -> str:
+    """Median, with the range on a dim second line."""
+    return f"{fmt.format(s.median)}\n[dim]{fmt.format(s.min)}–{fmt.format(s.max)}[/]"
+
+
+def _mib(value: float | None) -> str:
+    return "–" if value is None else f"{value:.0f}"

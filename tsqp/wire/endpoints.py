@@ -1,0 +1,57 @@
+"""Where the two sides meet: which endpoints a keyless server may listen on, socket set-up, handshake events.
+
+Each of these is needed by both the client and the server, and written once here.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import Any
+
+import zmq
+
+from tsqp.errors import AuthError
+
+READY = "tsqp serve-gpu ready"  # the line serve-gpu prints once it answers; a private server's parent waits for it
+
+# A failed security handshake is final: libzmq would retry it forever without a word.
+HANDSHAKE_FAILED = zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+HANDSHAKE_ERRORS = {  # by protocol error; whichever side notices first closes, so the other may see no detail
+    zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH: "it has no CURVE keys (security mechanism mismatch)",
+    zmq.PROTOCOL_ERROR_ZMTP_CRYPTOGRAPHIC: "its CURVE handshake failed (does it use this server's public key?)",
+}
+
+
+def new_socket(context: zmq.Context, kind: int, endpoint: str) -> zmq.Socket:
+    """A socket for `endpoint` that drops unsent messages on close (a dead peer must not block an exit)."""
+    socket = context.socket(kind)
+    socket.setsockopt(zmq.LINGER, 0)
+    socket.setsockopt(zmq.IPV6, "[" in endpoint)  # tcp://[::1]:PORT; IPv4 endpoints stay plain
+    return socket
+
+
+def frame_buffer(frame: Any) -> memoryview:
+    """The bytes of a received zmq.Frame (or of bytes / a buffer about to be sent), without a copy."""
+    return memoryview(frame.buffer if hasattr(frame, "buffer") else frame)
+
+
+def is_local_endpoint(endpoint: str) -> bool:
+    """True for endpoints other hosts cannot reach: ipc://, inproc:// and loopback tcp://."""
+    scheme, _, rest = endpoint.partition("://")
+    if scheme in ("ipc", "inproc"):
+        return True
+    if scheme != "tcp":
+        return False
+    host = rest.rpartition(":")[0].strip("[]").lower()  # tcp://HOST:PORT or tcp://[IPv6]:PORT
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback  # 127.0.0.0/8, ::1
+    except ValueError:
+        return False  # *, an interface or a host name: assume other hosts can reach it
+
+
+def check_listen_allowed(endpoint: str, curve: bool, insecure_public: bool) -> None:
+    """Without keys anyone who reaches the server could use it and read the traffic: loopback only, unless accepted."""
+    if not curve and not insecure_public and not is_local_endpoint(endpoint):
+        raise AuthError(f"refusing to listen on {endpoint} without keys (unauthenticated, unencrypted link)")
