@@ -118,7 +118,7 @@ def product_mod(x: torch.Tensor, w_q: torch.Tensor, p: int, limb_bits: int) -> t
 def matmul_mod_2_64(w: torch.Tensor, r: np.ndarray) -> np.ndarray:
     """w (K, N) float64 integers @ r (N, C) uint64 -> (K, C) uint64, exactly mod 2⁶⁴.
 
-    int64 matrix products have no BLAS (40-200x slower); instead r is split into limbs narrow
+    int64 matrix products have no BLAS (far slower); instead r is split into limbs narrow
     enough that every float64 partial sum stays exact, and the limb products are shifted back
     and added in uint64, which wraps mod 2⁶⁴ by definition.
     """

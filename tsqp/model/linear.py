@@ -1,8 +1,8 @@
 """The model's linear algebra: the part tsqp outsources to the accelerator.
 
 `LinearWeights` holds the embedding, every attention/MLP projection and the lm_head,
-pre-transposed to (in, out) so that a product is `x @ W` over contiguous rows (measured
-~2x the read bandwidth of `F.linear` for lm_head on CPU), with the projections that take
+pre-transposed to (in, out) so that a product is `x @ W` over contiguous rows (faster to
+read than `F.linear`'s layout on CPU; docs/benchmarks.md), with the projections that take
 the same input fused into one matrix (q|k|v, gate|up) so one call computes all of them.
 
 The server serves exactly this object, and it is itself a `LinearBackend`: used in-process
@@ -91,9 +91,8 @@ class LinearWeights:
 
     def _product(self, x: torch.Tensor, w_t: torch.Tensor) -> torch.Tensor:
         if self._numpy_ok and x.dtype == torch.float32 and x.numel() == w_t.shape[0]:
-            # One decode row on CPU: numpy's BLAS call costs ~half of torch's dispatch here
-            # (a 30-layer decode step: 36 ms vs 56 ms of products). From 2 rows numpy's
-            # kernel is slower than torch's (q|k|v: ~430 µs vs ~250 µs for 2-8 rows).
+            # One decode row on CPU: numpy's BLAS call skips torch's dispatch, the larger cost
+            # of so small a product. From 2 rows torch's kernel is the faster (docs/benchmarks.md).
             return torch.from_numpy(x.detach().numpy() @ w_t.detach().numpy())
         return x.to(self.device, self.dtype) @ w_t
 

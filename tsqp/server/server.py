@@ -52,7 +52,7 @@ def pick_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda asked for, but torch sees no CUDA device; use --device cpu")
+        raise ValueError("CUDA asked for, but torch sees no CUDA device; compute on the CPU instead")
     return torch.device(device)
 
 
@@ -105,9 +105,8 @@ class Server:
         weights = LinearWeights(model.weights, model.config.n_layers, self.device, SERVER_DTYPES[dtype])
         self.handlers = Handlers(model, weights, dtype, self.limits, self.stats)
         self.batcher = LinearBatcher(self.handlers, self.stats)
-        # Cross-client batching: on CUDA one product over k decode rows measured 1.1-1.6x faster than
-        # k products at k=2 and 3-5x at k=8; on CPU it lost at k=2 (numpy's BLAS is ~3x slower for
-        # 2-16 rows than for 1) and broke even at k=4, so it is off there unless asked for.
+        # Cross-client batching pays on CUDA, where k decode rows cost about one; on CPU it lost to
+        # one-row products at small k (docs/benchmarks.md), so it is off there unless asked for.
         self.batch = self.device.type == "cuda" if batch is None else batch
         self._pending: deque[Received] = deque()  # arrival order
         if otp_weight_bits:  # now, while the clients load, rather than on their first request

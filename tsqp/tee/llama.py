@@ -57,7 +57,7 @@ class Rotary:
 
     The inverse frequencies come from transformers' own rope init functions (linear,
     llama3, yarn, ...), not re-derived here. Importing its whole LLaMA module instead
-    would add ~2 s to every start.
+    would slow every start.
     """
 
     def __init__(self, hf_config: Any, head_dim: int) -> None:

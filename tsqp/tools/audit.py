@@ -283,6 +283,6 @@ def _record_dir(keep: Path | None, shield: str) -> AbstractContextManager[str]:
         return tempfile.TemporaryDirectory(prefix=f"tsqp-audit-{shield}-")
     folder = keep / shield
     if folder.exists() and any(folder.iterdir()):
-        raise TsqpError(f"{folder} is not empty: a recording appends, so give --keep a fresh folder")
+        raise TsqpError(f"{folder} is not empty: a recording appends, so keep recordings in a fresh folder")
     folder.mkdir(parents=True, exist_ok=True)
     return nullcontext(str(folder))

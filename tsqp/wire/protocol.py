@@ -111,8 +111,8 @@ def encode(msg: Message) -> list[Any]:
 
 
 def _body(t: torch.Tensor) -> Any:
-    """A tensor's bytes as a numpy array on its memory: one call on the decode path's hot tensors
-    (the chain detach/contiguous/reshape/view cost ~20 µs a frame, ~5 ms per SmolLM2 token)."""
+    """A tensor's bytes as a numpy array on its memory: one call on the decode path's hot tensors,
+    where each torch op of a detach/contiguous/reshape/view chain costs per frame."""
     if not t.is_contiguous():
         t = t.contiguous()
     return (t.view(torch.int16) if t.dtype == torch.bfloat16 else t).detach().numpy()  # numpy has no bfloat16

@@ -21,7 +21,7 @@ def run(config: BenchConfig, progress: Progress | None = None) -> BenchReport:
     from tsqp.model.loading import resolve
 
     if config.new_tokens < 2:
-        raise TsqpError("--new-tokens must be at least 2: decode speed needs decoded tokens after the first")
+        raise TsqpError("a bench run decodes at least 2 new tokens: decode speed needs decoded tokens after the first")
     counter = ProgressCounter(len(config.modes) * len(config.prompt_tokens) * config.repeat + (len(config.clients) + 1 if config.clients else 0), progress)
     machine = machine_info()  # before we add load of our own: the load average tells of other work
     counter.show("converting the model")
