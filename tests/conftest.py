@@ -1,31 +1,16 @@
-"""Shared fixtures: tiny random LLaMA models saved as HF folders, and servers on them."""
+"""Shared fixtures: tiny random LLaMA models saved as HF folders, and servers on them (helpers live in helpers.py)."""
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
-import zmq
-from transformers import LlamaConfig, LlamaForCausalLM
+from helpers import RunningServer, make_tiny_model, start_server
+from transformers import LlamaForCausalLM
 
 from tsqp.model.loading import LoadedModel, load
-from tsqp.server.server import Server
-
-TINY = dict(vocab_size=320, hidden_size=64, intermediate_size=160, num_hidden_layers=3, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5,
-            initializer_range=0.15)  # large enough that greedy choices are not near-ties  # fmt: skip
-
-
-def make_tiny_model(folder: Path, seed: int = 0, **overrides: object) -> Path:
-    """Save a random LLaMA (grouped-query attention by default) as an HF folder."""
-    torch.manual_seed(seed)
-    config = LlamaConfig(**{**TINY, **overrides})
-    model = LlamaForCausalLM(config).eval()
-    model.save_pretrained(folder)
-    return folder
 
 
 @pytest.fixture(scope="session")
@@ -41,26 +26,6 @@ def tiny(tiny_path: Path) -> LoadedModel:
 @pytest.fixture(scope="session")
 def tiny_hf(tiny_path: Path) -> LlamaForCausalLM:
     return LlamaForCausalLM.from_pretrained(tiny_path, dtype=torch.float32).eval()
-
-
-class RunningServer:
-    def __init__(self, server: Server, thread: threading.Thread, stop: threading.Event) -> None:
-        self.server, self.thread, self.stop = server, thread, stop
-        self.endpoint = server.endpoint
-
-    def close(self) -> None:
-        self.stop.set()
-        self.thread.join(5)
-        self.server.close()
-
-
-def start_server(model: LoadedModel, endpoint: str = "tcp://127.0.0.1:0", **kwargs: object) -> RunningServer:
-    """A real ROUTER server in a background thread; the OS picks the port."""
-    server = Server(model, endpoint, device="cpu", context=zmq.Context.instance(), **kwargs)
-    stop = threading.Event()
-    thread = threading.Thread(target=server.serve_forever, args=(stop,), daemon=True)
-    thread.start()
-    return RunningServer(server, thread, stop)
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import make_tiny_model
+from helpers import make_tiny_model
 from typer.testing import CliRunner
 
 from tsqp.cli.app import app

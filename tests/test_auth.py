@@ -22,7 +22,7 @@ import pytest
 import torch
 import zmq
 import zmq.auth
-from conftest import start_server
+from helpers import start_server
 from typer.testing import CliRunner
 
 from tsqp.cli.app import app

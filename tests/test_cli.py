@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import start_server
+from helpers import start_server
 from typer.testing import CliRunner
 
 from tsqp.cli.app import app

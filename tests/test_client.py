@@ -15,10 +15,10 @@ import pytest
 import torch
 import zmq
 
-from tsqp.wire import protocol
-from tsqp.wire.client import RemoteBackend
 from tsqp.errors import ModelMismatch, RemoteError, ServerUnavailable
 from tsqp.model.loading import LoadedModel
+from tsqp.wire import protocol
+from tsqp.wire.client import RemoteBackend
 
 SLACK_S = 0.75  # poll slices are 200 ms; allow for a loaded machine
 
@@ -183,7 +183,7 @@ def test_client_over_ipc(tiny: LoadedModel, make_client: Callable[..., RemoteBac
     import shutil
     import tempfile
 
-    from conftest import start_server
+    from helpers import start_server
 
     folder = tempfile.mkdtemp(prefix="tsqp-", dir="/tmp")
     running = start_server(tiny, f"ipc://{folder}/c.sock")
@@ -275,9 +275,7 @@ def hanging_server() -> Iterator[HangingServer]:
     server.close()
 
 
-def test_hanging_server_gives_server_unavailable_after_timeout(
-    hanging_server: HangingServer, make_client: Callable[..., RemoteBackend]
-) -> None:
+def test_hanging_server_gives_server_unavailable_after_timeout(hanging_server: HangingServer, make_client: Callable[..., RemoteBackend]) -> None:
     client = make_client(hanging_server.endpoint, timeout_s=1.0)
     started = time.monotonic()
     with pytest.raises(ServerUnavailable, match="in time"):
@@ -351,7 +349,7 @@ def test_late_reply_to_a_timed_out_request_is_not_taken_for_the_next_answer(make
 
 
 def test_ipv6_loopback_endpoint_works(tiny) -> None:  # noqa: ANN001
-    from conftest import start_server
+    from helpers import start_server
 
     from tsqp.wire.client import RemoteBackend
 

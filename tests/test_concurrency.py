@@ -9,18 +9,16 @@ from typing import Any
 import pytest
 import torch
 import zmq
+from helpers import close, connected_dealer, make_tiny_model, receive, send, start_server, x_input
 
-from conftest import make_tiny_model, start_server
-from test_server import close, connected_dealer, receive, send, x_input
-from tsqp.wire import protocol
-from tsqp.wire.client import RemoteBackend
-from tsqp.tee.llama import Llama
-from tsqp.tee.generation import generate
 from tsqp.model.linear import LinearWeights
 from tsqp.model.loading import LoadedModel, load
-from tsqp.wire.protocol import Limits, Message
 from tsqp.server.server import Server
-
+from tsqp.tee.generation import generate
+from tsqp.tee.llama import Llama
+from tsqp.wire import protocol
+from tsqp.wire.client import RemoteBackend
+from tsqp.wire.protocol import Limits, Message
 
 PROMPTS = [list(range(start, start + 9)) for start in (3, 50, 120, 200)]
 

@@ -18,11 +18,10 @@ import msgpack
 import pytest
 import torch
 import zmq
+from helpers import assert_valid_linear_works, call, raw_header, start_server, x_input
 
-from conftest import start_server
-from test_server import assert_valid_linear_works, call, raw_header, x_input
-from tsqp.wire import protocol
 from tsqp.model.loading import LoadedModel
+from tsqp.wire import protocol
 
 SEED = 20261128
 RSS_BOUND_MIB = 64  # growth of this process's VmRSS over the fuzz run, measured after a warm-up
@@ -66,7 +65,10 @@ def hostile(rng: random.Random, id: int) -> tuple[list[Any], int | None]:
         return frames, (id if i > 0 else None)
     if kind == 3:  # huge declared shapes, little sent
         shape = [rng.choice([2**31, 2**40, 2**62, 2**63 - 1, 10**6]) for _ in range(rng.randint(1, 4))]
-        return [header(rng, rng.choice(["LINEAR", "MATMUL", "EMBED", "LM_HEAD"]), id, tensors=[[rng.choice(list(protocol.DTYPES)), shape]]), rng.randbytes(16)], id
+        return [
+            header(rng, rng.choice(["LINEAR", "MATMUL", "EMBED", "LM_HEAD"]), id, tensors=[[rng.choice(list(protocol.DTYPES)), shape]]),
+            rng.randbytes(16),
+        ], id
     if kind == 4:  # negative dims
         shape = [rng.randint(-(2**63), -1), rng.randint(-5, 64)]
         rng.shuffle(shape)
@@ -76,7 +78,14 @@ def hostile(rng: random.Random, id: int) -> tuple[list[Any], int | None]:
         mask = torch.rand(x.shape, generator=torch.Generator().manual_seed(id)) < rng.random()
         x[mask] = rng.choice([float("nan"), float("inf"), float("-inf"), 3.4e38])
         modules = rng.choice([m for m in MODULES if m[0] != "down_proj"])
-        return protocol.encode(protocol.request("LINEAR", id, {"layer": rng.randint(0, 2), "modules": modules}, [x.to(rng.choice([torch.float32, torch.float16, torch.bfloat16, torch.float64]))])), id
+        return protocol.encode(
+            protocol.request(
+                "LINEAR",
+                id,
+                {"layer": rng.randint(0, 2), "modules": modules},
+                [x.to(rng.choice([torch.float32, torch.float16, torch.bfloat16, torch.float64]))],
+            )
+        ), id
     if kind == 6:  # wrong frame counts for a valid header
         frames = [bytes(f) for f in linear_request(rng, id)]
         if rng.random() < 0.5:

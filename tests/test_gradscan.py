@@ -30,12 +30,15 @@ def test_unprotected_call_in_plain_function_is_found_with_line():
     assert "no_grad" in f.reason
 
 
-@pytest.mark.parametrize("expr", [
-    "x.detach().numpy()",
-    "x.detach().cpu().contiguous().numpy()",
-    "x[0].detach().cpu().numpy()",
-    "x.numpy(force=True)",
-])
+@pytest.mark.parametrize(
+    "expr",
+    [
+        "x.detach().numpy()",
+        "x.detach().cpu().contiguous().numpy()",
+        "x[0].detach().cpu().numpy()",
+        "x.numpy(force=True)",
+    ],
+)
 def test_detached_or_forced_is_safe(expr):
     assert lines(f"def f(x):\n    return {expr}\n") == []
 
@@ -44,20 +47,33 @@ def test_cpu_without_detach_is_flagged():
     assert lines("def f(x):\n    return x.cpu().numpy()\n") == [2]
 
 
-@pytest.mark.parametrize("ctx", [
-    "torch.no_grad()", "no_grad()", "torch.inference_mode()", "inference_mode()",
-    "torch.autograd.no_grad()", "torch.set_grad_enabled(False)",
-    "torch.set_grad_enabled(mode=False)", "open('f'), torch.no_grad()",
-])
+@pytest.mark.parametrize(
+    "ctx",
+    [
+        "torch.no_grad()",
+        "no_grad()",
+        "torch.inference_mode()",
+        "inference_mode()",
+        "torch.autograd.no_grad()",
+        "torch.set_grad_enabled(False)",
+        "torch.set_grad_enabled(mode=False)",
+        "open('f'), torch.no_grad()",
+    ],
+)
 def test_grad_disabling_with_block_is_safe(ctx):
     src = f"def f(x):\n    with {ctx}:\n        return x.numpy()\n"
     assert lines(src) == []
 
 
-@pytest.mark.parametrize("ctx", [
-    "torch.set_grad_enabled(True)", "torch.set_grad_enabled(flag)",
-    "torch.inference_mode(False)", "open('f')",
-])
+@pytest.mark.parametrize(
+    "ctx",
+    [
+        "torch.set_grad_enabled(True)",
+        "torch.set_grad_enabled(flag)",
+        "torch.inference_mode(False)",
+        "open('f')",
+    ],
+)
 def test_non_disabling_with_block_is_flagged(ctx):
     src = f"def f(x, flag):\n    with {ctx}:\n        return x.numpy()\n"
     assert lines(src) == [3]
@@ -81,10 +97,17 @@ def test_call_after_with_block_is_flagged():
         """) == [4]
 
 
-@pytest.mark.parametrize("deco", [
-    "torch.no_grad()", "torch.no_grad", "no_grad()", "torch.inference_mode()",
-    "inference_mode", "torch.set_grad_enabled(False)",
-])
+@pytest.mark.parametrize(
+    "deco",
+    [
+        "torch.no_grad()",
+        "torch.no_grad",
+        "no_grad()",
+        "torch.inference_mode()",
+        "inference_mode",
+        "torch.set_grad_enabled(False)",
+    ],
+)
 def test_grad_disabling_decorator_is_safe(deco):
     assert lines(f"@{deco}\ndef f(x):\n    return x.numpy()\n") == []
 
@@ -111,11 +134,14 @@ def test_helper_called_only_from_no_grad_method_is_safe():
 
 
 def test_helper_becomes_flagged_with_extra_grad_enabled_caller():
-    src = RUNNER + """\
+    src = (
+        RUNNER
+        + """\
 
         def train_step(self, x):
             return self.batch_linear(x)
     """
+    )
     findings = scan(src)
     assert [(f.line, f.function) for f in findings] == [(5, "Runner.batch_linear")]
     assert "reachable" in findings[0].reason
@@ -126,7 +152,8 @@ def test_module_level_call_to_helper_makes_it_unsafe():
 
 
 def test_transitive_reachability_through_plain_call():
-    assert lines("""\
+    assert (
+        lines("""\
         def leaf(t):
             return t.numpy()
 
@@ -136,7 +163,9 @@ def test_transitive_reachability_through_plain_call():
         def outer(t):
             with torch.no_grad():
                 return middle(t)
-        """) == []
+        """)
+        == []
+    )
 
 
 def test_helper_without_callers_is_flagged():
@@ -154,7 +183,8 @@ def test_cycle_without_safe_entry_stays_unsafe():
 
 
 def test_recursion_with_safe_entry_is_safe():
-    assert lines("""\
+    assert (
+        lines("""\
         def walk(t, n):
             if n:
                 return walk(t, n - 1)
@@ -162,17 +192,22 @@ def test_recursion_with_safe_entry_is_safe():
 
         with torch.no_grad():
             walk(x, 3)
-        """) == []
+        """)
+        == []
+    )
 
 
 def test_nested_function_inside_decorated_function_is_safe():
-    assert lines("""\
+    assert (
+        lines("""\
         @torch.no_grad()
         def outer(x):
             def inner(y):
                 return y.numpy()
             return inner
-        """) == []
+        """)
+        == []
+    )
 
 
 def test_enable_grad_decorator_overrides_safe_context():

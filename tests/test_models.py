@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_tiny_model
+from helpers import make_tiny_model
 
-from tsqp.model import loading as models
 from tsqp.errors import ModelLoadError
+from tsqp.model import loading as models
 from tsqp.model.loading import load, model_fingerprint, resolve
 
 

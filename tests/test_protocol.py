@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from tsqp.wire import protocol
 from tsqp.errors import ProtocolError
+from tsqp.wire import protocol
 from tsqp.wire.protocol import Limits, Message, decode, encode
 
 ALL_DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32]
@@ -175,7 +175,9 @@ ONE_FLOAT = np.zeros(1, dtype=np.float32).tobytes()
         pytest.param([header(args={"pad": "x" * 200})], Limits(max_header_bytes=128), "header is", id="header-too-big"),
         pytest.param(
             [header(tensors=[["float32", [16]], ["float32", [16]]]), b"\0" * 64, b"\0" * 64],
-            Limits(max_message_bytes=150), "exceeds", id="message-too-big",
+            Limits(max_message_bytes=150),
+            "exceeds",
+            id="message-too-big",
         ),
         pytest.param([header(tensors=[["float32", [64]]]), b"\0" * 256], Limits(max_message_bytes=200), "exceeds", id="message-too-big-one-tensor"),
     ],

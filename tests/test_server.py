@@ -11,26 +11,13 @@ import msgpack
 import pytest
 import torch
 import zmq
+from helpers import assert_valid_linear_works, call, close, connected_dealer, raw_header, receive, rpc, send, start_server, x_input
 
-from conftest import start_server
-from tsqp.wire import protocol
 from tsqp.model.loading import LoadedModel
-from tsqp.wire.protocol import Limits, Message
-from tsqp.server.server import Server, client_key
-
-REPLY_TIMEOUT_MS = 2000  # generous: a healthy server answers these in milliseconds
-
-
-def close(a: torch.Tensor, b: torch.Tensor) -> None:
-    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
-
-
-def connected_dealer(endpoint: str) -> Iterator[zmq.Socket]:
-    sock = zmq.Context.instance().socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.connect(endpoint)
-    yield sock
-    sock.close(linger=0)
+from tsqp.server.server import Server
+from tsqp.server.stats import client_key
+from tsqp.wire import protocol
+from tsqp.wire.protocol import Limits
 
 
 @pytest.fixture
@@ -38,44 +25,7 @@ def dealer(tiny_server: Any) -> Iterator[zmq.Socket]:
     yield from connected_dealer(tiny_server.endpoint)
 
 
-def send(sock: zmq.Socket, frames: list[Any]) -> None:
-    sock.send_multipart(frames, copy=False)
-
-
-def receive(sock: zmq.Socket, timeout_ms: int = REPLY_TIMEOUT_MS) -> Message:
-    assert sock.poll(timeout_ms), "server did not answer (did it die?)"
-    return protocol.decode(sock.recv_multipart(copy=False), expect_reply=True)
-
-
-def rpc(sock: zmq.Socket, frames: list[Any], timeout_ms: int = REPLY_TIMEOUT_MS) -> Message:
-    send(sock, frames)
-    return receive(sock, timeout_ms)
-
-
-def call(sock: zmq.Socket, op: str, id: int, args: dict[str, Any] | None = None, tensors: list[torch.Tensor] | None = None) -> Message:
-    return rpc(sock, protocol.encode(protocol.request(op, id, args, tensors or [])))
-
-
 OTP_ARGS = {"p": (1 << 31) - 1, "limb_bits": 8, "weight_bits": 12}
-
-
-def raw_header(op: str = "LINEAR", id: int = 5, args: dict[str, Any] | None = None, tensors: list[Any] | None = None) -> bytes:
-    return msgpack.packb({"v": [1, 0], "op": op, "id": id, "args": args or {}, "tensors": tensors or []}, use_bin_type=True)
-
-
-def x_input(rows: int = 2, features: int = 64, seed: int = 0, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    return torch.randn(rows, features, generator=torch.Generator().manual_seed(seed)).to(dtype)
-
-
-def assert_valid_linear_works(sock: zmq.Socket, tiny: LoadedModel, id: int = 999, layer: int = 0) -> None:
-    """The server is still serving and still computes the right numbers."""
-    x = x_input(seed=id)
-    r = call(sock, "LINEAR", id, {"layer": layer, "modules": ["q_proj", "k_proj", "v_proj"]}, [x])
-    assert r.ok, r.error
-    assert r.id == id
-    assert len(r.tensors) == 3
-    for name, y in zip(("q_proj", "k_proj", "v_proj"), r.tensors):
-        close(y, x @ tiny.weights[f"layers.{layer}.{name}"].T)
 
 
 # --- correct numbers -------------------------------------------------------------
@@ -222,27 +172,39 @@ BAD_REQUESTS: list[Any] = [
     pytest.param(lambda: [raw_header(op="REPLY")], "unknown op", 5, id="reply-as-request"),
     pytest.param(
         lambda: protocol.encode(protocol.request("LINEAR", 5, {"layer": 0, "modules": ["q_proj", "k_proj", "v_proj"]}, [torch.ones(2, 64, dtype=torch.int32)])),
-        "floating point", 5, id="int32-activations",
+        "floating point",
+        5,
+        id="int32-activations",
     ),
     pytest.param(
         lambda: protocol.encode(protocol.request("LM_HEAD", 5, {}, [torch.ones(2, 64, dtype=torch.int64)])),
-        "needs integer args p, limb_bits and weight_bits", 5, id="otp-without-field",
+        "needs integer args p, limb_bits and weight_bits",
+        5,
+        id="otp-without-field",
     ),
     pytest.param(
         lambda: protocol.encode(protocol.request("LM_HEAD", 5, OTP_ARGS | {"p": 1 << 63}, [torch.ones(2, 64, dtype=torch.int64)])),
-        "out of range", 5, id="otp-p-too-big",
+        "out of range",
+        5,
+        id="otp-p-too-big",
     ),
     pytest.param(
         lambda: protocol.encode(protocol.request("LM_HEAD", 5, OTP_ARGS | {"limb_bits": 40}, [torch.ones(2, 64, dtype=torch.int64)])),
-        "too wide", 5, id="otp-limbs-too-wide",
+        "too wide",
+        5,
+        id="otp-limbs-too-wide",
     ),
     pytest.param(
         lambda: protocol.encode(protocol.request("LINEAR", 5, OTP_ARGS | {"layer": 0, "modules": ["o_proj"]}, [torch.full((2, 64), -1, dtype=torch.int64)])),
-        "[0, p)", 5, id="otp-input-outside-the-field",
+        "[0, p)",
+        5,
+        id="otp-input-outside-the-field",
     ),
     pytest.param(
         lambda: protocol.encode(protocol.request("LINEAR", 5, OTP_ARGS | {"layer": 0, "modules": ["o_proj"]}, [torch.ones(2, 3, 64, dtype=torch.int64)])),
-        "(rows, features)", 5, id="otp-input-3d",
+        "(rows, features)",
+        5,
+        id="otp-input-3d",
     ),
     pytest.param(lambda: protocol.encode(protocol.request("EMBED", 5, {}, [torch.ones(3)])), "int64", 5, id="float-token-ids"),
     pytest.param(lambda: protocol.encode(protocol.request("EMBED", 5, {}, [torch.ones(3, dtype=torch.int32)])), "int64", 5, id="int32-token-ids"),
@@ -255,66 +217,90 @@ BAD_REQUESTS: list[Any] = [
     pytest.param(lambda: [raw_header(tensors=[["float32", [-2, 64]]]), b""], "non-negative", 5, id="negative-dim"),
     pytest.param(
         lambda: protocol.encode(protocol.request("LINEAR", 5, {"layer": 3, "modules": ["q_proj", "k_proj", "v_proj"]}, [torch.ones(2, 64)])),
-        "out of range", 5, id="layer-too-big",
+        "out of range",
+        5,
+        id="layer-too-big",
     ),
     pytest.param(
         lambda: protocol.encode(protocol.request("LINEAR", 5, {"layer": -1, "modules": ["o_proj"]}, [torch.ones(2, 64)])),
-        "out of range", 5, id="layer-negative",
+        "out of range",
+        5,
+        id="layer-negative",
     ),
     pytest.param(
         lambda: protocol.encode(protocol.request("LINEAR", 5, {"layer": "0", "modules": ["o_proj"]}, [torch.ones(2, 64)])),
-        "layer", 5, id="layer-a-string",
+        "layer",
+        5,
+        id="layer-a-string",
     ),
     pytest.param(
         lambda: protocol.encode(protocol.request("LINEAR", 5, {"modules": ["o_proj"]}, [torch.ones(2, 64)])),
-        "layer", 5, id="layer-missing",
+        "layer",
+        5,
+        id="layer-missing",
     ),
     pytest.param(
         lambda: protocol.encode(protocol.request("LINEAR", 5, {"layer": 0, "modules": ["q_proj", "k_proj", "w_proj"]}, [torch.ones(2, 64)])),
-        "unknown module", 5, id="unknown-module",
+        "unknown module",
+        5,
+        id="unknown-module",
     ),
     pytest.param(
         lambda: protocol.encode(protocol.request("LINEAR", 5, {"layer": 0, "modules": ["q_proj", "o_proj"]}, [torch.ones(2, 64)])),
-        "call group", 5, id="not-a-call-group",
+        "call group",
+        5,
+        id="not-a-call-group",
     ),
     pytest.param(
         lambda: protocol.encode(protocol.request("LINEAR", 5, {"layer": 0, "modules": ["k_proj", "q_proj", "v_proj"]}, [torch.ones(2, 64)])),
-        "call group", 5, id="group-out-of-order",
+        "call group",
+        5,
+        id="group-out-of-order",
     ),
     pytest.param(
         lambda: protocol.encode(protocol.request("LINEAR", 5, {"layer": 0, "modules": "o_proj"}, [torch.ones(2, 64)])),
-        "modules", 5, id="modules-a-string",
+        "modules",
+        5,
+        id="modules-a-string",
     ),
     pytest.param(
         lambda: protocol.encode(protocol.request("LINEAR", 5, {"layer": 0, "modules": ["o_proj"]}, [torch.ones(2, 64), torch.ones(2, 64)])),
-        "tensor", 5, id="two-tensors-for-linear",
+        "tensor",
+        5,
+        id="two-tensors-for-linear",
     ),
     pytest.param(
         lambda: protocol.encode(protocol.request("LINEAR", 5, {"layer": 0, "modules": ["o_proj"]})),
-        "tensor", 5, id="no-tensor-for-linear",
+        "tensor",
+        5,
+        id="no-tensor-for-linear",
     ),
     pytest.param(lambda: protocol.encode(protocol.request("MATMUL", 5, {}, [torch.ones(2, 2)])), "tensor", 5, id="one-tensor-for-matmul"),
     pytest.param(lambda: protocol.encode(protocol.request("HELLO", 5, {}, [torch.ones(2)])), "tensor", 5, id="tensor-for-hello"),
     pytest.param(
         lambda: protocol.encode(protocol.request("LINEAR", 5, {"layer": 0, "modules": ["q_proj", "k_proj", "v_proj"]}, [torch.ones(2, 32)])),
-        "features", 5, id="wrong-feature-size",
+        "features",
+        5,
+        id="wrong-feature-size",
     ),
     pytest.param(
         lambda: protocol.encode(protocol.request("LINEAR", 5, {"layer": 0, "modules": ["down_proj"]}, [torch.ones(2, 64)])),
-        "features", 5, id="wrong-feature-size-down",
+        "features",
+        5,
+        id="wrong-feature-size-down",
     ),
     pytest.param(lambda: protocol.encode(protocol.request("LM_HEAD", 5, {}, [torch.ones(2, 63)])), "features", 5, id="lm-head-features"),
     pytest.param(
         lambda: protocol.encode(protocol.request("LINEAR", 5, {"layer": 0, "modules": ["o_proj"]}, [torch.tensor(1.0)])),
-        "dimension", 5, id="0-d-activation",
+        "dimension",
+        5,
+        id="0-d-activation",
     ),
 ]
 
 
 @pytest.mark.parametrize(("make_frames", "keyword", "reply_id"), BAD_REQUESTS)
-def test_bad_request_gets_error_reply_and_server_keeps_serving(
-    dealer: zmq.Socket, tiny: LoadedModel, make_frames: Any, keyword: str, reply_id: int
-) -> None:
+def test_bad_request_gets_error_reply_and_server_keeps_serving(dealer: zmq.Socket, tiny: LoadedModel, make_frames: Any, keyword: str, reply_id: int) -> None:
     r = rpc(dealer, make_frames())
     assert r.ok is False
     assert r.id == reply_id
@@ -394,15 +380,17 @@ def test_server_reports_its_limits(small_dealer: zmq.Socket) -> None:
     ("make_frames", "keyword"),
     [
         # 1024 elements > 1000, 4096 bytes: fits the byte limit, not the element limit
-        pytest.param(lambda: protocol.encode(protocol.request("LINEAR", 5, {"layer": 0, "modules": ["o_proj"]}, [torch.ones(16, 64)])), "elements", id="too-many-elements"),
+        pytest.param(
+            lambda: protocol.encode(protocol.request("LINEAR", 5, {"layer": 0, "modules": ["o_proj"]}, [torch.ones(16, 64)])),
+            "elements",
+            id="too-many-elements",
+        ),
         # 2 * 640 elements, 5120 bytes > 4096 (and < libzmq's 2x hard cap, so it reaches decode)
         pytest.param(lambda: protocol.encode(protocol.request("MATMUL", 5, {}, [torch.ones(10, 64), torch.ones(64, 10)])), "exceeds", id="too-many-bytes"),
         pytest.param(lambda: [raw_header(tensors=[["float32", [2**20]]]), b"\0" * 16], "elements", id="declared-huge-sent-little"),
     ],
 )
-def test_oversized_request_is_refused_and_server_keeps_serving(
-    small_dealer: zmq.Socket, tiny: LoadedModel, make_frames: Any, keyword: str
-) -> None:
+def test_oversized_request_is_refused_and_server_keeps_serving(small_dealer: zmq.Socket, tiny: LoadedModel, make_frames: Any, keyword: str) -> None:
     r = rpc(small_dealer, make_frames())
     assert r.ok is False
     assert keyword in r.error, r.error
@@ -531,7 +519,7 @@ def test_remote_backend_health(tiny_server: Any, tiny: LoadedModel) -> None:
 
 
 def test_latency_percentiles_come_from_a_bounded_ring_buffer() -> None:
-    from tsqp.server.server import LATENCY_SAMPLES, OpStats
+    from tsqp.server.stats import LATENCY_SAMPLES, OpStats
 
     op = OpStats()
     assert op.as_dict()["p50_s"] is None and op.as_dict()["latency_samples"] == 0
@@ -707,34 +695,80 @@ def test_serve_gpu_log_json_and_limit_options(tiny_path: Any) -> None:
     assert "msgpack" in warnings[1]["error"]
 
 
-def test_sigterm_while_a_request_is_in_flight_still_answers_it(tmp_path: Any) -> None:
-    """The stop flag is only checked between calls: a SIGTERM during a long MATMUL lets it finish and reply, then exit 0."""
+# serve-gpu with one change: the handler of a MATMUL says so on stdout, then waits for a line on stdin.
+# It lets a test act while a call is provably in flight, with no timing assumption.
+GATED_SERVE_GPU = """
+import runpy, sys
+from tsqp.server.handlers import Handlers
+
+handle = Handlers.__call__
+
+def gated(self, msg):
+    if msg.op == "MATMUL":
+        print("handling", msg.id, flush=True)
+        sys.stdin.readline()
+    return handle(self, msg)
+
+Handlers.__call__ = gated
+sys.argv[0] = "tsqp"
+runpy.run_module("tsqp", run_name="__main__", alter_sys=True)
+"""
+
+
+def _read_line(stream: Any, timeout_s: float) -> str:
+    """One line from an unbuffered pipe; fails after `timeout_s` rather than hang."""
+    import os
+    import select
     import time
 
-    from conftest import make_tiny_model
+    deadline, line = time.monotonic() + timeout_s, b""
+    while not line.endswith(b"\n"):
+        left = deadline - time.monotonic()
+        assert left > 0 and select.select([stream], [], [], left)[0], f"no line within {timeout_s} s, got {line!r}"
+        chunk = os.read(stream.fileno(), 1)
+        if not chunk:
+            break  # the server exited
+        line += chunk
+    return line.decode()
 
-    folder = make_tiny_model(tmp_path / "m")
-    n = 2560  # ~34 GFLOP on one thread: well over the 0.3 s before SIGTERM
-    proc, endpoint = _serve_gpu(folder, "--threads", "1", "--max-tensor-elements", str(n * n), "--max-message-mb", "256")
+
+def test_sigterm_while_a_request_is_in_flight_still_answers_it(tiny_path: Any) -> None:
+    """The stop flag is only checked between calls: a SIGTERM during a call lets it finish and reply, then exit 0.
+
+    The MATMUL's handler waits for the test's go-ahead (GATED_SERVE_GPU), so the SIGTERM provably
+    arrives while the call is in flight: the kernel hands it to the main thread, blocked in that
+    wait, before the call can end, and the handler sets the stop flag before the loop checks it again.
+    """
+    import subprocess
+    import sys
+
+    from tsqp.tee.private_server import READY
+
+    endpoint = f"tcp://127.0.0.1:{_free_port()}"
+    proc = subprocess.Popen([sys.executable, "-c", GATED_SERVE_GPU, "serve-gpu", "--model", str(tiny_path), "--endpoint", endpoint,
+                             "--device", "cpu", "--quiet"],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=0)  # fmt: skip
     sock = zmq.Context.instance().socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
     try:
+        assert _read_line(proc.stdout, 120).startswith(READY)
         sock.connect(endpoint)
         assert call(sock, "HEALTH", 1).ok  # connected and serving
         g = torch.Generator().manual_seed(0)
-        a, b = torch.randn(n, n, generator=g), torch.randn(n, n, generator=g)
+        a, b = torch.randn(3, 5, 16, generator=g), torch.randn(3, 16, 4, generator=g)
         send(sock, protocol.encode(protocol.request("MATMUL", 2, {}, [a, b])))
-        time.sleep(0.3)  # the request has arrived and is being computed
-        assert sock.poll(0) == 0, "the reply came before the SIGTERM: make the MATMUL larger"
+        assert _read_line(proc.stdout, 30) == "handling 2\n"  # the server is inside the call
         proc.terminate()
-        r = receive(sock, timeout_ms=60_000)
+        assert sock.poll(200) == 0 and proc.poll() is None  # SIGTERM neither ended the process nor cut the call short
+        proc.stdin.write(b"go\n")  # let the call finish
+        r = receive(sock, timeout_ms=10_000)
         assert r.ok, r.error
         assert r.id == 2
-        torch.testing.assert_close(r.tensors[0], a @ b, rtol=1e-3, atol=1e-2)
+        torch.testing.assert_close(r.tensors[0], a @ b)
         assert proc.wait(timeout=20) == 0
     finally:
         sock.close(linger=0)
         if proc.poll() is None:
             proc.kill()
         _, stderr = proc.communicate(timeout=20)
-    assert "Traceback" not in stderr, stderr
+    assert b"Traceback" not in stderr, stderr.decode()

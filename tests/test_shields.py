@@ -11,18 +11,21 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import RunningServer, make_tiny_model, start_server
+from helpers import RunningServer, make_tiny_model, start_server
 
-from tsqp.model import fixedpoint
-from tsqp.wire.client import RemoteBackend
-from tsqp.tee.llama import Llama
 from tsqp.errors import IntegrityError, ShieldError
-from tsqp.tee.generation import generate
 from tsqp.model.linear import LinearWeights
 from tsqp.model.loading import LoadedModel, load
 from tsqp.server.recording import read_recording
+from tsqp.shields.backend import ShieldedBackend
+from tsqp.shields.config import SHIELDS, ShieldConfig
+from tsqp.shields.freivalds import FloatFreivalds
+from tsqp.shields.otp import OtpShield
+from tsqp.shields.sites import site_weights
+from tsqp.tee.generation import generate
+from tsqp.tee.llama import Llama
 from tsqp.tee.session import Session, shielded
-from tsqp.shields.base import SHIELDS, FloatFreivalds, OtpShield, ShieldedBackend, site_weights
+from tsqp.wire.client import RemoteBackend
 
 PROMPT = list(range(5, 29))
 
@@ -37,7 +40,7 @@ def server(tiny: LoadedModel) -> Iterator[RunningServer]:
 def shielded_session(model: LoadedModel, endpoint: str, shield: str, verify: bool = True) -> Session:
     remote = RemoteBackend(endpoint, timeout_s=30)
     remote.hello(model.fingerprint)
-    return Session(model, shielded(remote, model, shield, verify))
+    return Session(model, shielded(remote, model, ShieldConfig(shield, verify)))
 
 
 def local_tokens(model: LoadedModel, prompt: list[int], n: int) -> list[int]:
@@ -45,39 +48,7 @@ def local_tokens(model: LoadedModel, prompt: list[int], n: int) -> list[int]:
     return generate(llama, prompt, n).token_ids
 
 
-# --- the fixed-point algebra -------------------------------------------------------------
-
-
-def test_product_mod_is_exact_for_extreme_inputs() -> None:
-    p, limb_bits = fixedpoint.previous_prime(1 << 40), 20
-    gen = torch.Generator().manual_seed(0)
-    w = torch.randint(-2047, 2048, (96, 40), generator=gen, dtype=torch.int64)
-    x = torch.randint(0, p, (5, 96), generator=gen, dtype=torch.int64)
-    x[0] = p - 1  # the largest masked values, where a float64 product without limbs would round
-    fixedpoint.check_product_exact(fixedpoint.max_row_l1(w.double()), p, limb_bits)
-    got = fixedpoint.product_mod(x, w.double(), p, limb_bits)
-    expected = [[sum(int(a) * int(b) for a, b in zip(row, col)) % p for col in w.t().tolist()] for row in x.tolist()]
-    assert got.tolist() == expected
-
-
-def test_field_holds_every_honest_result_and_refuses_what_cannot_be_exact() -> None:
-    f = fixedpoint.choose_field(l1=933_541, weight_bits=12, activation_bits=16)  # SmolLM2's widest row at 12 bits
-    assert f.p > 2 * f.bound and fixedpoint._is_prime(f.p)
-    assert f.limbs == 2 and 933_541 * ((1 << f.limb_bits) - 1) < 2**53 and (2 * f.p) << f.limb_bits < 2**63
-    with pytest.raises(ShieldError, match="cannot be exact"):
-        fixedpoint.choose_field(l1=1 << 30, weight_bits=16, activation_bits=24)
-    with pytest.raises(ValueError, match="too wide"):
-        fixedpoint.check_product_exact(933_541, f.p, f.limb_bits + 8)
-
-
-def test_masks_are_uniform_over_the_field() -> None:
-    p = fixedpoint.previous_prime(1 << 36)
-    r = fixedpoint.random_mod((200_000,), p)
-    assert int(r.min()) >= 0 and int(r.max()) < p
-    # Mean and top-bit frequency of a uniform draw, within 6 standard errors.
-    assert abs(float(r.double().mean()) / p - 0.5) < 6 * math.sqrt(1 / 12 / r.numel())
-    high = float((r >= p // 2).double().mean())
-    assert abs(high - 0.5) < 6 * math.sqrt(0.25 / r.numel())
+# --- otp ----------------------------------------------------------------------------------------
 
 
 def test_otp_unmasks_to_the_exact_integer_product(tiny: LoadedModel, server: RunningServer) -> None:
@@ -239,11 +210,3 @@ def test_recorded_traffic_reveals_activations_and_token_ids_only_without_a_shiel
     else:
         assert "EMBED" in ops
         assert min(per_call) > 0.99 and pooled > 0.99  # the same test finds the plaintext when nothing hides it
-
-
-def test_matmul_mod_2_64_equals_wrapping_integer_arithmetic() -> None:
-    gen = torch.Generator().manual_seed(1)
-    w = torch.randint(-2047, 2048, (33, 700), generator=gen, dtype=torch.int64)
-    r = fixedpoint.random_u64((700, 3)).numpy().view(np.uint64)
-    expected = [[sum(int(a) * int(b) for a, b in zip(row, col)) % 2**64 for col in r.T.tolist()] for row in w.tolist()]
-    assert fixedpoint.matmul_mod_2_64(w.double(), r).tolist() == expected

@@ -7,18 +7,17 @@ import os
 import subprocess
 import sys
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 import torch
-from conftest import start_server
+from helpers import start_server
 from transformers import AutoModelForCausalLM
 
-from tsqp.wire.client import RemoteBackend
-from tsqp.tee.llama import Llama
-from tsqp.tee.generation import generate
 from tsqp.model.loading import LoadedModel, load, resolve
+from tsqp.tee.generation import generate
+from tsqp.tee.llama import Llama
 from tsqp.tee.session import Session
+from tsqp.wire.client import RemoteBackend
 
 pytestmark = pytest.mark.slow
 
@@ -58,7 +57,7 @@ def test_split_greedy_tokens_and_logits_match_transformers(prompt: str, smol_hf:
     tensor = torch.tensor([ids])
     expected = smol_hf.generate(tensor, attention_mask=torch.ones_like(tensor), max_new_tokens=NEW_TOKENS, do_sample=False)
     result = split.generate(ids, max_new_tokens=NEW_TOKENS)
-    assert result.token_ids == expected[0, len(ids):].tolist()  # including EOS, as generate returns it
+    assert result.token_ids == expected[0, len(ids) :].tolist()  # including EOS, as generate returns it
 
     with torch.no_grad():
         reference_logits = smol_hf(tensor).logits
@@ -116,14 +115,15 @@ OTP_MIN_AGREEING = 7  # of 8 prompts; measured: 8 of 8 with 12-bit weights and 1
 
 def test_otp_keeps_the_fp32_greedy_tokens(smol: LoadedModel, smol_hf: AutoModelForCausalLM, split: Session) -> None:
     """Fixed-point otp (exact mod p, quantized) against transformers in fp32: the first 16 greedy tokens."""
+    from tsqp.shields.config import ShieldConfig
     from tsqp.tee.session import shielded
 
-    otp = Session(smol, shielded(split.backend, smol, "otp", verify=True))
+    otp = Session(smol, shielded(split.backend, smol, ShieldConfig("otp", verify=True)))
     agreeing, first_token_agrees = 0, 0
     for prompt in OTP_PROMPTS:
         ids = otp.prompt_ids(prompt)
         tensor = torch.tensor([ids])
-        expected = smol_hf.generate(tensor, attention_mask=torch.ones_like(tensor), max_new_tokens=OTP_TOKENS, do_sample=False)[0, len(ids):].tolist()
+        expected = smol_hf.generate(tensor, attention_mask=torch.ones_like(tensor), max_new_tokens=OTP_TOKENS, do_sample=False)[0, len(ids) :].tolist()
         got = generate(otp.llama, ids, OTP_TOKENS, smol.eos_token_ids()).token_ids
         agreeing += got == expected
         first_token_agrees += got[0] == expected[0]  # the prefill's top-1

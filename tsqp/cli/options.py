@@ -12,6 +12,7 @@ from typing import Annotated
 import typer
 
 from tsqp.cli.console import fail
+from tsqp.model.config import ACTIVATION_BITS_RANGE, WEIGHT_BITS_RANGE
 from tsqp.shields.config import SHIELDS, ShieldConfig
 
 
@@ -91,9 +92,17 @@ PrecomputeOpt = Annotated[
 ]
 NoiseScaleOpt = Annotated[float, typer.Option("--noise-scale", min=0.0, help="noise shield: mask standard deviation relative to each row's RMS.")]
 WeightBitsOpt = Annotated[
-    int, typer.Option("--weight-bits", min=2, max=16, help="otp: bits per quantized weight (per output row); 12 kept 8/8 test prompts' greedy tokens.")
+    int,
+    typer.Option(
+        "--weight-bits",
+        min=WEIGHT_BITS_RANGE[0],
+        max=WEIGHT_BITS_RANGE[1],
+        help="otp: bits per quantized weight (per output row); 12 kept 8/8 test prompts' greedy tokens.",
+    ),
 ]
-ActivationBitsOpt = Annotated[int, typer.Option("--activation-bits", min=2, max=24, help="otp: bits per fixed-point activation (per row).")]
+ActivationBitsOpt = Annotated[
+    int, typer.Option("--activation-bits", min=ACTIVATION_BITS_RANGE[0], max=ACTIVATION_BITS_RANGE[1], help="otp: bits per fixed-point activation (per row).")
+]
 
 
 def shield_config(name: str, verify: bool | None, precompute: int, noise_scale: float, weight_bits: int, activation_bits: int) -> ShieldConfig:

@@ -15,6 +15,7 @@ from rich.markup import escape
 from tsqp.cli.console import err, fail, progress
 from tsqp.cli.options import Device, DeviceOpt, Dtype, DtypeOpt, LogLevel, ModelOpt
 from tsqp.errors import AuthError
+from tsqp.model.config import WEIGHT_BITS_RANGE
 from tsqp.shields.config import WEIGHT_BITS
 
 if TYPE_CHECKING:
@@ -79,7 +80,12 @@ def serve_gpu(
     fault_seed: Annotated[int | None, typer.Option("--fault-seed", help="Seed of the fault injection, for reproducible runs.")] = None,
     otp_weight_bits: Annotated[
         int,
-        typer.Option("--otp-weight-bits", min=0, max=16, help="Quantize the weights for otp clients of this width at start-up (0: on the first otp request)."),
+        typer.Option(
+            "--otp-weight-bits",
+            min=0,
+            max=WEIGHT_BITS_RANGE[1],
+            help="Quantize the weights for otp clients of this width at start-up (0: on the first otp request).",
+        ),
     ] = WEIGHT_BITS,
     batch: Annotated[
         bool | None,

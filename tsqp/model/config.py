@@ -1,9 +1,16 @@
-"""`ModelConfig`: the sizes of a LLaMA model, shared by both sides (the server sizes its limits from it)."""
+"""`ModelConfig`: the sizes of a LLaMA model, shared by both sides (the server sizes its limits from it).
+
+Also the fixed-point widths both sides accept for otp: the server checks a request's, the TEE its settings'.
+Imports nothing heavy.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any
+
+WEIGHT_BITS_RANGE = (2, 16)  # the server's float64 limb products stay exact only for weights this narrow
+ACTIVATION_BITS_RANGE = (2, 24)
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from tsqp.errors import ShieldError
+from tsqp.model.config import ACTIVATION_BITS_RANGE, WEIGHT_BITS_RANGE
 
 FLOAT64_EXACT = 1 << 53  # float64 holds every integer below this exactly
 INT64_LIMIT = 1 << 63
@@ -69,8 +70,9 @@ def max_row_l1(w_q: torch.Tensor) -> int:
 
 def choose_field(l1: int, weight_bits: int, activation_bits: int) -> Field:
     """The smallest prime field that holds every honest result, with limbs that keep products exact."""
-    if not 2 <= weight_bits <= 16 or not 2 <= activation_bits <= 24:
-        raise ShieldError(f"otp widths out of range: weight bits {weight_bits} (2..16), activation bits {activation_bits} (2..24)")
+    (w_low, w_high), (a_low, a_high) = WEIGHT_BITS_RANGE, ACTIVATION_BITS_RANGE
+    if not w_low <= weight_bits <= w_high or not a_low <= activation_bits <= a_high:
+        raise ShieldError(f"otp widths out of range: weight bits {weight_bits} ({w_low}..{w_high}), activation bits {activation_bits} ({a_low}..{a_high})")
     bound = ((1 << (activation_bits - 1)) - 1) * l1
     bits = (2 * bound + 1).bit_length()
     p = previous_prime(1 << bits)

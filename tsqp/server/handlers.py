@@ -14,6 +14,7 @@ import torch
 
 from tsqp.errors import ProtocolError
 from tsqp.model import fixedpoint
+from tsqp.model.config import WEIGHT_BITS_RANGE
 from tsqp.model.linear import CALL_GROUPS, GroupKey, LinearWeights, QuantizedWeights
 from tsqp.model.loading import LoadedModel
 from tsqp.server.stats import ServerStats
@@ -125,8 +126,9 @@ class Handlers:
         p, limb_bits, bits = (msg.args.get(name) for name in ("p", "limb_bits", "weight_bits"))
         if not all(isinstance(v, int) and not isinstance(v, bool) for v in (p, limb_bits, bits)):
             raise ProtocolError("an int64 input (otp) needs integer args p, limb_bits and weight_bits")
-        if not 2 <= bits <= 16:
-            raise ProtocolError(f"weight_bits {bits} out of range 2..16")
+        low, high = WEIGHT_BITS_RANGE
+        if not low <= bits <= high:
+            raise ProtocolError(f"weight_bits {bits} out of range {low}..{high}")
         x = msg.tensors[0]
         if x.dim() != 2:
             raise ProtocolError(f"an otp input must be (rows, features), got shape {list(x.shape)}")

@@ -30,10 +30,14 @@ class Recorded:
 
 
 class Recorder:
+    """Appends every request to `folder`; args JSON cannot hold (bytes from a hostile client) are kept as their repr."""
+
     def __init__(self, folder: str | os.PathLike[str]) -> None:
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
-        self.count = 0
+        index = self.folder / INDEX
+        # A folder recorded into before goes on where it ended: new files must not overwrite old ones.
+        self.count = sum(1 for _ in index.open(encoding="utf-8")) if index.exists() else 0
         self._index = open(self.folder / INDEX, "a", encoding="utf-8")
 
     def write(self, op: str, args: dict[str, Any], tensors: list[torch.Tensor], client: str) -> None:
@@ -43,7 +47,7 @@ class Recorder:
             array = (t.float() if t.dtype == torch.bfloat16 else t).detach().cpu().numpy()
             np.save(self.folder / name, array, allow_pickle=False)
             files.append(name)
-        self._index.write(json.dumps({"n": self.count, "op": op, "args": args, "client": client, "files": files}) + "\n")
+        self._index.write(json.dumps({"n": self.count, "op": op, "args": args, "client": client, "files": files}, default=repr) + "\n")
         self._index.flush()
         self.count += 1
 

@@ -9,14 +9,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from tsqp.errors import ShieldError
+from tsqp.model.config import ACTIVATION_BITS_RANGE, WEIGHT_BITS_RANGE
 
 SHIELDS = ("plain", "otp", "noise", "seqmix")
 DEFAULT_SHIELD = "otp"
 NOISE_SCALE = 10.0  # noise: mask standard deviation over each row's RMS
 WEIGHT_BITS = 12  # otp: bits per quantized weight (per output row); kept 8/8 test prompts' greedy tokens
 ACTIVATION_BITS = 16  # otp: bits per fixed-point activation (per row)
-WEIGHT_BITS_RANGE = (2, 16)  # the server's exact float64 products need weights of at most 16 bits
-ACTIVATION_BITS_RANGE = (2, 24)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,122 @@
+"""Shared test helpers: tiny random LLaMA models, servers in a thread, and raw DEALER sockets to talk to them.
+
+Test files import these from here (`from helpers import ...`), never from one another;
+conftest.py holds only the fixtures.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import torch
+import zmq
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from tsqp.model.linear import LinearWeights
+from tsqp.model.loading import LoadedModel
+from tsqp.server.server import Server
+from tsqp.tee.llama import Llama
+from tsqp.wire import protocol
+from tsqp.wire.protocol import Message
+
+# --- tiny models ---------------------------------------------------------------------------
+
+TINY = dict(vocab_size=320, hidden_size=64, intermediate_size=160, num_hidden_layers=3, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5,
+            initializer_range=0.15)  # large enough that greedy choices are not near-ties  # fmt: skip
+
+
+def make_tiny_model(folder: Path, seed: int = 0, **overrides: object) -> Path:
+    """Save a random LLaMA (grouped-query attention by default) as an HF folder."""
+    torch.manual_seed(seed)
+    config = LlamaConfig(**{**TINY, **overrides})
+    model = LlamaForCausalLM(config).eval()
+    model.save_pretrained(folder)
+    return folder
+
+
+def local_llama(model: LoadedModel, **kwargs: object) -> Llama:
+    """The all-in-TEE baseline: a Llama whose products run in-process on `LinearWeights`."""
+    backend = LinearWeights(model.weights, model.config.n_layers)
+    return Llama(model.config, model.hf_config, model.norms(), backend, **kwargs)
+
+
+# --- servers in a background thread ---------------------------------------------------------
+
+
+class RunningServer:
+    def __init__(self, server: Server, thread: threading.Thread, stop: threading.Event) -> None:
+        self.server, self.thread, self.stop = server, thread, stop
+        self.endpoint = server.endpoint
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(5)
+        self.server.close()
+
+
+def start_server(model: LoadedModel, endpoint: str = "tcp://127.0.0.1:0", **kwargs: object) -> RunningServer:
+    """A real ROUTER server in a background thread; the OS picks the port."""
+    server = Server(model, endpoint, device="cpu", context=zmq.Context.instance(), **kwargs)
+    stop = threading.Event()
+    thread = threading.Thread(target=server.serve_forever, args=(stop,), daemon=True)
+    thread.start()
+    return RunningServer(server, thread, stop)
+
+
+# --- raw DEALER sockets ---------------------------------------------------------------------
+
+REPLY_TIMEOUT_MS = 2000  # generous: a healthy server answers these in milliseconds
+
+
+def close(a: torch.Tensor, b: torch.Tensor) -> None:
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def connected_dealer(endpoint: str) -> Iterator[zmq.Socket]:
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(endpoint)
+    yield sock
+    sock.close(linger=0)
+
+
+def send(sock: zmq.Socket, frames: list[Any]) -> None:
+    sock.send_multipart(frames, copy=False)
+
+
+def receive(sock: zmq.Socket, timeout_ms: int = REPLY_TIMEOUT_MS) -> Message:
+    assert sock.poll(timeout_ms), "server did not answer (did it die?)"
+    return protocol.decode(sock.recv_multipart(copy=False), expect_reply=True)
+
+
+def rpc(sock: zmq.Socket, frames: list[Any], timeout_ms: int = REPLY_TIMEOUT_MS) -> Message:
+    send(sock, frames)
+    return receive(sock, timeout_ms)
+
+
+def call(sock: zmq.Socket, op: str, id: int, args: dict[str, Any] | None = None, tensors: list[torch.Tensor] | None = None) -> Message:
+    return rpc(sock, protocol.encode(protocol.request(op, id, args, tensors or [])))
+
+
+def raw_header(op: str = "LINEAR", id: int = 5, args: dict[str, Any] | None = None, tensors: list[Any] | None = None) -> bytes:
+    return msgpack.packb({"v": [1, 0], "op": op, "id": id, "args": args or {}, "tensors": tensors or []}, use_bin_type=True)
+
+
+def x_input(rows: int = 2, features: int = 64, seed: int = 0, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    return torch.randn(rows, features, generator=torch.Generator().manual_seed(seed)).to(dtype)
+
+
+def assert_valid_linear_works(sock: zmq.Socket, tiny: LoadedModel, id: int = 999, layer: int = 0) -> None:
+    """The server is still serving and still computes the right numbers."""
+    x = x_input(seed=id)
+    r = call(sock, "LINEAR", id, {"layer": layer, "modules": ["q_proj", "k_proj", "v_proj"]}, [x])
+    assert r.ok, r.error
+    assert r.id == id
+    assert len(r.tensors) == 3
+    for name, y in zip(("q_proj", "k_proj", "v_proj"), r.tensors):
+        close(y, x @ tiny.weights[f"layers.{layer}.{name}"].T)

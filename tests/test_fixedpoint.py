@@ -1,0 +1,159 @@
+"""tsqp.model.fixedpoint: per-row quantization, the prime field, exact products mod p and mod 2⁶⁴, uniform masks."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from tsqp.errors import ShieldError
+from tsqp.model import fixedpoint
+from tsqp.model.config import ACTIVATION_BITS_RANGE, WEIGHT_BITS_RANGE
+
+# --- the fixed-point algebra -------------------------------------------------------------
+
+
+def test_product_mod_is_exact_for_extreme_inputs() -> None:
+    p, limb_bits = fixedpoint.previous_prime(1 << 40), 20
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randint(-2047, 2048, (96, 40), generator=gen, dtype=torch.int64)
+    x = torch.randint(0, p, (5, 96), generator=gen, dtype=torch.int64)
+    x[0] = p - 1  # the largest masked values, where a float64 product without limbs would round
+    fixedpoint.check_product_exact(fixedpoint.max_row_l1(w.double()), p, limb_bits)
+    got = fixedpoint.product_mod(x, w.double(), p, limb_bits)
+    expected = [[sum(int(a) * int(b) for a, b in zip(row, col)) % p for col in w.t().tolist()] for row in x.tolist()]
+    assert got.tolist() == expected
+
+
+def test_field_holds_every_honest_result_and_refuses_what_cannot_be_exact() -> None:
+    f = fixedpoint.choose_field(l1=933_541, weight_bits=12, activation_bits=16)  # SmolLM2's widest row at 12 bits
+    assert f.p > 2 * f.bound and fixedpoint._is_prime(f.p)
+    assert f.limbs == 2 and 933_541 * ((1 << f.limb_bits) - 1) < 2**53 and (2 * f.p) << f.limb_bits < 2**63
+    with pytest.raises(ShieldError, match="cannot be exact"):
+        fixedpoint.choose_field(l1=1 << 30, weight_bits=16, activation_bits=24)
+    with pytest.raises(ValueError, match="too wide"):
+        fixedpoint.check_product_exact(933_541, f.p, f.limb_bits + 8)
+
+
+def test_masks_are_uniform_over_the_field() -> None:
+    p = fixedpoint.previous_prime(1 << 36)
+    r = fixedpoint.random_mod((200_000,), p)
+    assert int(r.min()) >= 0 and int(r.max()) < p
+    # Mean and top-bit frequency of a uniform draw, within 6 standard errors.
+    assert abs(float(r.double().mean()) / p - 0.5) < 6 * math.sqrt(1 / 12 / r.numel())
+    high = float((r >= p // 2).double().mean())
+    assert abs(high - 0.5) < 6 * math.sqrt(0.25 / r.numel())
+
+
+def test_matmul_mod_2_64_equals_wrapping_integer_arithmetic() -> None:
+    gen = torch.Generator().manual_seed(1)
+    w = torch.randint(-2047, 2048, (33, 700), generator=gen, dtype=torch.int64)
+    r = fixedpoint.random_u64((700, 3)).numpy().view(np.uint64)
+    expected = [[sum(int(a) * int(b) for a, b in zip(row, col)) % 2**64 for col in r.T.tolist()] for row in w.tolist()]
+    assert fixedpoint.matmul_mod_2_64(w.double(), r).tolist() == expected
+
+
+# --- quantize_rows -----------------------------------------------------------------------------
+
+
+def test_quantize_rows_scales_each_row_to_its_own_maximum() -> None:
+    x = torch.tensor([[0.5, -2.0, 1.0], [0.0, 0.0, 0.0], [1e-3, 3e-3, -1e-3]], dtype=torch.float32)
+    before = x.clone()
+    q, scale = fixedpoint.quantize_rows(x, bits=8)
+    assert q.dtype == scale.dtype == torch.float64 and q.shape == (3, 3) and scale.shape == (3, 1)
+    assert torch.equal(x, before)  # the caller's tensor is left alone
+    assert torch.equal(q, q.round()) and int(q.abs().max()) <= 127
+    assert q[0].tolist() == [32.0, -127.0, 64.0]  # the largest |x| of a row lands on ±(2^(bits-1) - 1)
+    assert q[2].tolist() == [42.0, 127.0, -42.0]  # a row of small values uses the full range too
+    assert q[1].tolist() == [0.0, 0.0, 0.0] and scale[1].item() == 1.0  # an all-zero row stays zero, no division by 0
+    assert (q * scale - x.double()).abs().max() <= scale.max() / 2  # rounding: at most half a step off
+
+
+def test_quantize_rows_keeps_leading_dimensions() -> None:
+    x = torch.randn(2, 5, 16, generator=torch.Generator().manual_seed(4))
+    q, scale = fixedpoint.quantize_rows(x, bits=4)
+    assert q.shape == (2, 5, 16) and scale.shape == (2, 5, 1)
+    assert q.abs().amax(dim=-1).eq(7).all()  # every row reaches ±7 at 4 bits
+
+
+# --- the prime field ---------------------------------------------------------------------------
+
+
+def test_previous_prime_and_is_prime_against_known_values() -> None:
+    sieve = [n for n in range(2, 2000) if all(n % d for d in range(2, int(n**0.5) + 1))]
+    assert [n for n in range(2000) if fixedpoint._is_prime(n)] == sieve
+    assert fixedpoint.previous_prime(100) == 97
+    assert fixedpoint.previous_prime(97) == 89  # strictly below n
+    assert fixedpoint.previous_prime(1 << 31) == (1 << 31) - 1  # Mersenne primes
+    assert fixedpoint.previous_prime(1 << 61) == (1 << 61) - 1
+    assert fixedpoint.previous_prime(1 << 64) == (1 << 64) - 59
+    # Carmichael numbers and strong pseudoprimes to the first bases are composite
+    for composite in (561, 41041, 2047, 3215031751, 3825123056546413051):
+        assert not fixedpoint._is_prime(composite), composite
+
+
+@pytest.mark.parametrize(("weight_bits", "activation_bits"), [(2, 2), (8, 8), (12, 16), (4, 24)])
+def test_choose_field_is_the_smallest_field_that_fits(weight_bits: int, activation_bits: int) -> None:
+    l1 = 5_000
+    f = fixedpoint.choose_field(l1, weight_bits, activation_bits)
+    assert f.bound == ((1 << (activation_bits - 1)) - 1) * l1
+    assert 2 * f.bound < f.p < 1 << ((2 * f.bound + 1).bit_length() + 1)  # holds ±bound, and not a bit wider than it must
+    assert fixedpoint._is_prime(f.p)
+    fixedpoint.check_product_exact(l1, f.p, f.limb_bits)  # the server accepts what the TEE chose
+    assert f.limbs == -(-f.p.bit_length() // f.limb_bits) <= fixedpoint.MAX_LIMBS
+    assert f.as_args() == {"p": f.p, "limb_bits": f.limb_bits, "weight_bits": weight_bits}  # no activation width, no bound
+
+
+def test_choose_field_refuses_widths_out_of_range() -> None:
+    (w_low, w_high), (a_low, a_high) = WEIGHT_BITS_RANGE, ACTIVATION_BITS_RANGE
+    for weight_bits, activation_bits in ((w_low - 1, 8), (w_high + 1, 8), (8, a_low - 1), (8, a_high + 1)):
+        with pytest.raises(ShieldError, match="out of range"):
+            fixedpoint.choose_field(100, weight_bits, activation_bits)
+
+
+@pytest.mark.parametrize(
+    ("l1", "p", "limb_bits", "message"),
+    [
+        (10, 2, 8, "out of range"),
+        (10, 1 << 63, 8, "out of range"),
+        (10, 1_000_003, 0, "out of range"),
+        (10, 1_000_003, 53, "out of range"),
+        (1 << 40, 1_000_003, 14, "too wide"),  # float64 partial sums would pass 2^53
+        (1, fixedpoint.previous_prime(1 << 40), 8, "more than 4 limbs"),
+    ],
+)
+def test_check_product_exact_refuses_unsafe_parameters(l1: int, p: int, limb_bits: int, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        fixedpoint.check_product_exact(l1, p, limb_bits)
+
+
+def test_masked_product_unmasks_to_the_exact_integer_product() -> None:
+    """The otp round trip of the module docstring: (X_q + R)·W_qᵀ - R·W_qᵀ mod p, lifted, is X_q·W_qᵀ."""
+    gen = torch.Generator().manual_seed(5)
+    w_q, _ = fixedpoint.quantize_rows(torch.randn(24, 48, generator=gen), bits=12)  # (N, K)
+    w_q_t = w_q.t()  # (K, N), as the server keeps it
+    x_q, _ = fixedpoint.quantize_rows(torch.randn(6, 48, generator=gen), bits=16)
+    f = fixedpoint.choose_field(fixedpoint.max_row_l1(w_q_t), weight_bits=12, activation_bits=16)
+    x_int = x_q.to(torch.int64)
+    r = fixedpoint.random_mod(tuple(x_int.shape), f.p)
+    wire = torch.remainder(x_int + r, f.p)
+    z = fixedpoint.product_mod(wire, w_q_t, f.p, f.limb_bits)
+    y = torch.remainder(z - fixedpoint.product_mod(r, w_q_t, f.p, f.limb_bits), f.p)
+    y = torch.where(y > f.p // 2, y - f.p, y)  # the centred representative
+    assert torch.equal(y, x_int @ w_q_t.to(torch.int64))
+
+
+def test_matmul_mod_2_64_refuses_weights_too_large_to_stay_exact() -> None:
+    w = torch.full((2, 4), float(1 << 50), dtype=torch.float64)  # row L1 2^52
+    with pytest.raises(ShieldError, match="too large"):
+        fixedpoint.matmul_mod_2_64(w, np.zeros((4, 1), dtype=np.uint64))
+
+
+def test_random_words_have_the_asked_shape_and_differ() -> None:
+    a, b = fixedpoint.random_u64((3, 5)), fixedpoint.random_u64((3, 5))
+    assert a.shape == (3, 5) and a.dtype == torch.int64
+    assert not torch.equal(a, b)  # 960 random bits twice alike: never
+    r = fixedpoint.random_mod((4, 2), 13)
+    assert r.shape == (4, 2) and r.dtype == torch.int64 and 0 <= int(r.min()) and int(r.max()) < 13

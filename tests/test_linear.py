@@ -1,0 +1,187 @@
+"""tsqp.model.linear: fused call groups, the products the server serves, and their integer (otp) twins."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tsqp.errors import ProtocolError
+from tsqp.model import fixedpoint
+from tsqp.model.linear import CALL_GROUPS, FUSED_GROUPS, MODULES, LinearWeights, QuantizedWeights, fused_groups, product_sites
+from tsqp.model.loading import LoadedModel
+
+SIZES = {"q_proj": 64, "k_proj": 32, "v_proj": 32, "o_proj": 64, "gate_proj": 160, "up_proj": 160, "down_proj": 64}  # the tiny model's
+IN_FEATURES = {"q_proj": 64, "o_proj": 64, "gate_proj": 64, "down_proj": 160}
+
+
+@pytest.fixture(scope="module")
+def weights(tiny: LoadedModel) -> LinearWeights:
+    return LinearWeights(tiny.weights, tiny.config.n_layers)
+
+
+def x_for(group: tuple[str, ...], rows: int = 3, seed: int = 0) -> torch.Tensor:
+    return torch.randn(rows, IN_FEATURES[group[0]], generator=torch.Generator().manual_seed(seed))
+
+
+# --- call groups -------------------------------------------------------------------------------
+
+
+def test_call_groups_cover_every_module_once() -> None:
+    assert sorted(m for g in CALL_GROUPS for m in g) == sorted(MODULES)
+    assert set(FUSED_GROUPS) <= set(CALL_GROUPS)
+
+
+def test_fused_groups_concatenate_transposed_weights(tiny: LoadedModel) -> None:
+    groups = list(fused_groups(tiny.weights, tiny.config.n_layers))
+    assert [key for key, _, _ in groups] == [(layer, g) for layer in range(3) for g in CALL_GROUPS]
+    for (layer, group), w_t, sizes in groups:
+        assert sizes == [SIZES[m] for m in group]
+        assert w_t.shape == (IN_FEATURES[group[0]], sum(sizes))
+        for m, block in zip(group, w_t.split(sizes, dim=1)):
+            assert torch.equal(block, tiny.weights[f"layers.{layer}.{m}"].t())
+
+
+def test_product_sites_end_with_the_lm_head(tiny: LoadedModel) -> None:
+    sites = list(product_sites(tiny.weights, tiny.config.n_layers))
+    assert len(sites) == 3 * len(CALL_GROUPS) + 1
+    key, w_t, sizes = sites[-1]
+    assert key == "lm_head" and sizes == [320] and torch.equal(w_t, tiny.weights["lm_head"].t())
+
+
+# --- LinearWeights -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("group", CALL_GROUPS, ids="+".join)
+def test_linear_gives_each_module_of_a_group_its_product(weights: LinearWeights, tiny: LoadedModel, group: tuple[str, ...]) -> None:
+    x = x_for(group, rows=5, seed=len(group))
+    ys = weights.linear(2, list(group), x)
+    assert len(ys) == len(group)
+    for m, y in zip(group, ys):
+        assert y.shape == (5, SIZES[m])
+        torch.testing.assert_close(y, x @ tiny.weights[f"layers.2.{m}"].T, rtol=1e-5, atol=1e-5)
+    assert weights.out_features(weights.check_linear(2, group)) == sum(SIZES[m] for m in group)
+
+
+def test_linear_keeps_leading_dimensions(weights: LinearWeights, tiny: LoadedModel) -> None:
+    x = torch.randn(2, 4, 64, generator=torch.Generator().manual_seed(1))
+    q, k, v = weights.linear(0, ["q_proj", "k_proj", "v_proj"], x)
+    assert (q.shape, k.shape, v.shape) == ((2, 4, 64), (2, 4, 32), (2, 4, 32))
+    torch.testing.assert_close(v, x @ tiny.weights["layers.0.v_proj"].T, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(1, 64), (64,), (1, 1, 64)], ids=str)
+def test_one_row_numpy_path_equals_the_torch_product(weights: LinearWeights, tiny: LoadedModel, shape: tuple[int, ...]) -> None:
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(2))
+    (y,) = weights.linear(1, ["o_proj"], x)
+    assert y.shape == (*shape[:-1], 64) and y.dtype == torch.float32
+    torch.testing.assert_close(y, x @ tiny.weights["layers.1.o_proj"].T, rtol=1e-5, atol=1e-5)
+    y_lm = weights.lm_head(x)
+    torch.testing.assert_close(y_lm, x @ tiny.weights["lm_head"].T, rtol=1e-5, atol=1e-5)
+
+
+def test_inputs_of_another_dtype_are_computed_in_the_weights_dtype(weights: LinearWeights, tiny: LoadedModel) -> None:
+    x = torch.randn(1, 64, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    (y,) = weights.linear(0, ["o_proj"], x)
+    assert y.dtype == torch.float32
+    torch.testing.assert_close(y, (x @ tiny.weights["layers.0.o_proj"].double().T).float(), rtol=1e-5, atol=1e-5)
+
+
+def test_bfloat16_weights(tiny: LoadedModel) -> None:
+    bf16 = LinearWeights(tiny.weights, tiny.config.n_layers, dtype=torch.bfloat16)
+    assert bf16.embedding.dtype == bf16.lm_head_t.dtype == torch.bfloat16
+    x = torch.randn(4, 64, generator=torch.Generator().manual_seed(4))
+    (y,) = bf16.linear(0, ["o_proj"], x)
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), x @ tiny.weights["layers.0.o_proj"].T, rtol=5e-2, atol=5e-2)
+
+
+@pytest.mark.parametrize(
+    ("layer", "modules", "message"),
+    [
+        (3, ["o_proj"], "out of range 0..2"),
+        (-1, ["o_proj"], "out of range"),
+        (True, ["o_proj"], "out of range"),  # a bool is not layer 1
+        ("0", ["o_proj"], "out of range"),
+        (None, ["o_proj"], "out of range"),
+        (0, ["q_proj", "k_proj", "w_proj"], "unknown module 'w_proj'"),
+        (0, ["q_proj", "o_proj"], "not one call group"),
+        (0, ["k_proj", "q_proj", "v_proj"], "not one call group"),
+        (0, ["gate_proj"], "not one call group"),
+        (0, [], "not one call group"),
+    ],
+)
+def test_check_linear_refuses_what_is_not_a_call_group(weights: LinearWeights, layer: object, modules: list[str], message: str) -> None:
+    with pytest.raises(ProtocolError, match=message):
+        weights.check_linear(layer, modules)  # type: ignore[arg-type]
+
+
+def test_check_linear_returns_the_group_key(weights: LinearWeights) -> None:
+    assert weights.check_linear(1, ["gate_proj", "up_proj"]) == (1, ("gate_proj", "up_proj"))
+    assert weights.check_linear(0, ("down_proj",)) == (0, ("down_proj",))
+
+
+def test_wrong_feature_sizes_are_refused(weights: LinearWeights) -> None:
+    with pytest.raises(ProtocolError, match="input has 64 features, down_proj of layer 0 expects 160"):
+        weights.linear(0, ["down_proj"], torch.ones(2, 64))
+    with pytest.raises(ProtocolError, match="lm_head input has 63 features, expects 64"):
+        weights.lm_head(torch.ones(2, 63))
+
+
+def test_embed_returns_rows_and_refuses_ids_out_of_range(weights: LinearWeights, tiny: LoadedModel) -> None:
+    ids = torch.tensor([[0, 319], [5, 5]])
+    assert torch.equal(weights.embed(ids), tiny.weights["embed"][ids])
+    assert weights.embed(torch.zeros(0, dtype=torch.int64)).shape == (0, 64)  # nothing to look up is fine
+    for bad in ([320], [-1], [3, 400]):
+        with pytest.raises(ProtocolError, match="token id out of range 0..319"):
+            weights.embed(torch.tensor(bad))
+
+
+def test_lm_head_product(weights: LinearWeights, tiny: LoadedModel) -> None:
+    x = torch.randn(3, 64, generator=torch.Generator().manual_seed(5))
+    y = weights.lm_head(x)
+    assert y.shape == (3, 320)
+    torch.testing.assert_close(y, x @ tiny.weights["lm_head"].T, rtol=1e-5, atol=1e-5)
+
+
+def test_matmul_composes_or_refuses() -> None:
+    g = torch.Generator().manual_seed(6)
+    a, b = torch.randn(2, 3, 4, generator=g), torch.randn(2, 4, 5, generator=g)
+    assert torch.equal(LinearWeights.matmul(a, b), a @ b)
+    for x, y in ((torch.ones(4), torch.ones(4, 2)), (torch.ones(2, 4), torch.ones(2)), (torch.ones(2, 4), torch.ones(3, 2))):
+        with pytest.raises(ProtocolError, match="do not compose"):
+            LinearWeights.matmul(x, y)
+
+
+# --- QuantizedWeights ------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def quantized(tiny: LoadedModel) -> QuantizedWeights:
+    return QuantizedWeights(tiny.weights, tiny.config.n_layers, bits=10)
+
+
+def test_quantized_weights_are_per_row_integers_close_to_the_weights(quantized: QuantizedWeights, tiny: LoadedModel) -> None:
+    assert quantized.bits == 10
+    assert set(quantized.groups) == {key for key, _, _ in product_sites(tiny.weights, tiny.config.n_layers)}
+    for key, w_t, sizes in product_sites(tiny.weights, tiny.config.n_layers):
+        w_q_t, scale, q_sizes = quantized.groups[key]
+        assert q_sizes == sizes and w_q_t.dtype == torch.float64 and w_q_t.shape == w_t.shape and scale.shape == (1, w_t.shape[1])
+        assert torch.equal(w_q_t, w_q_t.round()) and w_q_t.abs().amax(dim=0).eq(511).all()  # 10 bits: ±511, reached in each output row
+        assert (w_q_t * scale - w_t.double()).abs().le(scale / 2 + 1e-12).all()
+    assert quantized.l1 == max(fixedpoint.max_row_l1(w_q_t) for w_q_t, _, _ in quantized.groups.values())
+
+
+@pytest.mark.parametrize("key", [(0, ("q_proj", "k_proj", "v_proj")), (2, ("down_proj",)), "lm_head"], ids=str)
+def test_quantized_product_mod_is_the_exact_integer_product(quantized: QuantizedWeights, key: object) -> None:
+    w_q_t, _, sizes = quantized.groups[key]  # type: ignore[index]
+    field = fixedpoint.choose_field(quantized.l1, weight_bits=10, activation_bits=16)
+    x = fixedpoint.random_mod((4, w_q_t.shape[0]), field.p)
+    ys = quantized.product_mod(key, x, field.p, field.limb_bits)  # type: ignore[arg-type]
+    assert [y.shape[-1] for y in ys] == sizes
+    exact = [[sum(a * b for a, b in zip(row, col)) % field.p for col in w_q_t.t().to(torch.int64).tolist()] for row in x.tolist()]
+    assert torch.cat(ys, dim=-1).tolist() == exact
+
+
+def test_quantized_product_refuses_wrong_feature_sizes(quantized: QuantizedWeights) -> None:
+    with pytest.raises(ProtocolError, match="input has 64 features"):
+        quantized.product_mod((0, ("down_proj",)), torch.zeros(2, 64, dtype=torch.int64), 1_000_003, 8)
