@@ -1,4 +1,4 @@
-"""Tests for tsqp.client.RemoteBackend: results, stats, hooks, and bounded waits on bad servers."""
+"""Tests for tsqp.wire.client.RemoteBackend: results, stats, hooks, and bounded waits on bad servers."""
 
 from __future__ import annotations
 

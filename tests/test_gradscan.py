@@ -1,4 +1,4 @@
-"""Tests for tsqp.gradscan: static detection of `.numpy()` on grad tensors."""
+"""Tests for tsqp.tools.gradscan: static detection of `.numpy()` on grad tensors."""
 
 import textwrap
 

@@ -1,4 +1,4 @@
-"""Tests for tsqp.protocol: encode/decode round trips, zero-copy frames, and validation."""
+"""Tests for tsqp.wire.protocol: encode/decode round trips, zero-copy frames, and validation."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Tests for tsqp.server: every op's numbers, and error replies that leave the server serving."""
+"""Tests for tsqp.server (loop, handlers, stats): every op's numbers, and error replies that leave the server serving."""
 
 from __future__ import annotations
 

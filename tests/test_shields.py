@@ -210,3 +210,26 @@ def test_recorded_traffic_reveals_activations_and_token_ids_only_without_a_shiel
     else:
         assert "EMBED" in ops
         assert min(per_call) > 0.99 and pooled > 0.99  # the same test finds the plaintext when nothing hides it
+
+
+# --- ShieldConfig: one validate() for every entry point ----------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        (ShieldConfig("rot13"), "unknown shield 'rot13'"),
+        (ShieldConfig("otp", precompute=-1), "precompute"),
+        (ShieldConfig("noise", noise_scale=0.0), "noise scale must be positive"),
+        (ShieldConfig("otp", weight_bits=17), "weight bits must be 2..16"),
+        (ShieldConfig("otp", activation_bits=1), "activation bits must be 2..24"),
+    ],
+)
+def test_shield_config_refuses_settings_out_of_range(config: ShieldConfig, message: str) -> None:
+    with pytest.raises(ShieldError, match=message):
+        config.validate()
+
+
+def test_verification_is_on_by_default_with_otp_only() -> None:
+    assert [ShieldConfig(name).verifies for name in SHIELDS] == [name == "otp" for name in SHIELDS]
+    assert ShieldConfig("otp", verify=False).verifies is False and ShieldConfig("noise", verify=True).verifies is True
