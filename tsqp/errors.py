@@ -39,3 +39,7 @@ class AuthError(TsqpError):
 
 class ShieldError(TsqpError):
     """A shield cannot protect this model as configured (e.g. otp's exactness bound would not hold)."""
+
+
+class EndpointError(TsqpError):
+    """An endpoint is malformed (scheme, host, port), or cannot be bound or connected to."""

@@ -8,7 +8,7 @@ import typer
 from rich.console import Console
 
 out = Console()
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)  # a one-line error stays one line in logs, whatever the width
 
 
 def fail(message: str, code: int = 1) -> NoReturn:

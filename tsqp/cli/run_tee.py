@@ -28,6 +28,7 @@ from tsqp.cli.options import (
     shield_config,
 )
 from tsqp.shields.config import ACTIVATION_BITS, DEFAULT_SHIELD, NOISE_SCALE, WEIGHT_BITS
+from tsqp.wire.endpoints import check_endpoint
 
 if TYPE_CHECKING:
     from tsqp.tee.generation import Generation
@@ -72,6 +73,10 @@ def run_tee(
     shielding = shield_config(shield, verify, precompute, noise_scale, weight_bits, activation_bits)
     if offload_attention_from is not None and not local and (shielding.name != "plain" or shielding.verifies):
         fail("--offload-attention-from sends attention's activations unmasked: use it with --shield plain --no-verify only")
+    if local and endpoint is not None:
+        fail("--local runs the linear ops in this process: drop --endpoint (or TSQP_ENDPOINT)")
+    if endpoint is not None:
+        check_endpoint(endpoint)  # before the model loads
     from tsqp.model.loading import resolve
     from tsqp.tee.private_server import PrivateServer, closed_on_failure
 

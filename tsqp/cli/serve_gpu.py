@@ -109,10 +109,11 @@ def serve_gpu(
     from tsqp.model.loading import load
     from tsqp.server import logs
     from tsqp.server.server import Server
-    from tsqp.wire.endpoints import READY, check_listen_allowed
+    from tsqp.wire.endpoints import READY, check_endpoint, check_listen_allowed
     from tsqp.wire.keys import server_keys
 
     logs.configure(log_level.value, as_json=log_json)
+    check_endpoint(endpoint)  # a malformed endpoint is named as such, before keys and before the model loads
     try:  # key and endpoint mistakes show before the model loads
         curve = server_keys(curve_secret, allow_clients)
         check_listen_allowed(endpoint, curve is not None, insecure_public)

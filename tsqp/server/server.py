@@ -30,7 +30,7 @@ import zmq
 import zmq.utils.monitor
 from zmq.auth.thread import ThreadAuthenticator
 
-from tsqp.errors import ProtocolError
+from tsqp.errors import EndpointError, ProtocolError
 from tsqp.model.linear import LinearWeights
 from tsqp.model.loading import LoadedModel
 from tsqp.server.batching import BatchedLinear, LinearBatcher
@@ -38,7 +38,7 @@ from tsqp.server.handlers import Handlers
 from tsqp.server.recording import Recorder
 from tsqp.server.stats import ServerStats, client_key
 from tsqp.wire import protocol
-from tsqp.wire.endpoints import HANDSHAKE_ERRORS, HANDSHAKE_FAILED, check_listen_allowed, frame_buffer, new_socket
+from tsqp.wire.endpoints import HANDSHAKE_ERRORS, HANDSHAKE_FAILED, check_endpoint, check_listen_allowed, frame_buffer, new_socket
 from tsqp.wire.keys import ServerKeys, start_curve_server
 from tsqp.wire.protocol import Limits, Message
 
@@ -94,7 +94,7 @@ class Server:
         otp_weight_bits: int = 0,
         batch: bool | None = None,
     ) -> None:
-        check_listen_allowed(endpoint, curve is not None, insecure_public)
+        check_listen_allowed(check_endpoint(endpoint), curve is not None, insecure_public)
         self.model = model
         self.device = pick_device(device)
         # Masked float products (noise, seqmix) lose their masks' precision under TF32: full fp32 only.
@@ -129,6 +129,9 @@ class Server:
                 # Handshakes that never reach the authenticator (no keys, wrong server key) are logged from here.
                 self._monitor = self.socket.get_monitor_socket(HANDSHAKE_FAILED)
             self.socket.bind(endpoint)
+        except zmq.ZMQError as e:
+            self.close()
+            raise EndpointError(f"cannot listen on {endpoint}: {e.strerror}") from None
         except BaseException:
             self.close()
             raise

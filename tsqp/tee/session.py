@@ -18,7 +18,7 @@ from collections.abc import Callable
 from typing import Any
 
 from tsqp import PROCESS_STARTED
-from tsqp.errors import AuthError, ShieldError, TsqpError
+from tsqp.errors import AuthError, InputError, ShieldError, TsqpError
 from tsqp.model.linear import LinearWeights
 from tsqp.model.loading import DEFAULT_MODEL, LoadedModel, load, resolve
 from tsqp.shields.backend import ShieldedBackend, describe, make_shield
@@ -27,6 +27,7 @@ from tsqp.tee.generation import Generation, generate
 from tsqp.tee.llama import Llama
 from tsqp.tee.private_server import PrivateServer, closed_on_failure
 from tsqp.wire.client import RemoteBackend
+from tsqp.wire.endpoints import check_endpoint
 
 
 class Session:
@@ -148,6 +149,10 @@ def connect(
     hands over one already started (the CLI starts it before importing torch).
     """
     shielding = (shield_config or ShieldConfig(shield, verify, precompute, noise_scale, weight_bits, activation_bits)).validate()
+    if endpoint is not None:
+        if local:
+            raise InputError("a local session runs the linear ops in this process: it takes no endpoint")
+        check_endpoint(endpoint)  # before anything loads
     if endpoint is None and (curve_secret is not None or server_key is not None):
         raise AuthError("CURVE keys are for a remote server: pass its endpoint too (a private server listens on a private ipc:// socket, without keys)")
     if offload_attention_from is not None and not local and (shielding.name != "plain" or shielding.verifies):

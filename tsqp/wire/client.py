@@ -18,9 +18,9 @@ import torch
 import zmq
 import zmq.utils.monitor
 
-from tsqp.errors import AuthError, ModelMismatch, ProtocolError, RemoteError, ServerUnavailable
+from tsqp.errors import AuthError, EndpointError, ModelMismatch, ProtocolError, RemoteError, ServerUnavailable
 from tsqp.wire import protocol
-from tsqp.wire.endpoints import HANDSHAKE_FAILED, new_socket
+from tsqp.wire.endpoints import HANDSHAKE_FAILED, check_endpoint, new_socket
 from tsqp.wire.keys import ClientKeys, client_keys, set_client_keys
 from tsqp.wire.protocol import Message
 
@@ -66,7 +66,8 @@ class RemoteBackend:
         curve_secret: str | os.PathLike[str] | None = None,
         server_key: str | os.PathLike[str] | None = None,
     ) -> None:
-        self.curve: ClientKeys | None = client_keys(curve_secret, server_key)  # before the socket: bad files leak nothing
+        check_endpoint(endpoint)  # before the socket: a bad endpoint or key file leaks nothing
+        self.curve: ClientKeys | None = client_keys(curve_secret, server_key)
         self.endpoint = endpoint
         self.timeout_s = timeout_s
         self.connect_timeout_s = connect_timeout_s
@@ -82,7 +83,11 @@ class RemoteBackend:
         self._monitor = self.socket.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED | HANDSHAKE_FAILED)
         self._connected = False
         self._was_connected = False
-        self.socket.connect(endpoint)
+        try:
+            self.socket.connect(endpoint)
+        except zmq.ZMQError as e:
+            self.close()
+            raise EndpointError(f"cannot connect to {endpoint}: {e.strerror}") from None
 
     # --- LinearBackend -------------------------------------------------------
 

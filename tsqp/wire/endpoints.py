@@ -10,7 +10,7 @@ from typing import Any
 
 import zmq
 
-from tsqp.errors import AuthError
+from tsqp.errors import AuthError, EndpointError
 
 READY = "tsqp serve-gpu ready"  # the line serve-gpu prints once it answers; a private server's parent waits for it
 
@@ -20,6 +20,29 @@ HANDSHAKE_ERRORS = {  # by protocol error; whichever side notices first closes, 
     zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH: "it has no CURVE keys (security mechanism mismatch)",
     zmq.PROTOCOL_ERROR_ZMTP_CRYPTOGRAPHIC: "its CURVE handshake failed (does it use this server's public key?)",
 }
+
+
+SCHEMES = ("tcp", "ipc", "inproc")
+FORMS = "tcp://HOST:PORT or ipc://PATH"
+
+
+def check_endpoint(endpoint: str) -> str:
+    """`endpoint` if ZeroMQ can use it; else `EndpointError` naming what is wrong (scheme, path, host or port)."""
+    scheme, separator, rest = endpoint.partition("://")
+    if not separator:
+        raise EndpointError(f"endpoint {endpoint!r} has no scheme; give {FORMS}")
+    if scheme not in SCHEMES:
+        raise EndpointError(f"endpoint {endpoint!r}: scheme {scheme!r} is not supported; give {FORMS}")
+    if scheme != "tcp":
+        if not rest:
+            raise EndpointError(f"endpoint {endpoint!r} names no path; give {FORMS}")
+        return endpoint
+    host, colon, port = rest.rpartition(":")
+    if not colon or not host.strip("[]"):
+        raise EndpointError(f"endpoint {endpoint!r} needs a host and a port, as in tcp://127.0.0.1:5555")
+    if port != "*" and not (port.isdigit() and int(port) <= 65535):
+        raise EndpointError(f"endpoint {endpoint!r}: port {port!r} is not a number from 0 to 65535")
+    return endpoint
 
 
 def new_socket(context: zmq.Context, kind: int, endpoint: str) -> zmq.Socket:
