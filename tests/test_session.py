@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tsqp.errors import ServerUnavailable
+from tsqp.errors import InputError, ServerUnavailable
 from tsqp.tee.session import connect
 
 
@@ -52,3 +52,19 @@ def test_python_api_example_runs(tiny_chat_path: Path) -> None:
                          capture_output=True, text=True, timeout=120)  # fmt: skip
     assert run.returncode == 0, run.stderr
     assert "6 tokens" in run.stdout and "round trips" in run.stdout
+
+
+@pytest.mark.parametrize("chat", [True, False])
+@pytest.mark.parametrize(("prompt", "message"), [("", "the prompt is empty"), ("caf\udce9", "not valid UTF-8")])
+def test_empty_and_non_utf8_prompts_are_refused_with_or_without_the_chat_template(prompt: str, message: str, chat: bool, tiny_chat_path: Path) -> None:
+    with connect(model=tiny_chat_path, local=True) as session:
+        with pytest.raises(InputError, match=message):
+            session.generate(prompt, max_new_tokens=2, chat=chat)
+
+
+def test_cli_refuses_a_prompt_of_invalid_utf8_bytes_in_one_line(tiny_chat_path: Path) -> None:
+    command = [sys.executable, "-m", "tsqp", "run-tee", "--local", "--model", str(tiny_chat_path), "-p", b"caf\xe9"]
+    result = subprocess.run(command, capture_output=True, timeout=120)
+    stderr = result.stderr.decode()
+    assert result.returncode == 1 and "Traceback" not in stderr and "not valid UTF-8" in stderr
+    assert len(stderr.strip().splitlines()) == 1

@@ -44,6 +44,7 @@ class Session:
         tokenizer = self.model.tokenizer
         if tokenizer is None:
             raise TsqpError(f"{self.model.path} has no tokenizer; pass token ids instead of text")
+        check_prompt(prompt)
         if chat and tokenizer.chat_template:
             ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True)
             return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
@@ -94,6 +95,20 @@ class Session:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def check_prompt(prompt: str) -> None:
+    """Refuse, the same with or without a chat template, a prompt with no text or text that is not UTF-8.
+
+    Bytes that are not UTF-8 reach Python as lone surrogates (from argv or stdin); guessing what
+    they meant would change the user's words silently, so they are refused, not replaced.
+    """
+    if not prompt:
+        raise InputError("the prompt is empty")
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise InputError(f"the prompt is not valid UTF-8 (byte {e.start} of its text); give UTF-8 text") from None
 
 
 class _TextStream:
