@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import stat
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -122,3 +125,74 @@ def test_a_server_not_ready_in_time_is_stopped(tiny_path: Path) -> None:
     with pytest.raises(ServerUnavailable, match="not ready within 0.01 s"):
         server.wait_ready()
     assert not server.alive() and not folder.exists()  # it closed the child before giving up
+
+
+# --- nothing outlives its runner ------------------------------------------------------------------
+
+RUNNER = """
+import sys, time
+from pathlib import Path
+from tsqp.tee.private_server import PrivateServer
+server = PrivateServer(Path(sys.argv[1]), device="cpu")
+server.wait_ready()
+print(server.process.pid, flush=True)
+time.sleep(600)
+"""
+
+
+def running(pid: int) -> bool:
+    """Whether a process runs (a zombie waiting for its reaper does not)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def wait_gone(pid: int, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while running(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return not running(pid)
+
+
+def children(pid: int) -> list[int]:
+    found = []
+    for stat_file in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if int(stat_file.read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(stat_file.parent.name))
+        except (OSError, ValueError, IndexError):
+            continue
+    return found
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="parent-death signal is Linux's")
+def test_a_private_server_exits_when_its_runner_is_killed(tiny_path: Path) -> None:
+    runner = subprocess.Popen([sys.executable, "-c", RUNNER, str(tiny_path)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert runner.stdout is not None
+        server_pid = int(runner.stdout.readline())
+        assert running(server_pid)
+        runner.kill()  # SIGKILL: the runner gets no chance to stop its server
+        runner.wait(10)
+        assert wait_gone(server_pid, 5.0), "the private server outlived its killed runner"
+    finally:
+        if runner.poll() is None:
+            runner.kill()
+
+
+def test_sigterm_to_run_tee_stops_its_server_and_removes_its_folder(tiny_chat_path: Path, tmp_path: Path) -> None:
+    command = [sys.executable, "-m", "tsqp", "run-tee", "--model", str(tiny_chat_path), "-p", "hi", "-n", "200"]
+    runner = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "TMPDIR": str(tmp_path)})
+    try:
+        deadline = time.monotonic() + 60
+        while not (servers := children(runner.pid)) and time.monotonic() < deadline and runner.poll() is None:
+            time.sleep(0.02)
+        assert servers, "run-tee started no private server"
+        runner.send_signal(signal.SIGTERM)
+        assert runner.wait(30) == 143, runner.communicate()[1]  # unwound by its handler, not finished nor killed
+        assert all(wait_gone(pid, 10.0) for pid in servers)
+        assert not list(tmp_path.glob("tsqp-*")), "the private server's temporary folder was left behind"
+    finally:
+        if runner.poll() is None:
+            runner.kill()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import sys
 
 import typer
@@ -51,6 +52,9 @@ for group, name, command in (
 
 def main() -> None:
     """The console script: tsqp's errors become one red line and an exit code (3: a wrong server result)."""
+    # SIGTERM unwinds like Ctrl-C, so a private server is stopped and its temporary folder removed.
+    # serve-gpu installs its own handler: it finishes the call in flight first.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:
         app()
     except TsqpError as e:
