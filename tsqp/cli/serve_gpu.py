@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import dataclasses
+import os
 import signal
+import sys
 import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
@@ -94,6 +97,9 @@ def serve_gpu(
             help="Compute LINEAR requests of different clients that wait for the same weights at the same time as one product. Default: on with CUDA, off on CPU (slower there).",
         ),
     ] = None,
+    exit_with_parent: Annotated[
+        int | None, typer.Option("--exit-with-parent", metavar="PID", hidden=True, help="Stop when process PID ends (a runner's private server).")
+    ] = None,
 ) -> None:
     """Serve the model's linear layers (embedding, projections, lm_head) to trusted runners.
 
@@ -113,6 +119,8 @@ def serve_gpu(
     from tsqp.wire.keys import server_keys
 
     logs.configure(log_level.value, as_json=log_json)
+    if exit_with_parent is not None:
+        _exit_with_parent(exit_with_parent)
     check_endpoint(endpoint)  # a malformed endpoint is named as such, before keys and before the model loads
     try:  # key and endpoint mistakes show before the model loads
         curve = server_keys(curve_secret, allow_clients)
@@ -158,3 +166,15 @@ def _limits(model: LoadedModel, max_message_mb: float | None, max_tensor_element
     if max_tensor_elements is not None:
         limits = dataclasses.replace(limits, max_tensor_elements=max_tensor_elements)
     return limits
+
+
+def _exit_with_parent(parent: int) -> None:
+    """A SIGTERM when the runner that started this server dies, however it dies (SIGKILL too).
+
+    Linux only (a parent-death signal); serve-gpu stops cleanly on SIGTERM. Checking the parent
+    after arming closes the window in which it could have died before.
+    """
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    if os.getppid() != parent:
+        raise SystemExit("tsqp serve-gpu: the runner that started this server is gone")

@@ -9,15 +9,13 @@ Imports nothing heavy, so the CLI can start the server before loading torch itse
 
 from __future__ import annotations
 
-import ctypes
 import os
 import select
-import signal
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -39,9 +37,9 @@ class PrivateServer:
         self._dir = tempfile.TemporaryDirectory(prefix="tsqp-")
         self.endpoint = f"ipc://{self._dir.name}/server.sock"
         command = [sys.executable, "-m", "tsqp", "serve-gpu", "--model", str(model_folder), "--endpoint", self.endpoint,
-                   "--device", device, "--dtype", dtype, "--quiet", *(shield_args(shield) if shield else ()), *extra_args]  # fmt: skip
+                   "--device", device, "--dtype", dtype, "--quiet", "--exit-with-parent", str(os.getpid()), *(shield_args(shield) if shield else ()), *extra_args]  # fmt: skip
         self._stderr = open(Path(self._dir.name) / "server.log", "w+")
-        self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=self._stderr, text=True, preexec_fn=_exit_with_parent(os.getpid()))
+        self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=self._stderr, text=True)
         self.startup_timeout_s = startup_timeout_s
         self.ready = False
 
@@ -91,24 +89,6 @@ class PrivateServer:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def _exit_with_parent(parent: int) -> Callable[[], None] | None:
-    """For the child, before exec: on Linux, a SIGTERM when this runner dies, however it dies (SIGKILL too).
-
-    serve-gpu stops cleanly on SIGTERM, so a killed runner leaves no server behind. Linux sends it
-    when the thread that started the server ends: start private servers from a thread that lives as long.
-    """
-    if not sys.platform.startswith("linux"):
-        return None
-
-    def arm() -> None:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-        if os.getppid() != parent:  # the runner died before the signal was armed
-            os._exit(1)
-
-    return arm
 
 
 @contextmanager
