@@ -32,7 +32,6 @@ class Handlers:
     def __init__(self, model: LoadedModel, weights: LinearWeights, dtype_name: str, limits: Limits, stats: ServerStats) -> None:
         self.model = model
         self.weights = weights
-        self.device = weights.device
         self.dtype_name = dtype_name
         self.limits = limits
         self.stats = stats
@@ -80,7 +79,7 @@ class Handlers:
                 "protocol": list(protocol.VERSION),
                 "fingerprint": self.model.fingerprint,
                 "config": vars(self.model.config),
-                "device": str(self.device),
+                "device": str(self.weights.device),
                 "dtype": self.dtype_name,
                 "ops": list(self.table),
                 "call_groups": [list(g) for g in CALL_GROUPS],
@@ -111,7 +110,7 @@ class Handlers:
         except RuntimeError:
             raise ProtocolError(f"MATMUL batch shapes {list(a.shape[:-2])} and {list(b.shape[:-2])} do not broadcast") from None
         self.check_result(math.prod(batch) * a.shape[-2] * b.shape[-1])
-        y = self.weights.matmul(a.to(self.device, self.weights.dtype), b.to(self.device, self.weights.dtype))
+        y = self.weights.matmul(a.to(self.weights.device, self.weights.dtype), b.to(self.weights.device, self.weights.dtype))
         return protocol.reply(msg.id, tensors=[self.out(y, a.dtype)])
 
     def _lm_head(self, msg: Message) -> Message:
@@ -148,7 +147,7 @@ class Handlers:
         if self.quantized is None or self.quantized.bits != bits:
             self.quantized = None  # one width at a time: free the old copy first
             log.info("quantizing the weights to %d bits for otp requests", bits)
-            self.quantized = QuantizedWeights(self.model.weights, self.model.config.n_layers, bits, self.device)
+            self.quantized = QuantizedWeights(self.model.weights, self.model.config.n_layers, bits, self.weights.device)
         return self.quantized
 
     def _stats(self, msg: Message) -> Message:

@@ -95,11 +95,9 @@ class Server:
         batch: bool | None = None,
     ) -> None:
         check_listen_allowed(check_endpoint(endpoint), curve is not None, insecure_public)
-        self.model = model
         self.device = pick_device(device)
         # Masked float products (noise, seqmix) lose their masks' precision under TF32: full fp32 only.
         torch.backends.cuda.matmul.allow_tf32 = False
-        self.dtype_name = dtype
         self.limits = limits or default_limits(model)
         self.stats = ServerStats()
         weights = LinearWeights(model.weights, model.config.n_layers, self.device, SERVER_DTYPES[dtype])
@@ -111,7 +109,6 @@ class Server:
         self._pending: deque[Received] = deque()  # arrival order
         if otp_weight_bits:  # now, while the clients load, rather than on their first request
             self.handlers.quantized_weights(otp_weight_bits)
-        self.record_dir = record_dir
         self.recorder = Recorder(record_dir) if record_dir is not None else None
         if not 0.0 <= fault_rate <= 1.0:
             raise ValueError(f"fault rate {fault_rate} is not a fraction between 0 and 1")
