@@ -7,7 +7,7 @@ conftest.py holds only the fixtures.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -120,3 +120,54 @@ def assert_valid_linear_works(sock: zmq.Socket, tiny: LoadedModel, id: int = 999
     assert len(r.tensors) == 3
     for name, y in zip(("q_proj", "k_proj", "v_proj"), r.tensors):
         close(y, x @ tiny.weights[f"layers.{layer}.{name}"].T)
+
+
+# --- a hostile server -----------------------------------------------------------------------
+
+HOT_OPS = ("EMBED", "LINEAR", "MATMUL", "LM_HEAD")
+Tamper = Callable[[Message, Message], list[Any]]  # (request, honest reply) -> the frames sent instead
+
+
+class TamperingProxy:
+    """A hostile server: a ROUTER that forwards each request to a real server and rewrites its replies
+    to the hot ops with `tamper` (HELLO, STATS and HEALTH pass untouched)."""
+
+    def __init__(self, upstream: str, tamper: Tamper) -> None:
+        self.upstream, self.tamper = upstream, tamper
+        self.stop = threading.Event()
+        self.bound = threading.Event()
+        self.endpoint = ""
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+        assert self.bound.wait(5)
+
+    def _run(self) -> None:
+        context = zmq.Context.instance()
+        front, back = context.socket(zmq.ROUTER), context.socket(zmq.DEALER)
+        for sock in (front, back):
+            sock.setsockopt(zmq.LINGER, 0)
+        front.bind("tcp://127.0.0.1:0")
+        self.endpoint = front.getsockopt_string(zmq.LAST_ENDPOINT)
+        back.connect(self.upstream)
+        self.bound.set()
+        try:
+            while not self.stop.is_set():
+                if not front.poll(50):
+                    continue
+                identity, *frames = front.recv_multipart()
+                back.send_multipart(frames)
+                if not back.poll(10_000):
+                    continue
+                reply = back.recv_multipart()
+                request = protocol.decode(frames)
+                if request.op in HOT_OPS:
+                    reply = self.tamper(request, protocol.decode(reply, expect_reply=True))
+                if reply:
+                    front.send_multipart([identity, *reply])
+        finally:
+            front.close(linger=0)
+            back.close(linger=0)
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(5)

@@ -1,4 +1,15 @@
-"""The project's exceptions. Only `cli.py` turns them into a one-line message and an exit code."""
+"""The project's exceptions, and the cleaning of any text a peer sends before it reaches a message.
+
+Only `cli/app.py` turns them into a one-line message and an exit code.
+"""
+
+MAX_PEER_TEXT = 500  # characters of a peer's text kept in a message
+
+
+def clean_text(text: object, limit: int = MAX_PEER_TEXT) -> str:
+    """Text fit to show on a terminal: control characters (escape sequences, newlines) replaced by '?', length bounded."""
+    cleaned = "".join(c if c.isprintable() else "?" for c in str(text))
+    return cleaned if len(cleaned) <= limit else cleaned[:limit] + "…"
 
 
 class TsqpError(Exception):
@@ -11,6 +22,10 @@ class ModelLoadError(TsqpError):
 
 class ProtocolError(TsqpError):
     """A message on the wire is malformed, oversized or not allowed."""
+
+
+class MalformedReply(ProtocolError):
+    """A server's reply is not what was asked: unknown id, wrong tensor count, shape or dtype, non-finite values."""
 
 
 class RemoteError(TsqpError):

@@ -8,10 +8,25 @@ import sys
 import typer
 
 from tsqp.cli import audit, bench, check_grad, keys, run_tee, serve_gpu
-from tsqp.cli.console import err
-from tsqp.errors import IntegrityError, TsqpError
+from tsqp.cli.console import err, error_line
+from tsqp.errors import IntegrityError, ProtocolError, RemoteError, ServerUnavailable, TsqpError
 
-EXIT_INTEGRITY = 3  # a server result failed verification: distinct, so scripts can tell
+# Exit statuses, distinct so that scripts can tell what went wrong (2 is a usage error, from typer).
+EXIT_ERROR = 1  # bad input, a missing model, keys ...
+EXIT_INTEGRITY = 3  # a server result failed verification
+EXIT_UNAVAILABLE = 4  # no server, or it died or stopped answering
+EXIT_PROTOCOL = 5  # the server broke the protocol (a malformed reply) or refused a request
+
+
+def exit_status(error: TsqpError) -> int:
+    if isinstance(error, IntegrityError):
+        return EXIT_INTEGRITY
+    if isinstance(error, ServerUnavailable):
+        return EXIT_UNAVAILABLE
+    if isinstance(error, (ProtocolError, RemoteError)):
+        return EXIT_PROTOCOL
+    return EXIT_ERROR
+
 
 app = typer.Typer(
     help="""Shielded split inference of LLaMA-family models.
@@ -51,15 +66,15 @@ for group, name, command in (
 
 
 def main() -> None:
-    """The console script: tsqp's errors become one red line and an exit code (3: a wrong server result)."""
+    """The console script: tsqp's errors become one red line and an exit status (`exit_status`)."""
     # SIGTERM unwinds like Ctrl-C, so a private server is stopped and its temporary folder removed.
     # serve-gpu installs its own handler: it finishes the call in flight first.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:
         app()
     except TsqpError as e:
-        err.print(f"[bold red]error:[/] {e}", highlight=False)
-        sys.exit(EXIT_INTEGRITY if isinstance(e, IntegrityError) else 1)
+        error_line(e)
+        sys.exit(exit_status(e))
     except KeyboardInterrupt:
         err.print("interrupted")
         sys.exit(130)

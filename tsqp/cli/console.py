@@ -6,14 +6,22 @@ from typing import NoReturn
 
 import typer
 from rich.console import Console
+from rich.markup import escape
+
+from tsqp.errors import clean_text
 
 out = Console()
 err = Console(stderr=True, soft_wrap=True)  # a one-line error stays one line in logs, whatever the width
 
 
+def error_line(message: object) -> None:
+    """One red line on stderr. The message is shown as text: markup and control characters in it (a server's words) do nothing."""
+    err.print(f"[bold red]error:[/] {escape(clean_text(message, limit=10_000))}", highlight=False)
+
+
 def fail(message: str, code: int = 1) -> NoReturn:
     """One red line on stderr, then exit with `code`."""
-    err.print(f"[bold red]error:[/] {message}", highlight=False)
+    error_line(message)
     raise typer.Exit(code)
 
 

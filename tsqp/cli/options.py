@@ -51,7 +51,10 @@ EndpointOpt = Annotated[
 DeviceOpt = Annotated[Device, typer.Option(help="Where the server computes: auto (CUDA when available), cuda or cpu.")]
 DtypeOpt = Annotated[Dtype, typer.Option(help="Server weight dtype.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object instead of text, for scripts.")]
-TimeoutOpt = Annotated[float, typer.Option(help="Seconds to wait for any one server reply.")]
+TimeoutOpt = Annotated[float, typer.Option(min=0.001, help="Seconds to wait for any one server reply, once connected.")]
+ConnectTimeoutOpt = Annotated[
+    float, typer.Option("--connect-timeout", min=0.001, help="Seconds to wait for a connection to --endpoint before saying nothing listens there.")
+]
 CurveSecretOpt = Annotated[
     Path | None,
     typer.Option(

@@ -10,6 +10,7 @@ import typer
 from tsqp.cli.console import err, fail, out, progress
 from tsqp.cli.options import (
     ActivationBitsOpt,
+    ConnectTimeoutOpt,
     CurveSecretOpt,
     Device,
     DeviceOpt,
@@ -28,7 +29,7 @@ from tsqp.cli.options import (
     shield_config,
 )
 from tsqp.shields.config import ACTIVATION_BITS, DEFAULT_SHIELD, NOISE_SCALE, WEIGHT_BITS
-from tsqp.wire.endpoints import check_endpoint
+from tsqp.wire.endpoints import CONNECT_TIMEOUT_S, check_endpoint
 
 if TYPE_CHECKING:
     from tsqp.tee.generation import Generation
@@ -45,6 +46,7 @@ def run_tee(
     top_p: Annotated[float, typer.Option(min=0.0, max=1.0, help="Nucleus sampling: keep the smallest set of tokens with this much probability.")] = 1.0,
     seed: Annotated[int | None, typer.Option(help="Random seed for sampling.")] = None,
     timeout: TimeoutOpt = 60.0,
+    connect_timeout: ConnectTimeoutOpt = CONNECT_TIMEOUT_S,
     offload_attention_from: Annotated[
         int | None,
         typer.Option(
@@ -87,7 +89,7 @@ def run_tee(
         with closed_on_failure(server):
             from tsqp.tee.session import connect
 
-            session = connect(endpoint, folder, local=local, timeout_s=timeout, connect_timeout_s=min(timeout, 10.0),
+            session = connect(endpoint, folder, local=local, timeout_s=timeout, connect_timeout_s=connect_timeout,
                               offload_attention_from=offload_attention_from, private_server=server,
                               curve_secret=curve_secret, server_key=server_key, shield_config=shielding)  # fmt: skip
     with session:

@@ -41,6 +41,19 @@ def product_sites(weights: Mapping[str, torch.Tensor], n_layers: int) -> Iterato
     yield "lm_head", weights["lm_head"].t(), [weights["lm_head"].shape[0]]
 
 
+def output_widths(weights: Mapping[str, torch.Tensor]) -> dict[str, int]:
+    """What each product returns per row: module name (the same in every layer), "embed" and "lm_head" -> width."""
+    widths = {name: weights[f"layers.0.{name}"].shape[0] for name in MODULES}
+    return {**widths, "embed": weights["embed"].shape[1], "lm_head": weights["lm_head"].shape[0]}
+
+
+def max_reply_bytes(weights: Mapping[str, torch.Tensor], max_rows: int) -> int:
+    """The largest reply frame an honest server sends for calls of up to `max_rows` rows (8-byte values, otp's
+    int64), plus room for the header. Logits come back one row per sequence in generation."""
+    widths = output_widths(weights)
+    return max_rows * max(w for name, w in widths.items() if name != "lm_head") * 8 + max(widths["lm_head"] * 8 * 64, 1 << 20)
+
+
 class LinearWeights:
     """Embedding, projections and lm_head of one model, ready for products on one device."""
 

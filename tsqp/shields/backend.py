@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from tsqp.errors import IntegrityError, ShieldError
+from tsqp.errors import IntegrityError, MalformedReply, ShieldError
 from tsqp.model.linear import QuantizedWeights
 from tsqp.shields.base import Shield
 from tsqp.shields.config import ShieldConfig
@@ -59,7 +60,8 @@ class ShieldedBackend:
     def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
         if not self.shield.embeds_remotely:
             return self.embedding[token_ids]
-        rows = self.remote.embed(token_ids)
+        with self._as_integrity_failure():
+            rows = self.remote.embed(token_ids)
         if self.verify:  # a lookup: the TEE's own copy checks it outright
             expected = self.embedding[token_ids]
             if not bool(((rows.float() - expected).abs() <= self.shield.freivalds.eps * expected.abs()).all()):  # type: ignore[union-attr]
@@ -86,7 +88,8 @@ class ShieldedBackend:
         t0 = time.perf_counter()
         wire, state = self.shield.mask(site, x.reshape(-1, x.shape[-1]))
         t1 = time.perf_counter()
-        parts = self.remote.call(op, {**args, **self.shield.wire_args()}, [wire]).tensors
+        with self._as_integrity_failure():
+            parts = self.remote.call(op, {**args, **self.shield.wire_args()}, [wire]).tensors
         z = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
         if z.shape != (wire.shape[0], sum(sizes)):
             raise IntegrityError(integrity_message(site, "|".join(module_names(site)), f"shape {list(z.shape)}, expected {[wire.shape[0], sum(sizes)]}"))
@@ -101,6 +104,16 @@ class ShieldedBackend:
         times.unmask_s += t4 - t3
         y = y.reshape(*lead, y.shape[-1])
         return list(y.split(sizes, dim=-1)) if len(sizes) > 1 else [y]
+
+    @contextmanager
+    def _as_integrity_failure(self) -> Iterator[None]:
+        """Under verification a reply that is not what was asked (shape, dtype, NaN, ids) is a failed check like any wrong number."""
+        try:
+            yield
+        except MalformedReply as e:
+            if not self.verify:
+                raise
+            raise IntegrityError(f"integrity check failed: {e}; generation stopped") from None
 
     def close(self) -> None:
         self.remote.close()

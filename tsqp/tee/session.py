@@ -19,7 +19,7 @@ from typing import Any
 
 from tsqp import PROCESS_STARTED
 from tsqp.errors import AuthError, InputError, ShieldError, TsqpError
-from tsqp.model.linear import LinearWeights
+from tsqp.model.linear import LinearWeights, max_reply_bytes, output_widths
 from tsqp.model.loading import DEFAULT_MODEL, LoadedModel, load, resolve
 from tsqp.shields.backend import ShieldedBackend, describe, make_shield
 from tsqp.shields.config import ACTIVATION_BITS, DEFAULT_SHIELD, NOISE_SCALE, WEIGHT_BITS, ShieldConfig
@@ -27,7 +27,7 @@ from tsqp.tee.generation import Generation, generate
 from tsqp.tee.llama import Llama
 from tsqp.tee.private_server import PrivateServer, closed_on_failure
 from tsqp.wire.client import RemoteBackend
-from tsqp.wire.endpoints import check_endpoint
+from tsqp.wire.endpoints import CONNECT_TIMEOUT_S, check_endpoint
 
 
 class Session:
@@ -141,7 +141,7 @@ def connect(
     device: str = "auto",
     dtype: str = "float32",
     timeout_s: float = 60.0,
-    connect_timeout_s: float = 10.0,
+    connect_timeout_s: float = CONNECT_TIMEOUT_S,
     offload_attention_from: int | None = None,
     progress: Callable[[str], Any] | None = None,
     on_send: Callable[[str, Any], None] | None = None,
@@ -179,12 +179,15 @@ def connect(
         return Session(loaded, backend, offload_attention_from=offload_attention_from)
     server = private_server or (PrivateServer(folder, device, dtype, shielding) if endpoint is None else None)
     with closed_on_failure(server):
-        loaded = load(folder)  # while the private server loads its own copy
+        if server is None:
+            _check_reachable(endpoint, connect_timeout_s, curve_secret, server_key)  # in seconds, not after the model loads
+        loaded = load(folder)  # while a private server loads its own copy
         if server is not None:
             server.wait_ready()
         remote = RemoteBackend(server.endpoint if server else endpoint, timeout_s, connect_timeout_s,
                                on_send=on_send, server_alive=server.alive if server else None,
-                               curve_secret=curve_secret, server_key=server_key)  # fmt: skip
+                               curve_secret=curve_secret, server_key=server_key, out_features=output_widths(loaded.weights),
+                               max_reply_bytes=max_reply_bytes(loaded.weights, loaded.config.max_seq_len))  # fmt: skip
         try:
             remote.hello(loaded.fingerprint)
             backend = shielded(remote, loaded, shielding)
@@ -192,6 +195,15 @@ def connect(
             remote.close()
             raise
     return Session(loaded, backend, server, offload_attention_from)
+
+
+def _check_reachable(endpoint: str, timeout_s: float, curve_secret: Any, server_key: Any) -> None:
+    """`ServerUnavailable` (or `AuthError`) within `timeout_s` when nothing usable listens at `endpoint`."""
+    probe = RemoteBackend(endpoint, connect_timeout_s=timeout_s, curve_secret=curve_secret, server_key=server_key)
+    try:
+        probe.wait_connected()
+    finally:
+        probe.close()
 
 
 def shielded(remote: RemoteBackend, model: LoadedModel, shielding: ShieldConfig) -> RemoteBackend | ShieldedBackend:

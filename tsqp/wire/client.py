@@ -1,16 +1,21 @@
 """The TEE's connection to `serve-gpu`: a `LinearBackend` whose products run remotely.
 
-Every call is one round trip on a DEALER socket. Waiting is bounded: a server that
-never answers, refuses the model, or dies mid-request turns into `ServerUnavailable`
-within the deadline instead of a hang. With CURVE keys the link is authenticated and
-encrypted; a server that refuses the handshake turns into `AuthError` at once.
+Every call is one round trip on a DEALER socket. Waiting is bounded: nothing listening
+turns into `ServerUnavailable` within the connect timeout; a server that never answers,
+refuses the model, or dies mid-request, within the reply timeout. With CURVE keys the link
+is authenticated and encrypted; a server that refuses the handshake turns into `AuthError`.
+
+The server is not trusted to answer what was asked: a reply's id, tensor count, shapes,
+dtypes and finiteness are checked here (`MalformedReply`), its error text is cleaned of
+control characters before anyone prints it, and no reply frame may exceed `max_reply_bytes`
+(enforced by libzmq before it allocates).
 """
 
 from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,13 +23,14 @@ import torch
 import zmq
 import zmq.utils.monitor
 
-from tsqp.errors import AuthError, EndpointError, ModelMismatch, ProtocolError, RemoteError, ServerUnavailable
+from tsqp.errors import AuthError, EndpointError, MalformedReply, ModelMismatch, ProtocolError, RemoteError, ServerUnavailable, clean_text
 from tsqp.wire import protocol
-from tsqp.wire.endpoints import HANDSHAKE_FAILED, check_endpoint, new_socket
+from tsqp.wire.endpoints import CONNECT_TIMEOUT_S, HANDSHAKE_FAILED, check_endpoint, new_socket
 from tsqp.wire.keys import ClientKeys, client_keys, set_client_keys
 from tsqp.wire.protocol import Message
 
 DEFAULT_ENDPOINT = "tcp://127.0.0.1:5555"
+HOT_OPS = ("EMBED", "LINEAR", "MATMUL", "LM_HEAD")
 
 
 @dataclass
@@ -53,18 +59,22 @@ class RemoteBackend:
     `check-grad` and the tests that check what the server receives); `server_alive()`
     lets the owner of a private server report its death at once. `curve_secret` (this
     client's NAME.key_secret) and `server_key` (the server's NAME.key) turn on CURVE.
+    `out_features` (module name, "embed" or "lm_head" -> width; `model.linear.output_widths`)
+    lets replies be checked to the column; without it only their rows are.
     """
 
     def __init__(
         self,
         endpoint: str = DEFAULT_ENDPOINT,
         timeout_s: float = 60.0,
-        connect_timeout_s: float = 5.0,
+        connect_timeout_s: float = CONNECT_TIMEOUT_S,
         context: zmq.Context | None = None,
         on_send: Callable[[str, torch.Tensor], None] | None = None,
         server_alive: Callable[[], bool] | None = None,
         curve_secret: str | os.PathLike[str] | None = None,
         server_key: str | os.PathLike[str] | None = None,
+        out_features: Mapping[str, int] | None = None,
+        max_reply_bytes: int | None = None,
     ) -> None:
         check_endpoint(endpoint)  # before the socket: a bad endpoint or key file leaks nothing
         self.curve: ClientKeys | None = client_keys(curve_secret, server_key)
@@ -75,14 +85,20 @@ class RemoteBackend:
         self.server_alive = server_alive
         self.stats = WireStats()
         self.info: dict[str, Any] = {}
+        self.out_features = dict(out_features or {})
         self._next_id = 0
+        self._abandoned: set[int] = set()  # ids of timed-out requests, whose late answers are dropped
         self.socket = new_socket(context or zmq.Context.instance(), zmq.DEALER, endpoint)
+        if max_reply_bytes is not None:  # libzmq drops a larger frame's connection before allocating it
+            self.socket.setsockopt(zmq.MAXMSGSIZE, max_reply_bytes)
+        self.max_reply_bytes = max_reply_bytes
         if self.curve is not None:
             set_client_keys(self.socket, self.curve)
         # Connection events tell us a server died, or refused us, without waiting for the deadline.
         self._monitor = self.socket.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED | HANDSHAKE_FAILED)
         self._connected = False
         self._was_connected = False
+        self._dropped = False  # the connection went down since the current call was sent
         try:
             self.socket.connect(endpoint)
         except zmq.ZMQError as e:
@@ -105,10 +121,23 @@ class RemoteBackend:
 
     # --- session ---------------------------------------------------------------
 
+    def wait_connected(self) -> None:
+        """Return once a connection is up; `ServerUnavailable` after the connect timeout if nothing listens."""
+        if self.endpoint.startswith("inproc://"):
+            return  # no connection events in-process
+        deadline = time.monotonic() + self.connect_timeout_s
+        while not self._connected:
+            self._watch_connection(wait_ms=50)
+            if not self._connected and time.monotonic() > deadline:
+                raise ServerUnavailable(
+                    f"nothing answers at {self.endpoint} (no connection within {self.connect_timeout_s:g} s); is `tsqp serve-gpu` running there?"
+                )
+
     def hello(self, fingerprint: str | None = None) -> dict[str, Any]:
         """Check that a compatible server holding the same model answers."""
+        self.wait_connected()
         try:
-            reply = self.call("HELLO", {"fingerprint": fingerprint} if fingerprint else {}, timeout_s=self.connect_timeout_s)
+            reply = self.call("HELLO", {"fingerprint": fingerprint} if fingerprint else {})
         except RemoteError as e:
             if "fingerprint" in str(e):
                 raise ModelMismatch(f"the server at {self.endpoint} holds a different model: {e}") from None
@@ -120,7 +149,8 @@ class RemoteBackend:
 
     def health(self) -> dict[str, Any]:
         """Liveness check: status, uptime_s, requests served and the model fingerprint."""
-        return self.call("HEALTH", {}, timeout_s=self.connect_timeout_s).args
+        self.wait_connected()
+        return self.call("HEALTH", {}).args
 
     def server_stats(self) -> dict[str, Any]:
         return self.call("STATS", {}).args
@@ -134,20 +164,21 @@ class RemoteBackend:
         t0 = time.perf_counter()
         frames = protocol.encode(request)
         t1 = time.perf_counter()
+        self._watch_connection()  # events from before this call (a server restart in between) are not its concern
+        self._dropped = False
         self.socket.send_multipart(frames, copy=False)
         deadline = time.monotonic() + (self.timeout_s if timeout_s is None else timeout_s)
-        while True:
-            reply_frames = self._receive(op, deadline)
-            t2 = time.perf_counter()
-            try:
-                reply = protocol.decode(reply_frames, expect_reply=True)
-            except ProtocolError as e:
-                raise ProtocolError(f"malformed reply to {op} from {self.endpoint}: {e}") from None
-            if reply.id in (request.id, -1):
-                break  # anything else is a late answer to a request that already timed out
-        t3 = time.perf_counter()
+        try:
+            reply_frames, reply = self._reply_to(request, deadline)
+        except ServerUnavailable:
+            self._abandoned.add(request.id)  # its answer may still come; it must not pass for the next one's
+            raise
+        t2 = time.perf_counter()
         if not reply.ok:
-            raise RemoteError(f"server refused {op}: {reply.error}")
+            raise RemoteError(f"server refused {op}: {clean_text(reply.error)}")
+        if op in HOT_OPS:
+            self._check_reply(request, reply)
+        t3 = time.perf_counter()
         s = self.stats
         s.round_trips += 1
         s.bytes_sent += request.nbytes + len(frames[0])
@@ -158,26 +189,76 @@ class RemoteBackend:
         s.server_s += compute if isinstance(compute, float) else 0.0
         return reply
 
+    def _reply_to(self, request: Message, deadline: float) -> tuple[list[Any], Message]:
+        """The reply to `request`, skipping late answers to abandoned requests; any other id is a protocol error."""
+        while True:
+            frames = self._receive(request.op, deadline)
+            try:
+                reply = protocol.decode(frames, expect_reply=True)
+            except ProtocolError as e:
+                raise MalformedReply(f"malformed reply to {request.op} from {self.endpoint}: {e}") from None
+            if reply.id in (request.id, -1):  # -1: the server could not read the request's id
+                return frames, reply
+            if reply.id not in self._abandoned:
+                raise MalformedReply(f"the server at {self.endpoint} answered request {reply.id} while request {request.id} ({request.op}) was waiting")
+            self._abandoned.discard(reply.id)
+
+    def _check_reply(self, request: Message, reply: Message) -> None:
+        """Is the reply what `request` asked for: as many tensors, of the right shapes and dtypes, with finite values?"""
+        expected = self._expected(request)
+        what = f"{request.op}" + (f" (layer {request.args['layer']} {'|'.join(request.args['modules'])})" if request.op == "LINEAR" else "")
+        if len(reply.tensors) != len(expected):
+            raise MalformedReply(f"the server's reply to {what} has {len(reply.tensors)} tensors, expected {len(expected)}")
+        for i, (t, (shape, dtype)) in enumerate(zip(reply.tensors, expected)):
+            if t.dtype != dtype:
+                raise MalformedReply(f"the server's reply to {what}: tensor {i} is {protocol.DTYPE_NAMES[t.dtype]}, expected {protocol.DTYPE_NAMES[dtype]}")
+            if len(t.shape) != len(shape) or any(want is not None and got != want for got, want in zip(t.shape, shape)):
+                raise MalformedReply(
+                    f"the server's reply to {what}: tensor {i} has shape {list(t.shape)}, expected {[d if d is not None else 'N' for d in shape]}"
+                )
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                raise MalformedReply(f"the server's reply to {what}: tensor {i} holds NaN or infinite values")
+
+    def _expected(self, request: Message) -> list[tuple[tuple[int | None, ...], torch.dtype]]:
+        """(shape, dtype) of each tensor of an honest reply; None where the width is not known here."""
+        x = request.tensors[0]
+        width = self.out_features.get
+        if request.op == "EMBED":
+            return [((*x.shape, width("embed")), torch.float32)]
+        if request.op == "LINEAR":
+            return [((*x.shape[:-1], width(m)), x.dtype) for m in request.args["modules"]]
+        if request.op == "LM_HEAD":
+            return [((*x.shape[:-1], width("lm_head")), x.dtype)]
+        b = request.tensors[1]  # MATMUL
+        return [((*torch.broadcast_shapes(x.shape[:-2], b.shape[:-2]), x.shape[-2], b.shape[-1]), x.dtype)]
+
     def _receive(self, op: str, deadline: float) -> list[Any]:
         while True:
             # Blocking waits in short slices, so a dead server is noticed at once.
             if self.socket.poll(200):
                 return self.socket.recv_multipart(copy=False)
             self._watch_connection()
-            if (self._was_connected and not self._connected) or (self.server_alive is not None and not self.server_alive()):
-                raise ServerUnavailable(f"the tsqp server at {self.endpoint} went away while answering {op}")
+            if self._dropped or (self._was_connected and not self._connected) or (self.server_alive is not None and not self.server_alive()):
+                raise ServerUnavailable(f"the tsqp server at {self.endpoint} went away while answering {op}{self._size_hint()}")
             if time.monotonic() > deadline:
                 raise ServerUnavailable(f"no answer to {op} from {self.endpoint} in time; is `tsqp serve-gpu` running there?")
 
-    def _watch_connection(self) -> None:
+    def _size_hint(self) -> str:
+        if self.max_reply_bytes is None:
+            return ""
+        return f" (or sent a reply frame over this runner's limit of {self.max_reply_bytes / 2**20:.0f} MiB)"
+
+    def _watch_connection(self, wait_ms: int = 0) -> None:
         """Follow connect/disconnect events (a restarted server reconnects by itself); raise on a refused handshake."""
         refused: dict[str, Any] | None = None
-        while self._monitor.poll(0):
+        while self._monitor.poll(wait_ms):
+            wait_ms = 0
             event = zmq.utils.monitor.parse_monitor_message(self._monitor.recv_multipart())
             if event["event"] & HANDSHAKE_FAILED:
                 refused = event
                 continue
             self._connected = event["event"] == zmq.EVENT_CONNECTED
+            self._dropped |= self._was_connected and not self._connected
             self._was_connected |= self._connected
         if refused is not None:
             raise AuthError(self._refusal(refused["event"], refused["value"]))

@@ -12,6 +12,7 @@ import zmq
 
 from tsqp.errors import AuthError, EndpointError
 
+CONNECT_TIMEOUT_S = 2.0  # a client reports that nothing listens after this; replies have their own timeout
 READY = "tsqp serve-gpu ready"  # the line serve-gpu prints once it answers; a private server's parent waits for it
 
 # A failed security handshake is final: libzmq would retry it forever without a word.
