@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import zmq
@@ -54,6 +56,44 @@ def test_a_port_in_use_is_an_endpoint_error(tiny: LoadedModel) -> None:
             Server(tiny, running.endpoint, device="cpu", context=zmq.Context.instance())
     finally:
         running.close()
+
+
+def test_a_live_servers_ipc_path_is_refused_and_its_socket_removed_on_close(tiny: LoadedModel, tmp_path: Path) -> None:
+    endpoint = f"ipc://{tmp_path}/server.sock"
+    running = start_server(tiny, endpoint)
+    try:
+        with pytest.raises(EndpointError, match="another server is listening there"):
+            Server(tiny, endpoint, device="cpu", context=zmq.Context.instance())
+        assert RemoteBackend(endpoint, connect_timeout_s=3).health()["status"] == "ok"  # the first one still serves
+    finally:
+        running.close()
+    assert not (tmp_path / "server.sock").exists(), "the server left its socket file behind"
+
+
+def test_a_dead_servers_socket_file_is_replaced(tiny: LoadedModel, tmp_path: Path) -> None:
+    path = tmp_path / "stale.sock"
+    with socket.socket(socket.AF_UNIX) as dead:
+        dead.bind(str(path))  # bound, never listening: what a killed server leaves
+    running = start_server(tiny, f"ipc://{path}")
+    running.close()
+
+
+def test_an_ipc_path_that_is_not_a_socket_is_never_deleted(tiny: LoadedModel, tmp_path: Path) -> None:
+    precious = tmp_path / "notes.txt"
+    precious.write_text("keep me")
+    with pytest.raises(EndpointError, match="is not a socket"):
+        Server(tiny, f"ipc://{precious}", device="cpu")
+    assert precious.read_text() == "keep me"  # libzmq alone would have unlinked it
+
+
+def test_serve_gpu_names_a_port_in_use_before_loading_the_model(tiny: LoadedModel, tmp_path: Path) -> None:
+    running = start_server(tiny)
+    try:
+        result = tsqp("serve-gpu", "--model", str(tmp_path / "not-loaded.gguf"), "--endpoint", running.endpoint)
+    finally:
+        running.close()
+    assert result.returncode == 1 and "the port is in use" in result.stderr, result.stderr  # not "model not found"
+    assert len(result.stderr.strip().splitlines()) == 1
 
 
 def tsqp(*args: str) -> subprocess.CompletedProcess[str]:

@@ -167,15 +167,16 @@ def children(pid: int) -> list[int]:
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="parent-death signal is Linux's")
-def test_a_private_server_exits_when_its_runner_is_killed(tiny_path: Path) -> None:
-    runner = subprocess.Popen([sys.executable, "-c", RUNNER, str(tiny_path)], stdout=subprocess.PIPE, text=True)
+def test_a_private_server_exits_when_its_runner_is_killed(tiny_path: Path, tmp_path: Path) -> None:
+    runner = subprocess.Popen([sys.executable, "-c", RUNNER, str(tiny_path)], stdout=subprocess.PIPE, text=True, env={**os.environ, "TMPDIR": str(tmp_path)})
     try:
         assert runner.stdout is not None
         server_pid = int(runner.stdout.readline())
-        assert running(server_pid)
-        runner.kill()  # SIGKILL: the runner gets no chance to stop its server
+        assert running(server_pid) and list(tmp_path.glob("tsqp-*"))
+        runner.kill()  # SIGKILL: the runner gets no chance to stop its server nor remove its folder
         runner.wait(10)
-        assert wait_gone(server_pid, 5.0), "the private server outlived its killed runner"
+        assert wait_gone(server_pid, 2.0), "the private server outlived its killed runner by more than 2 s"
+        assert not list(tmp_path.glob("tsqp-*")), "the killed runner's private folder was left behind"
     finally:
         if runner.poll() is None:
             runner.kill()

@@ -6,6 +6,7 @@ import contextlib
 import ctypes
 import dataclasses
 import os
+import shutil
 import signal
 import sys
 import threading
@@ -100,6 +101,10 @@ def serve_gpu(
     exit_with_parent: Annotated[
         int | None, typer.Option("--exit-with-parent", metavar="PID", hidden=True, help="Stop when process PID ends (a runner's private server).")
     ] = None,
+    private_dir: Annotated[
+        Path | None,
+        typer.Option("--private-dir", metavar="DIR", hidden=True, help="The runner's private folder (socket, log): removed here if the runner died first."),
+    ] = None,
 ) -> None:
     """Serve the model's linear layers (embedding, projections, lm_head) to trusted runners.
 
@@ -115,7 +120,7 @@ def serve_gpu(
     from tsqp.model.loading import load
     from tsqp.server import logs
     from tsqp.server.server import Server
-    from tsqp.wire.endpoints import READY, check_endpoint, check_listen_allowed
+    from tsqp.wire.endpoints import READY, check_endpoint, check_free, check_listen_allowed
     from tsqp.wire.keys import server_keys
 
     logs.configure(log_level.value, as_json=log_json)
@@ -127,6 +132,7 @@ def serve_gpu(
         check_listen_allowed(endpoint, curve is not None, insecure_public)
     except AuthError as e:
         fail(str(e) if curve_secret or allow_clients else f"{e}: pass --curve-secret and --allow-clients, or --insecure-public to accept that")
+    check_free(endpoint)  # a port or socket in use shows now, not after the model loads
     if curve is None:
         err.print(f"[yellow]warning:[/] no CURVE keys: the link on {escape(endpoint)} is unauthenticated and unencrypted "
                   "(see `tsqp keys generate`, --curve-secret and --allow-clients)", highlight=False)  # fmt: skip
@@ -150,6 +156,8 @@ def serve_gpu(
         server.serve_forever(stop)  # the stop flag is checked between calls: the call in flight is answered
     finally:
         server.shutdown()  # and its reply sent before the process exits
+        if private_dir is not None and exit_with_parent is not None and os.getppid() != exit_with_parent:
+            shutil.rmtree(private_dir, ignore_errors=True)  # its runner, killed, could not remove it
     if fault_rate:
         err.print(f"[yellow]warning:[/] --fault-rate {fault_rate:g}: this server corrupts results on purpose", highlight=False)
     if not quiet:

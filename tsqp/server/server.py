@@ -22,6 +22,7 @@ import time
 from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import msgpack
@@ -38,7 +39,17 @@ from tsqp.server.handlers import Handlers
 from tsqp.server.recording import Recorder
 from tsqp.server.stats import ServerStats, client_key
 from tsqp.wire import protocol
-from tsqp.wire.endpoints import HANDSHAKE_ERRORS, HANDSHAKE_FAILED, check_endpoint, check_listen_allowed, frame_buffer, new_socket
+from tsqp.wire.endpoints import (
+    HANDSHAKE_ERRORS,
+    HANDSHAKE_FAILED,
+    check_endpoint,
+    check_free,
+    check_listen_allowed,
+    frame_buffer,
+    ipc_path,
+    new_socket,
+    remove_socket_file,
+)
 from tsqp.wire.keys import ServerKeys, start_curve_server
 from tsqp.wire.protocol import Limits, Message
 
@@ -95,6 +106,7 @@ class Server:
         batch: bool | None = None,
     ) -> None:
         check_listen_allowed(check_endpoint(endpoint), curve is not None, insecure_public)
+        check_free(endpoint)
         self.device = pick_device(device)
         # Masked float products (noise, seqmix) lose their masks' precision under TF32: full fp32 only.
         torch.backends.cuda.matmul.allow_tf32 = False
@@ -120,12 +132,16 @@ class Server:
         self.socket.setsockopt(zmq.MAXMSGSIZE, 2 * self.limits.max_message_bytes)
         self.authenticator: ThreadAuthenticator | None = None
         self._monitor: zmq.Socket | None = None
+        self._socket_file: Path | None = None  # an ipc:// socket file this server bound, removed on close
+        self._socket_inode = 0
         try:
             if curve is not None:
                 self.authenticator = start_curve_server(self.socket, curve, log)
                 # Handshakes that never reach the authenticator (no keys, wrong server key) are logged from here.
                 self._monitor = self.socket.get_monitor_socket(HANDSHAKE_FAILED)
             self.socket.bind(endpoint)
+            self._socket_file = ipc_path(endpoint)
+            self._socket_inode = os.lstat(self._socket_file).st_ino if self._socket_file else 0
         except zmq.ZMQError as e:
             self.close()
             raise EndpointError(f"cannot listen on {endpoint}: {e.strerror}") from None
@@ -274,6 +290,9 @@ class Server:
             self.socket.disable_monitor()
             self._monitor.close(linger=0)
         self.socket.close(linger=linger_ms)
+        if self._socket_file is not None:  # libzmq leaves it behind
+            remove_socket_file(self._socket_file, self._socket_inode)
+            self._socket_file = None
         if self.authenticator is not None:
             self.authenticator.stop()
         if self.recorder is not None:

@@ -37,7 +37,7 @@ class PrivateServer:
         self._dir = tempfile.TemporaryDirectory(prefix="tsqp-")
         self.endpoint = f"ipc://{self._dir.name}/server.sock"
         command = [sys.executable, "-m", "tsqp", "serve-gpu", "--model", str(model_folder), "--endpoint", self.endpoint,
-                   "--device", device, "--dtype", dtype, "--quiet", "--exit-with-parent", str(os.getpid()), *(shield_args(shield) if shield else ()), *extra_args]  # fmt: skip
+                   "--device", device, "--dtype", dtype, "--quiet", "--exit-with-parent", str(os.getpid()), "--private-dir", self._dir.name, *(shield_args(shield) if shield else ()), *extra_args]  # fmt: skip
         self._stderr = open(Path(self._dir.name) / "server.log", "w+")
         self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=self._stderr, text=True)
         self.startup_timeout_s = startup_timeout_s

@@ -5,7 +5,12 @@ Each of these is needed by both the client and the server, and written once here
 
 from __future__ import annotations
 
+import errno
 import ipaddress
+import os
+import socket
+import stat
+from pathlib import Path
 from typing import Any
 
 import zmq
@@ -79,3 +84,57 @@ def check_listen_allowed(endpoint: str, curve: bool, insecure_public: bool) -> N
     """Without keys anyone who reaches the server could use it and read the traffic: loopback only, unless accepted."""
     if not curve and not insecure_public and not is_local_endpoint(endpoint):
         raise AuthError(f"refusing to listen on {endpoint} without keys (unauthenticated, unencrypted link)")
+
+
+def ipc_path(endpoint: str) -> Path | None:
+    """The socket file of an ipc:// endpoint; None for other schemes and abstract sockets (ipc://@name)."""
+    scheme, _, rest = endpoint.partition("://")
+    return Path(rest) if scheme == "ipc" and not rest.startswith("@") else None
+
+
+def check_free(endpoint: str) -> None:
+    """`EndpointError` if another process listens at `endpoint`, or if an ipc:// path is a file that is not a socket.
+
+    Checked before a server loads its model, and before it binds: libzmq would unlink whatever lies at an
+    ipc:// path, a live server's socket (which then serves on, unreachable) or a user's file alike.
+    """
+    scheme, _, rest = endpoint.partition("://")
+    if scheme == "tcp":
+        _check_port_free(endpoint, rest)
+        return
+    path = ipc_path(endpoint)
+    if path is None or not os.path.lexists(path):
+        return
+    if not stat.S_ISSOCK(os.lstat(path).st_mode):
+        raise EndpointError(f"cannot listen on {endpoint}: {path} exists and is not a socket (it would be deleted); pick another path")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.connect(str(path))
+        except OSError:
+            return  # a dead server's socket file: binding replaces it
+    raise EndpointError(f"cannot listen on {endpoint}: another server is listening there; stop it or pick another path")
+
+
+def _check_port_free(endpoint: str, rest: str) -> None:
+    host, _, port = rest.rpartition(":")
+    if port in ("*", "0"):
+        return
+    host = host.strip("[]")
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as libzmq binds: a port in TIME_WAIT is free
+        try:
+            probe.bind(("" if host == "*" else host, int(port)))
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                raise EndpointError(f"cannot listen on {endpoint}: the port is in use; stop what holds it or pick another port") from None
+            # an interface name, or an address not on this host: libzmq's bind gives the verdict
+
+
+def remove_socket_file(path: Path, inode: int) -> None:
+    """Remove the socket file a server bound, unless another has replaced it since (same path, new inode)."""
+    try:
+        if os.lstat(path).st_ino == inode:
+            path.unlink()
+    except FileNotFoundError:
+        pass
