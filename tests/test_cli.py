@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from helpers import start_server
 from typer.testing import CliRunner
 
@@ -141,3 +142,20 @@ def test_shield_errors_are_one_line(tiny_chat_path: Path) -> None:
 def test_attention_offload_under_a_shield_is_refused_up_front(tiny_chat_path: Path) -> None:
     result = tsqp("run-tee", "--model", str(tiny_chat_path), "--prompt", "Hi", "--offload-attention-from", "4")
     assert result.returncode == 1 and "--shield plain --no-verify" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a host without CUDA")
+@pytest.mark.parametrize("command", ["run-tee", "serve-gpu"])
+def test_device_cuda_without_cuda_fails_before_anything_starts(command: str, tmp_path: Path) -> None:
+    args = ("-p", "hi") if command == "run-tee" else ()
+    started = time.monotonic()
+    result = tsqp(command, "--model", str(tmp_path / "never-loaded.gguf"), "--device", "cuda", *args)
+    assert result.returncode == 1 and "no CUDA device" in result.stderr, result.stderr  # not "model not found": checked first
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert time.monotonic() - started < 30
+
+
+@pytest.mark.parametrize(("command", "args"), [("serve-gpu", ("--threads", "0")), ("run-tee", ("-p", "hi", "--dtype", "int8"))])
+def test_out_of_range_options_are_usage_errors(command: str, args: tuple[str, ...]) -> None:
+    result = tsqp(command, *args)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr

@@ -37,14 +37,23 @@ def test_unreadable_gguf_leaves_no_half_cache(tmp_path: Path, monkeypatch: pytes
     bad.write_bytes(b"GGUF but not really")
     with pytest.raises(ModelLoadError, match="cannot read GGUF"):
         resolve(bad)
-    leftovers = [p.name for p in (tmp_path / "cache").iterdir() if not p.name.endswith(".lock")]
-    assert leftovers == []
+    assert list((tmp_path / "cache").iterdir()) == []  # no half cache, no lock file
+
+
+def test_junk_with_a_gguf_name_is_refused_before_anything_starts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TSQP_CACHE", str(tmp_path / "cache"))
+    junk = tmp_path / "junk.gguf"
+    junk.write_bytes(b"<html>not a model</html>")
+    said: list[str] = []
+    with pytest.raises(ModelLoadError, match="is not a GGUF file"):
+        resolve(junk, said.append)
+    assert said == [] and not (tmp_path / "cache").exists()  # no "Converting once", no lock file
 
 
 def test_interrupted_conversion_is_not_taken_for_a_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("TSQP_CACHE", str(tmp_path / "cache"))
     gguf = tmp_path / "model.gguf"
-    gguf.write_bytes(b"x")
+    gguf.write_bytes(b"GGUF and the rest")
 
     def killed(_gguf: Path, target: Path) -> None:
         raise KeyboardInterrupt  # as if Ctrl-C hit mid-conversion

@@ -108,6 +108,15 @@ ActivationBitsOpt = Annotated[
 ]
 
 
+def check_device(device: Device) -> None:
+    """`--device cuda` on a host without CUDA fails now, before a model or a server starts (torch is imported for it)."""
+    if device is Device.cuda:
+        import torch
+
+        if not torch.cuda.is_available():
+            fail("--device cuda, but torch sees no CUDA device on this host; use --device auto or --device cpu")
+
+
 def shield_config(name: str, verify: bool | None, precompute: int, noise_scale: float, weight_bits: int, activation_bits: int) -> ShieldConfig:
     """The shield settings of run-tee's options, checked before anything loads."""
     if name not in SHIELDS:

@@ -26,6 +26,7 @@ from tsqp.cli.options import (
     TimeoutOpt,
     VerifyOpt,
     WeightBitsOpt,
+    check_device,
     shield_config,
 )
 from tsqp.shields.config import ACTIVATION_BITS, DEFAULT_SHIELD, NOISE_SCALE, WEIGHT_BITS
@@ -79,6 +80,8 @@ def run_tee(
         fail("--local runs the linear ops in this process: drop --endpoint (or TSQP_ENDPOINT)")
     if endpoint is not None:
         check_endpoint(endpoint)  # before the model loads
+    elif not local:
+        check_device(device)  # the private server's device
     from tsqp.model.loading import resolve
     from tsqp.tee.private_server import PrivateServer, closed_on_failure
 

@@ -17,7 +17,7 @@ import typer
 from rich.markup import escape
 
 from tsqp.cli.console import err, fail, progress
-from tsqp.cli.options import Device, DeviceOpt, Dtype, DtypeOpt, LogLevel, ModelOpt
+from tsqp.cli.options import Device, DeviceOpt, Dtype, DtypeOpt, LogLevel, ModelOpt, check_device
 from tsqp.errors import AuthError
 from tsqp.model.config import WEIGHT_BITS_RANGE
 from tsqp.shields.config import WEIGHT_BITS
@@ -34,7 +34,7 @@ def serve_gpu(
     ] = "tcp://127.0.0.1:5555",
     device: DeviceOpt = Device.auto,
     dtype: DtypeOpt = Dtype.float32,
-    threads: Annotated[int | None, typer.Option(help="torch CPU threads for the products (default: torch's choice).")] = None,
+    threads: Annotated[int | None, typer.Option(min=1, help="torch CPU threads for the products (default: torch's choice).")] = None,
     quiet: Annotated[bool, typer.Option(help="Print only the ready line (and security warnings).")] = False,
     log_level: Annotated[LogLevel, typer.Option(help="Logging level.")] = LogLevel.warning,
     log_json: Annotated[
@@ -133,6 +133,7 @@ def serve_gpu(
     except AuthError as e:
         fail(str(e) if curve_secret or allow_clients else f"{e}: pass --curve-secret and --allow-clients, or --insecure-public to accept that")
     check_free(endpoint)  # a port or socket in use shows now, not after the model loads
+    check_device(device)
     if curve is None:
         err.print(f"[yellow]warning:[/] no CURVE keys: the link on {escape(endpoint)} is unauthenticated and unencrypted "
                   "(see `tsqp keys generate`, --curve-secret and --allow-clients)", highlight=False)  # fmt: skip

@@ -104,7 +104,11 @@ def resolve(spec: str | os.PathLike[str], progress: Callable[[str], Any] | None 
     return _converted(path, progress)
 
 
+GGUF_MAGIC = b"GGUF"
+
+
 def _converted(gguf: Path, progress: Callable[[str], Any] | None) -> Path:
+    _check_gguf_magic(gguf)  # junk is named at once, before any lock, message or cache entry
     stat = gguf.resolve().stat()
     key = hashlib.sha256(f"{gguf.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
     target = cache_dir() / f"{gguf.stem}-{key}"
@@ -119,13 +123,29 @@ def _converted(gguf: Path, progress: Callable[[str], Any] | None) -> Path:
     return target
 
 
+def _check_gguf_magic(gguf: Path) -> None:
+    try:
+        with open(gguf, "rb") as f:
+            magic = f.read(len(GGUF_MAGIC))
+    except OSError as e:
+        raise ModelLoadError(f"cannot read {gguf}: {e.strerror}") from None
+    if magic != GGUF_MAGIC:
+        raise ModelLoadError(f"{gguf} is not a GGUF file (it does not start with {GGUF_MAGIC.decode()}); give a .gguf model or a Hugging Face folder")
+
+
 @contextlib.contextmanager
 def _file_lock(path: Path) -> Iterator[None]:
+    """An exclusive lock on `path`, removed when released: the cache keeps no lock files.
+
+    A process that waited on the removed file finds the work done (or retries it), which the
+    caller checks after taking the lock."""
     with open(path, "w") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
         try:
             yield
         finally:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
