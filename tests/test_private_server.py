@@ -182,7 +182,8 @@ def test_a_private_server_exits_when_its_runner_is_killed(tiny_path: Path, tmp_p
             runner.kill()
 
 
-def test_sigterm_to_run_tee_stops_its_server_and_removes_its_folder(tiny_chat_path: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize(("sig", "status"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_signal_to_run_tee_stops_its_server_and_removes_its_folder(sig: int, status: int, tiny_chat_path: Path, tmp_path: Path) -> None:
     command = [sys.executable, "-m", "tsqp", "run-tee", "--model", str(tiny_chat_path), "-p", "hi", "-n", "200"]
     runner = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "TMPDIR": str(tmp_path)})
     try:
@@ -190,8 +191,8 @@ def test_sigterm_to_run_tee_stops_its_server_and_removes_its_folder(tiny_chat_pa
         while not (servers := children(runner.pid)) and time.monotonic() < deadline and runner.poll() is None:
             time.sleep(0.02)
         assert servers, "run-tee started no private server"
-        runner.send_signal(signal.SIGTERM)
-        assert runner.wait(30) == 143, runner.communicate()[1]  # unwound by its handler, not finished nor killed
+        runner.send_signal(sig)
+        assert runner.wait(30) == status, runner.communicate()[1]  # unwound by its handler, not finished nor killed
         assert all(wait_gone(pid, 10.0) for pid in servers)
         assert not list(tmp_path.glob("tsqp-*")), "the private server's temporary folder was left behind"
     finally:
