@@ -147,6 +147,7 @@ def test_key_file_errors_are_clear(tmp_path: Path, keys: Keys) -> None:
     ("tcp://127.0.0.1:5555", True), ("tcp://127.3.4.5:1", True), ("tcp://localhost:5555", True), ("tcp://[::1]:5555", True),
     ("ipc:///tmp/x.sock", True), ("tcp://0.0.0.0:5555", False), ("tcp://*:5555", False), ("tcp://10.0.0.2:5555", False),
     ("tcp://[::]:5555", False), ("tcp://example.org:5555", False), ("tcp://eth0:5555", False), ("ws://127.0.0.1:1", False),
+    ("ipc://@tsqp-abstract", False),  # an abstract socket has no file permissions: every local user reaches it
 ])  # fmt: skip
 def test_only_loopback_and_ipc_count_as_local(endpoint: str, local: bool) -> None:
     assert is_local_endpoint(endpoint) is local

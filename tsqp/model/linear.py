@@ -72,6 +72,7 @@ class LinearWeights:
         self.lm_head_t = weights["lm_head"].to(device=self.device, dtype=dtype).t().contiguous()  # (D, V)
         # (layer, modules) -> (W_t (K, sum N), output sizes)
         self._groups = {key: (w_t.to(device=self.device, dtype=dtype).contiguous(), sizes) for key, w_t, sizes in fused_groups(weights, n_layers)}
+        self.widest_out = max(sum(sizes) for _, sizes in self._groups.values())
 
     def check_linear(self, layer: int, modules: Sequence[str]) -> GroupKey:
         """Validate a (layer, modules) request; returns the fused group key."""
@@ -89,6 +90,10 @@ class LinearWeights:
     def out_features(self, key: GroupKey) -> int:
         """Total outputs of a checked group."""
         return sum(self._groups[key][1])
+
+    def in_features(self, key: GroupKey) -> int:
+        """The input width of a checked group."""
+        return self._groups[key][0].shape[0]
 
     def linear(self, layer: int, modules: Sequence[str], x: torch.Tensor) -> list[torch.Tensor]:
         """x (..., K) -> one (..., N_i) tensor per module, from a single fused product."""

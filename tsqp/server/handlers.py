@@ -1,6 +1,12 @@
 """The op table: one small handler per protocol op, each validating its request before computing.
 
 `linear_group` and `float_linear` are the one place a LINEAR request is checked; batching uses them too.
+
+Abuse is bounded before computing: every product's result size (`check_result`) and cost in
+floating-point operations (`check_flops`) are checked against the limits, an empty inner
+dimension (a result made of nothing) is refused, and a product larger than `CHUNK_FLOPS` is
+computed in row chunks into one preallocated result, calling `between_chunks` after each, where
+the server answers other clients' cheap requests (HEALTH within a chunk's time, not a product's).
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from tsqp.wire.protocol import Limits, Message
 log = logging.getLogger("tsqp.server")
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+CHUNK_FLOPS = 2e9  # ~20-50 ms of a CPU core's products, well under 1 ms of a GPU's: the most one chunk may cost
 
 
 class Handlers:
@@ -37,6 +44,7 @@ class Handlers:
         self.stats = stats
         self.started = time.monotonic()
         self.quantized: QuantizedWeights | None = None  # built on the first otp request, for its weight width
+        self.between_chunks: Callable[[], None] = lambda: None  # the server's hook: serve others between chunks
         # op -> (tensors it takes, handler)
         self.table: dict[str, tuple[int, Callable[[Message], Message]]] = {
             "HELLO": (0, self._hello),
@@ -63,10 +71,14 @@ class Handlers:
         return self.weights.check_linear(msg.args.get("layer"), modules)
 
     def float_linear(self, msg: Message) -> tuple[GroupKey, torch.Tensor]:
-        """A float LINEAR request's group and input, its result's size within the limits."""
+        """A float LINEAR request's group and input, its result's size and cost within the limits."""
         key = self.linear_group(msg)
         x = float_input(msg.tensors[0])
-        self.check_result(x.numel() // max(x.shape[-1], 1) * self.weights.out_features(key))
+        if x.shape[-1] != self.weights.in_features(key):
+            raise ProtocolError(f"input has {x.shape[-1]} features, {key[1][0]} of layer {key[0]} expects {self.weights.in_features(key)}")
+        rows, n = rows_of(x), self.weights.out_features(key)
+        self.check_result(rows * n)
+        self.check_flops(2.0 * rows * x.shape[-1] * n)
         return key, x
 
     def _hello(self, msg: Message) -> Message:
@@ -98,27 +110,40 @@ class Handlers:
         if msg.tensors[0].dtype == torch.int64:
             return self._product_mod(msg, self.linear_group(msg))
         key, x = self.float_linear(msg)
-        outputs = self.weights.group_product(key, x)
-        return protocol.reply(msg.id, tensors=[self.out(y, x.dtype) for y in outputs])
+        flat = x.reshape(-1, x.shape[-1])
+        outputs = self.chunked(flat.shape[0], 2.0 * x.shape[-1] * self.weights.out_features(key), lambda rows: self.weights.group_product(key, flat[rows]))
+        return protocol.reply(msg.id, tensors=[self.out(y.view(*x.shape[:-1], y.shape[-1]), x.dtype) for y in outputs])
 
     def _matmul(self, msg: Message) -> Message:
         a, b = (float_input(t) for t in msg.tensors)
         if a.dim() < 2 or b.dim() < 2:
             raise ProtocolError("MATMUL operands must have at least 2 dimensions")
+        if a.shape[-1] != b.shape[-2] or a.shape[-1] == 0:
+            raise ProtocolError(f"MATMUL shapes {list(a.shape)} @ {list(b.shape)} do not compose (inner dimensions must be equal and non-zero)")
         try:
             batch = torch.broadcast_shapes(a.shape[:-2], b.shape[:-2])
         except RuntimeError:
             raise ProtocolError(f"MATMUL batch shapes {list(a.shape[:-2])} and {list(b.shape[:-2])} do not broadcast") from None
-        self.check_result(math.prod(batch) * a.shape[-2] * b.shape[-1])
-        y = self.weights.matmul(a.to(self.weights.device, self.weights.dtype), b.to(self.weights.device, self.weights.dtype))
-        return protocol.reply(msg.id, tensors=[self.out(y, a.dtype)])
+        m, k, n = a.shape[-2], a.shape[-1], b.shape[-1]
+        self.check_result(math.prod(batch) * m * n)
+        self.check_flops(2.0 * math.prod(batch) * m * k * n)
+        a, b = a.to(self.weights.device, self.weights.dtype), b.to(self.weights.device, self.weights.dtype)
+        # In chunks of a's rows (the second-last axis), every batch at once.
+        (y,) = self.chunked(m, 2.0 * math.prod(batch) * k * n, lambda rows: [self.weights.matmul(a[..., rows, :], b)], axis=-2)
+        return protocol.reply(msg.id, tensors=[self.out(y, msg.tensors[0].dtype)])
 
     def _lm_head(self, msg: Message) -> Message:
         if msg.tensors[0].dtype == torch.int64:
             return self._product_mod(msg, "lm_head")
         x = float_input(msg.tensors[0])
-        self.check_result(x.numel() // max(x.shape[-1], 1) * self.weights.lm_head_t.shape[1])
-        return protocol.reply(msg.id, tensors=[self.out(self.weights.lm_head(x), x.dtype)])
+        width, vocab = self.weights.lm_head_t.shape
+        if x.shape[-1] != width:
+            raise ProtocolError(f"lm_head input has {x.shape[-1]} features, expects {width}")
+        self.check_result(rows_of(x) * vocab)
+        self.check_flops(2.0 * rows_of(x) * x.shape[-1] * vocab)
+        flat = x.reshape(-1, x.shape[-1])
+        (y,) = self.chunked(flat.shape[0], 2.0 * x.shape[-1] * vocab, lambda rows: [self.weights.lm_head(flat[rows])])
+        return protocol.reply(msg.id, tensors=[self.out(y.view(*x.shape[:-1], vocab), x.dtype)])
 
     def _product_mod(self, msg: Message, key: GroupKey | str) -> Message:
         """`otp`: a masked integer input, an exact product mod p with the quantized weights."""
@@ -137,10 +162,15 @@ class Handlers:
         except ValueError as e:
             raise ProtocolError(str(e)) from None
         w_q = quantized.groups[key][0]
+        if x.shape[1] != w_q.shape[0]:
+            raise ProtocolError(f"input has {x.shape[1]} features, {key} expects {w_q.shape[0]}")
         self.check_result(x.shape[0] * w_q.shape[1])
+        flops_per_row = 2.0 * w_q.shape[0] * w_q.shape[1] * -(-p.bit_length() // max(limb_bits, 1))  # one product per limb
+        self.check_flops(x.shape[0] * flops_per_row)
         if x.numel() and (int(x.min()) < 0 or int(x.max()) >= p):
             raise ProtocolError("otp input values must lie in [0, p)")
-        outputs = quantized.product_mod(key, x, p, limb_bits)
+        # Chunked: the limbs' float64 temporaries stay a chunk's, not a multiple of the request's.
+        outputs = self.chunked(x.shape[0], flops_per_row, lambda rows: quantized.product_mod(key, x[rows], p, limb_bits))
         return protocol.reply(msg.id, tensors=[y.cpu().contiguous() for y in outputs])
 
     def quantized_weights(self, bits: int) -> QuantizedWeights:
@@ -160,6 +190,39 @@ class Handlers:
             {"status": "ok", "uptime_s": time.monotonic() - self.started, "requests": self.stats.requests, "fingerprint": self.model.fingerprint},
         )
 
+    def chunked(self, n_rows: int, flops_per_row: float, compute: Callable[[slice], list[torch.Tensor]], axis: int = 0) -> list[torch.Tensor]:
+        """`compute(slice(0, n_rows))`, in chunks of rows along `axis` costing at most `CHUNK_FLOPS` each,
+        written into one preallocated result per output; `between_chunks` runs after every chunk but the last."""
+        step = max(1, int(CHUNK_FLOPS // max(flops_per_row, 1.0)))
+        if n_rows <= step:
+            return compute(slice(0, n_rows))
+        outputs: list[torch.Tensor] = []
+        for start in range(0, n_rows, step):
+            parts = compute(slice(start, start + step))
+            if not outputs:
+                outputs = [part.new_empty(_with_rows(part.shape, axis, n_rows)) for part in parts]
+            for out, part in zip(outputs, parts):
+                out.narrow(axis, start, part.shape[axis]).copy_(part)
+            if start + step < n_rows:
+                self.between_chunks()
+        return outputs
+
+    def rough_flops(self, msg: Message) -> float:
+        """An upper bound of a decoded request's cost, before any validation: what `between_chunks` may answer at once."""
+        if msg.op not in ("LINEAR", "LM_HEAD", "MATMUL") or not msg.tensors or msg.tensors[0].dim() < 1:
+            return 0.0
+        x = msg.tensors[0]
+        if msg.op == "MATMUL":
+            b = msg.tensors[-1]
+            return 2.0 * math.prod(x.shape) * (b.shape[-1] if b.dim() else 1) * max(math.prod(b.shape[:-2]), 1)
+        widest = self.weights.lm_head_t.shape[1] if msg.op == "LM_HEAD" else self.weights.widest_out
+        return 2.0 * math.prod(x.shape) * widest * (fixedpoint.MAX_LIMBS if x.dtype == torch.int64 else 1)
+
+    def check_flops(self, flops: float) -> None:
+        """Refuse before computing a request that would hold the accelerator longer than any honest one."""
+        if flops > self.limits.max_request_flops:
+            raise ProtocolError(f"the product would take {flops / 1e9:.3g} GFLOP, limit {self.limits.max_request_flops / 1e9:.3g}")
+
     def check_result(self, elements: int) -> None:
         """Refuse before computing: a small request can ask for a huge result (an outer product, logits)."""
         if elements > self.limits.max_tensor_elements:
@@ -170,6 +233,17 @@ class Handlers:
         if y.dtype == dtype and not y.is_cuda:  # the common CPU case: no op at all (each costs µs per call)
             return y
         return y.to(dtype).cpu()
+
+
+def rows_of(x: torch.Tensor) -> int:
+    """Rows of an activation (..., K): every position of every sequence."""
+    return math.prod(x.shape[:-1])
+
+
+def _with_rows(shape: torch.Size, axis: int, n_rows: int) -> list[int]:
+    dims = list(shape)
+    dims[axis] = n_rows
+    return dims
 
 
 def float_input(x: torch.Tensor) -> torch.Tensor:

@@ -32,10 +32,11 @@ import zmq.utils.monitor
 from zmq.auth.thread import ThreadAuthenticator
 
 from tsqp.errors import EndpointError, ProtocolError
-from tsqp.model.linear import LinearWeights
+from tsqp.model import fixedpoint
+from tsqp.model.linear import LinearWeights, fused_groups, output_widths
 from tsqp.model.loading import LoadedModel
 from tsqp.server.batching import BatchedLinear, LinearBatcher
-from tsqp.server.handlers import Handlers
+from tsqp.server.handlers import CHUNK_FLOPS, Handlers
 from tsqp.server.recording import Recorder
 from tsqp.server.stats import ServerStats, client_key
 from tsqp.wire import protocol
@@ -67,13 +68,24 @@ def pick_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+LOGIT_ROWS = 256
+
+
 def default_limits(model: LoadedModel) -> Limits:
-    """Room for the largest legitimate request (a full-context prefill), and no more."""
+    """Room for the largest honest request of the split path (a full-context prefill), and no more.
+
+    Inputs travel as int64 under otp (8 bytes a value); products cost up to `MAX_LIMBS` float64
+    products under otp; logits come for up to `LOGIT_ROWS` rows at once (sequences decoding together,
+    or positions scored). Attention offload (MATMUL) fits while its results do; beyond that an
+    operator raises --max-tensor-elements / --max-message-mb.
+    """
     c = model.config
-    widest = max(c.hidden_size, c.intermediate_size, c.vocab_size)
-    elements = c.max_seq_len * widest
-    attention = c.n_heads * c.max_seq_len * c.max_seq_len  # offloaded prefill scores
-    return Limits(max_tensor_elements=max(elements, attention), max_message_bytes=8 * max(elements, attention) + (1 << 20))
+    widths = output_widths(model.weights)
+    widest = max(w for name, w in widths.items() if name not in ("lm_head", "embed"))  # one result tensor (a module's)
+    elements = max(c.max_seq_len * max(widest, c.hidden_size), LOGIT_ROWS * widths["lm_head"])
+    fused = max(w_t.shape[0] * w_t.shape[1] for _, w_t, _ in fused_groups(model.weights, c.n_layers))  # K·N of a call group
+    flops = 2.0 * c.max_seq_len * fused * fixedpoint.MAX_LIMBS
+    return Limits(max_tensor_elements=elements, max_message_bytes=8 * elements + (1 << 20), max_request_flops=flops)
 
 
 MAX_PENDING = 64  # requests received ahead of their round (batching on); zmq's queues hold the rest
@@ -115,6 +127,8 @@ class Server:
         weights = LinearWeights(model.weights, model.config.n_layers, self.device, SERVER_DTYPES[dtype])
         self.handlers = Handlers(model, weights, dtype, self.limits, self.stats)
         self.batcher = LinearBatcher(self.handlers, self.stats)
+        self.handlers.between_chunks = self._serve_others
+        self._serving = ""  # the client whose request is being computed
         # Cross-client batching pays on CUDA, where k decode rows cost about one; on CPU it lost to
         # one-row products at small k (docs/benchmarks.md), so it is off there unless asked for.
         self.batch = self.device.type == "cuda" if batch is None else batch
@@ -128,8 +142,8 @@ class Server:
         self._fault_rng = random.Random(fault_seed)
         self.context = context or zmq.Context.instance()
         self.socket = new_socket(self.context, zmq.ROUTER, endpoint)
-        # Hard cap per frame in libzmq: far beyond it the peer is dropped before we allocate.
-        self.socket.setsockopt(zmq.MAXMSGSIZE, 2 * self.limits.max_message_bytes)
+        # Hard cap per frame in libzmq, per connection: a peer declaring a larger frame is dropped before we allocate.
+        self.socket.setsockopt(zmq.MAXMSGSIZE, self.limits.max_message_bytes)
         self.authenticator: ThreadAuthenticator | None = None
         self._monitor: zmq.Socket | None = None
         self._socket_file: Path | None = None  # an ipc:// socket file this server bound, removed on close
@@ -198,6 +212,23 @@ class Server:
             self._pending.append(Received(identity, frames, client_key(identity.bytes)))
         return len(self._pending)
 
+    def _serve_others(self) -> None:
+        """Between the chunks of a long product: answer the other clients' cheap requests now (HEALTH,
+        STATS, HELLO, and products no larger than a chunk), each client's oldest only, keeping its order."""
+        self.receive_queued()
+        busy, seen = self._serving, set()
+        for request in list(self._pending):
+            if request.key == busy or request.key in seen:
+                continue
+            seen.add(request.key)
+            try:
+                cheap = self.handlers.rough_flops(protocol.decode(request.frames, self.limits)) <= CHUNK_FLOPS
+            except Exception:  # malformed: refused at once, cheaply
+                cheap = True
+            if cheap:
+                self._pending.remove(request)
+                self._send(request, self.handle(request.frames, request.key))
+
     def _send(self, request: Received, reply: Message) -> None:
         """Encode and send one reply, counted for its client."""
         key, frames = request.key, request.frames
@@ -243,6 +274,13 @@ class Server:
 
     def handle(self, frames: list[Any], client: str = "-") -> Message:
         """Frames of one request -> the reply. Never raises. `client` names the sender in logs."""
+        outer, self._serving = self._serving, client
+        try:
+            return self._handle(frames, client)
+        finally:
+            self._serving = outer
+
+    def _handle(self, frames: list[Any], client: str) -> Message:
         self.stats.requests += 1
         try:
             msg = protocol.decode(frames, self.limits)

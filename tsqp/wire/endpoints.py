@@ -65,9 +65,12 @@ def frame_buffer(frame: Any) -> memoryview:
 
 
 def is_local_endpoint(endpoint: str) -> bool:
-    """True for endpoints other hosts cannot reach: ipc://, inproc:// and loopback tcp://."""
+    """True for endpoints only this user on this host can reach: ipc:// files (with the folder's permissions),
+    inproc:// and loopback tcp://. An abstract socket (ipc://@name) has no permissions: any local user reaches it."""
     scheme, _, rest = endpoint.partition("://")
-    if scheme in ("ipc", "inproc"):
+    if scheme == "ipc":
+        return not rest.startswith("@")
+    if scheme == "inproc":
         return True
     if scheme != "tcp":
         return False
@@ -83,7 +86,8 @@ def is_local_endpoint(endpoint: str) -> bool:
 def check_listen_allowed(endpoint: str, curve: bool, insecure_public: bool) -> None:
     """Without keys anyone who reaches the server could use it and read the traffic: loopback only, unless accepted."""
     if not curve and not insecure_public and not is_local_endpoint(endpoint):
-        raise AuthError(f"refusing to listen on {endpoint} without keys (unauthenticated, unencrypted link)")
+        reach = "any local user can connect to an abstract socket" if endpoint.startswith("ipc://@") else "unauthenticated, unencrypted link"
+        raise AuthError(f"refusing to listen on {endpoint} without keys ({reach})")
 
 
 def ipc_path(endpoint: str) -> Path | None:

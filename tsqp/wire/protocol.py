@@ -60,6 +60,7 @@ class Limits:
     max_tensors: int = 8
     max_tensor_elements: int = 64 * 1024 * 1024
     max_message_bytes: int = 512 * 1024 * 1024
+    max_request_flops: float = float("inf")  # a server's compute budget for one request
 
 
 @dataclass
