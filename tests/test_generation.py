@@ -8,8 +8,10 @@ import pytest
 import torch
 from helpers import local_llama
 
+from tsqp.errors import InputError
 from tsqp.model.loading import LoadedModel
-from tsqp.tee.generation import generate, sample
+from tsqp.tee.generation import Sampling, generate, penalize_repetition, sample
+from tsqp.tee.session import TextStream
 
 # --- sample ----------------------------------------------------------------------------------
 
@@ -134,3 +136,52 @@ def test_seeded_sampling_is_reproducible_and_the_seed_matters(tiny: LoadedModel)
 
     assert run(5) == run(5)
     assert len({tuple(run(seed)) for seed in range(4)}) > 1
+
+
+# --- top-k, repetition penalty, finish reasons, stop strings -----------------------------------
+
+
+def test_top_k_keeps_only_the_k_best_tokens() -> None:
+    logits = torch.tensor([2.0, 1.9, 1.8, 1.7])
+    g = torch.Generator().manual_seed(4)
+    assert {sample(logits, temperature=10.0, top_k=2, generator=g) for _ in range(200)} == {0, 1}
+
+
+def test_repetition_penalty_demotes_seen_tokens_as_transformers_does() -> None:
+    logits = torch.tensor([2.0, -1.0, 1.5])
+    got = penalize_repetition(logits, [0, 1], 2.0)
+    assert got.tolist() == [1.0, -2.0, 1.5]  # positive divided, negative multiplied, unseen untouched
+    assert penalize_repetition(logits, [0], 1.0) is logits
+
+
+def test_finish_reason_is_length_or_stop(tiny: LoadedModel) -> None:
+    llama = local_llama(tiny)
+    first = generate(llama, [5, 6, 7], 4)
+    assert first.finish_reason == "length" and len(first.token_ids) == 4
+    stopped = generate(llama, [5, 6, 7], 4, eos_ids={first.token_ids[1]})
+    assert stopped.finish_reason == "stop" and stopped.token_ids == first.token_ids[:2]
+    by_callback = generate(llama, [5, 6, 7], 4, on_token=lambda t: t == first.token_ids[0])
+    assert by_callback.finish_reason == "stop" and by_callback.token_ids == first.token_ids[:1]
+
+
+@pytest.mark.parametrize("bad", [Sampling(0), Sampling(temperature=-1), Sampling(top_p=0.0), Sampling(top_k=-2), Sampling(repetition_penalty=0.0)])
+def test_sampling_settings_out_of_range_are_refused(bad: Sampling) -> None:
+    with pytest.raises(InputError):
+        bad.validate()
+
+
+class _CharTokenizer:
+    """One character per token id: enough to test stop strings and streaming."""
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return "".join(chr(i) for i in ids)
+
+
+def test_stop_strings_end_the_text_and_are_never_streamed() -> None:
+    deltas: list[str] = []
+    stream = TextStream(_CharTokenizer(), deltas.append, stop=["END", "\n\n"])
+    stops = [stream.push(ord(c)) for c in "Hello ENough. Bye END tail"]
+    assert stops.index(True) == len("Hello ENough. Bye END") - 1  # the token that completes "END"
+    assert stream.finish() == "Hello ENough. Bye "
+    assert "".join(deltas) == "Hello ENough. Bye "  # "EN" was held back, then released when "o" came
+    assert all("END" not in d for d in deltas)

@@ -22,12 +22,12 @@ def test_private_server_killed_mid_generation_fails_fast(tiny_path: Path) -> Non
     calls = 0
     linear = session.backend.linear
 
-    def linear_then_kill(*args: object) -> object:
+    def linear_then_kill(*args: object, **kwargs: object) -> object:
         nonlocal calls
         calls += 1
         if calls == 40:
             os.kill(server.process.pid, signal.SIGKILL)
-        return linear(*args)
+        return linear(*args, **kwargs)
 
     session.backend.linear = linear_then_kill
     started = time.monotonic()

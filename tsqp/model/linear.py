@@ -95,8 +95,8 @@ class LinearWeights:
         """The input width of a checked group."""
         return self._groups[key][0].shape[0]
 
-    def linear(self, layer: int, modules: Sequence[str], x: torch.Tensor) -> list[torch.Tensor]:
-        """x (..., K) -> one (..., N_i) tensor per module, from a single fused product."""
+    def linear(self, layer: int, modules: Sequence[str], x: torch.Tensor, groups: Sequence[int] | None = None) -> list[torch.Tensor]:
+        """x (..., K) -> one (..., N_i) tensor per module, from a single fused product (rows are independent: `groups` changes nothing)."""
         return self.group_product(self.check_linear(layer, modules), x)
 
     def group_product(self, key: GroupKey, x: torch.Tensor) -> list[torch.Tensor]:
@@ -120,7 +120,7 @@ class LinearWeights:
             raise ProtocolError(f"token id out of range 0..{vocab - 1}")
         return self.embedding[token_ids.to(self.device)]
 
-    def lm_head(self, x: torch.Tensor) -> torch.Tensor:
+    def lm_head(self, x: torch.Tensor, groups: Sequence[int] | None = None) -> torch.Tensor:
         if x.shape[-1] != self.lm_head_t.shape[0]:
             raise ProtocolError(f"lm_head input has {x.shape[-1]} features, expects {self.lm_head_t.shape[0]}")
         return self._product(x, self.lm_head_t)

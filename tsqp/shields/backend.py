@@ -68,17 +68,17 @@ class ShieldedBackend:
                 raise IntegrityError("integrity check failed: the server's embedding rows are wrong; generation stopped")
         return rows
 
-    def linear(self, layer: int, modules: Sequence[str], x: torch.Tensor) -> list[torch.Tensor]:
+    def linear(self, layer: int, modules: Sequence[str], x: torch.Tensor, groups: Sequence[int] | None = None) -> list[torch.Tensor]:
         site = (layer, tuple(modules))
-        return self._call("LINEAR", {"layer": layer, "modules": list(modules)}, site, x)
+        return self._call("LINEAR", {"layer": layer, "modules": list(modules)}, site, x, groups)
 
-    def lm_head(self, x: torch.Tensor) -> torch.Tensor:
-        return self._call("LM_HEAD", {}, "lm_head", x)[0]
+    def lm_head(self, x: torch.Tensor, groups: Sequence[int] | None = None) -> torch.Tensor:
+        return self._call("LM_HEAD", {}, "lm_head", x, groups)[0]
 
     def matmul(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         raise ShieldError("attention offload sends unmasked activations: it is not available with a shield")
 
-    def _call(self, op: str, args: dict[str, Any], site: Site, x: torch.Tensor) -> list[torch.Tensor]:
+    def _call(self, op: str, args: dict[str, Any], site: Site, x: torch.Tensor, groups: Sequence[int] | None = None) -> list[torch.Tensor]:
         if site not in self.shield.sites:
             raise ShieldError(f"unknown call site {site}")
         sizes = self.shield.sites[site][1]
@@ -86,7 +86,11 @@ class ShieldedBackend:
         times = self.shield.times
         offline_before = times.offline_s  # a pool refill inside `mask` is offline work, counted apart
         t0 = time.perf_counter()
-        wire, state = self.shield.mask(site, x.reshape(-1, x.shape[-1]))
+        rows = x.reshape(-1, x.shape[-1])
+        # A shield that mixes rows masks each sequence apart (one call still carries them all);
+        # the others mask every row on its own anyway.
+        per_sequence = self.shield.mixes_rows and groups is not None and len(groups) > 1
+        wire, state = _mask_per_group(self.shield, site, rows, groups) if per_sequence else self.shield.mask(site, rows)
         t1 = time.perf_counter()
         with self._as_integrity_failure():
             parts = self.remote.call(op, {**args, **self.shield.wire_args()}, [wire]).tensors
@@ -97,7 +101,7 @@ class ShieldedBackend:
         if self.verify:
             self.shield.verify(site, wire, z, state)
         t3 = time.perf_counter()
-        y = self.shield.unmask(site, z, state)
+        y = _unmask_per_group(self.shield, site, z, state, groups) if per_sequence else self.shield.unmask(site, z, state)
         t4 = time.perf_counter()
         times.mask_s += (t1 - t0) - (times.offline_s - offline_before)
         times.verify_s += (t3 - t2) if self.verify else 0.0
@@ -117,6 +121,15 @@ class ShieldedBackend:
 
     def close(self) -> None:
         self.remote.close()
+
+
+def _mask_per_group(shield: Shield, site: Site, rows: torch.Tensor, groups: Sequence[int]) -> tuple[torch.Tensor, list[Any]]:
+    masked = [shield.mask(site, part) for part in rows.split(list(groups))]
+    return torch.cat([wire for wire, _ in masked]), [state for _, state in masked]
+
+
+def _unmask_per_group(shield: Shield, site: Site, z: torch.Tensor, states: list[Any], groups: Sequence[int]) -> torch.Tensor:
+    return torch.cat([shield.unmask(site, part, state) for part, state in zip(z.split(list(groups)), states)])
 
 
 def describe(shield: Shield) -> dict[str, Any]:

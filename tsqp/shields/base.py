@@ -18,6 +18,7 @@ class Shield:
     name = "plain"
     embeds_remotely = True  # the original prototype's lookup on the server; every other shield keeps it here
     float_results = True  # verified by float Freivalds; otp's integers have an exact check of their own
+    mixes_rows = False  # True: a row's mask depends on the other rows of the call (seqmix), so sequences are masked apart
 
     def __init__(self, sites: Mapping[Site, tuple[torch.Tensor, list[int]]], verify: bool, server_dtype: str) -> None:
         self.sites = sites

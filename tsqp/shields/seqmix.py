@@ -17,6 +17,7 @@ class SeqmixShield(Shield):
 
     name = "seqmix"
     embeds_remotely = False
+    mixes_rows = True
 
     def __init__(self, sites: Mapping[Site, tuple[torch.Tensor, list[int]]], verify: bool, server_dtype: str) -> None:
         super().__init__(sites, verify, server_dtype)

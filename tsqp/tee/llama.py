@@ -19,13 +19,17 @@ from tsqp.model.config import ModelConfig
 
 
 class LinearBackend(Protocol):
-    """Where the weight products run. Shapes: x (B, T, K) -> (B, T, N)."""
+    """Where the weight products run. Shapes: x (B, T, K) -> (B, T, N).
+
+    `groups`, when given, are the row counts of the sequences whose rows x holds, in order:
+    a shield that mixes rows (seqmix) mixes only within one sequence.
+    """
 
     def embed(self, token_ids: torch.Tensor) -> torch.Tensor: ...
 
-    def linear(self, layer: int, modules: Sequence[str], x: torch.Tensor) -> list[torch.Tensor]: ...
+    def linear(self, layer: int, modules: Sequence[str], x: torch.Tensor, groups: Sequence[int] | None = None) -> list[torch.Tensor]: ...
 
-    def lm_head(self, x: torch.Tensor) -> torch.Tensor: ...
+    def lm_head(self, x: torch.Tensor, groups: Sequence[int] | None = None) -> torch.Tensor: ...
 
     def matmul(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor: ...
 
@@ -130,30 +134,60 @@ class Llama:
     @torch.no_grad()
     def forward(self, token_ids: torch.Tensor, cache: KVCache, all_logits: bool = False) -> torch.Tensor:
         """token_ids (B, T) continuing `cache` -> logits (B, T, V), or (B, 1, V) for the last position."""
-        assert not torch.is_grad_enabled()  # the no_grad guarantee `tsqp check-grad` reports on
-        B, T = token_ids.shape
-        positions = torch.arange(cache.length, cache.length + T).expand(B, T)
-        h = self.backend.embed(token_ids).float()  # (B, T, D)
-        cos, sin = self.rotary(positions)  # (B, T, hd) each
-        for layer in range(self.config.n_layers):
-            h = h + self._attention(layer, rms_norm(h, self.norms[f"layers.{layer}.attn_norm"], self.config.rms_norm_eps), cos, sin, cache)
-            h = h + self._mlp(layer, rms_norm(h, self.norms[f"layers.{layer}.mlp_norm"], self.config.rms_norm_eps))
-        cache.advance(T)
-        h = rms_norm(h if all_logits else h[:, -1:], self.norms["norm"], self.config.rms_norm_eps)
-        return self.backend.lm_head(h).float()
+        logits = self.forward_many([(token_ids, cache)], all_logits)[0]
+        assert logits is not None
+        return logits
 
-    def _attention(self, layer: int, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache) -> torch.Tensor:
+    @torch.no_grad()
+    def forward_many(self, segments: Sequence[tuple[torch.Tensor, KVCache]], all_logits: bool = False,
+                     wants_logits: Sequence[bool] | None = None) -> list[torch.Tensor | None]:  # fmt: skip
+        """Several sequences in one pass, each (B_i, T_i) token ids continuing its own cache -> logits per sequence.
+
+        Every weight product is ONE backend call over the rows of all sequences (continuous
+        batching: the round trips do not grow with the number of sequences); attention and the
+        caches stay per sequence. `wants_logits[i]` False skips sequence i's lm_head rows (a
+        prefill chunk that does not end its prompt), and its entry is None.
+        """
+        assert not torch.is_grad_enabled()  # the no_grad guarantee `tsqp check-grad` reports on
+        shapes = [tuple(ids.shape) for ids, _ in segments]
+        caches = [cache for _, cache in segments]
+        rows = [b * t for b, t in shapes]  # each sequence's rows, batch-major, in call order
+        h = self.backend.embed(torch.cat([ids.reshape(-1) for ids, _ in segments])[None]).float()  # (1, N, D)
+        rope = [self.rotary(torch.arange(c.length, c.length + t).expand(b, t)) for (b, t), c in zip(shapes, caches)]
+        for layer in range(self.config.n_layers):
+            x = rms_norm(h, self.norms[f"layers.{layer}.attn_norm"], self.config.rms_norm_eps)
+            h = h + self._attention(layer, x, shapes, rows, rope, caches)
+            h = h + self._mlp(layer, rms_norm(h, self.norms[f"layers.{layer}.mlp_norm"], self.config.rms_norm_eps), rows)
+        for (_, t), cache in zip(shapes, caches):
+            cache.advance(t)
+        wanted = list(wants_logits) if wants_logits is not None else [True] * len(segments)
+        picked, per_sequence = [], []  # the rows lm_head sees, and how many of them each sequence owns
+        for part, (b, t), want in zip(h[0].split(rows), shapes, wanted):
+            part = part.view(b, t, -1) if all_logits else part.view(b, t, -1)[:, -1:]
+            per_sequence.append(part.shape[:2] if want else None)
+            if want:
+                picked.append(part.reshape(-1, part.shape[-1]))
+        if not picked:
+            return [None] * len(segments)
+        counts = [int(torch.Size(s).numel()) for s in per_sequence if s is not None]
+        normed = rms_norm(torch.cat(picked)[None], self.norms["norm"], self.config.rms_norm_eps)
+        logits = iter(self.backend.lm_head(normed, groups=counts).float()[0].split(counts))
+        return [next(logits).view(*s, -1) if s is not None else None for s in per_sequence]
+
+    def _attention(self, layer: int, x: torch.Tensor, shapes: Sequence[tuple[int, int]], rows: list[int],
+                   rope: Sequence[tuple[torch.Tensor, torch.Tensor]], caches: Sequence[KVCache]) -> torch.Tensor:  # fmt: skip
         c = self.config
-        B, T, _ = x.shape
-        q, k, v = self.backend.linear(layer, ("q_proj", "k_proj", "v_proj"), x)
-        q = q.view(B, T, c.n_heads, c.head_dim).transpose(1, 2)  # (B, H, T, hd)
-        k = k.view(B, T, c.n_kv_heads, c.head_dim).transpose(1, 2)  # (B, KV, T, hd)
-        v = v.view(B, T, c.n_kv_heads, c.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        k, v = cache.update(layer, k, v)  # (B, KV, S, hd), S = past + T
-        out = self._scaled_dot_product(q, k, v)  # (B, H, T, hd)
-        out = out.transpose(1, 2).reshape(B, T, c.n_heads * c.head_dim)
-        return self.backend.linear(layer, ("o_proj",), out)[0]
+        q_all, k_all, v_all = self.backend.linear(layer, ("q_proj", "k_proj", "v_proj"), x, groups=rows)
+        outs = []
+        for q, k, v, (B, T), (cos, sin), cache in zip(q_all[0].split(rows), k_all[0].split(rows), v_all[0].split(rows), shapes, rope, caches):
+            q = q.view(B, T, c.n_heads, c.head_dim).transpose(1, 2)  # (B, H, T, hd)
+            k = k.view(B, T, c.n_kv_heads, c.head_dim).transpose(1, 2)  # (B, KV, T, hd)
+            v = v.view(B, T, c.n_kv_heads, c.head_dim).transpose(1, 2)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            k, v = cache.update(layer, k, v)  # (B, KV, S, hd), S = past + T
+            out = self._scaled_dot_product(q, k, v)  # (B, H, T, hd)
+            outs.append(out.transpose(1, 2).reshape(B * T, c.n_heads * c.head_dim))
+        return self.backend.linear(layer, ("o_proj",), torch.cat(outs)[None], groups=rows)[0]
 
     def _scaled_dot_product(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         T, S = q.shape[2], k.shape[2]
@@ -168,6 +202,6 @@ class Llama:
         scores = scores.masked_fill(~causal_mask(T, S), float("-inf"))
         return self.backend.matmul(torch.softmax(scores, dim=-1), v.contiguous())
 
-    def _mlp(self, layer: int, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.backend.linear(layer, ("gate_proj", "up_proj"), x)
-        return self.backend.linear(layer, ("down_proj",), F.silu(gate) * up)[0]
+    def _mlp(self, layer: int, x: torch.Tensor, rows: list[int]) -> torch.Tensor:
+        gate, up = self.backend.linear(layer, ("gate_proj", "up_proj"), x, groups=rows)
+        return self.backend.linear(layer, ("down_proj",), F.silu(gate) * up, groups=rows)[0]

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from tsqp import PROCESS_STARTED
@@ -23,8 +23,9 @@ from tsqp.model.linear import LinearWeights, max_reply_bytes, output_widths
 from tsqp.model.loading import DEFAULT_MODEL, LoadedModel, load, resolve
 from tsqp.shields.backend import ShieldedBackend, describe, make_shield
 from tsqp.shields.config import ACTIVATION_BITS, DEFAULT_SHIELD, NOISE_SCALE, WEIGHT_BITS, ShieldConfig
-from tsqp.tee.generation import Generation, generate
-from tsqp.tee.llama import Llama
+from tsqp.tee.batch import MAX_BATCH, PREFILL_CHUNK, Batcher
+from tsqp.tee.generation import Generation, Sampling, generate
+from tsqp.tee.llama import KVCache, Llama
 from tsqp.tee.private_server import PrivateServer, closed_on_failure
 from tsqp.wire.client import RemoteBackend
 from tsqp.wire.endpoints import CONNECT_TIMEOUT_S, check_endpoint
@@ -40,15 +41,30 @@ class Session:
         self.private_server = private_server
         self.llama = Llama(model.config, model.hf_config, model.norms(), backend, offload_attention_from)
 
-    def prompt_ids(self, prompt: str, chat: bool = True) -> list[int]:
-        tokenizer = self.model.tokenizer
-        if tokenizer is None:
-            raise TsqpError(f"{self.model.path} has no tokenizer; pass token ids instead of text")
+    def prompt_ids(self, prompt: str, chat: bool = True, system: str | None = None) -> list[int]:
+        """The prompt's token ids: as the user's message under the chat template (after `system`, if any), or raw text."""
         check_prompt(prompt)
-        if chat and tokenizer.chat_template:
-            ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True)
-            return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
-        return list(tokenizer(prompt)["input_ids"])
+        if chat and self.tokenizer().chat_template:
+            messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+            return self.chat_ids(messages)
+        if system:
+            raise InputError("a system prompt needs the chat template (drop --no-chat), or put it in the prompt")
+        return list(self.tokenizer()(prompt)["input_ids"])
+
+    def chat_ids(self, messages: Sequence[Mapping[str, str]], add_generation_prompt: bool = True) -> list[int]:
+        """A conversation's token ids under the model's chat template, ready for the assistant's turn."""
+        tokenizer = self.tokenizer()
+        if not tokenizer.chat_template:
+            raise InputError(f"{self.model.path} has no chat template; send a plain completion instead")
+        for message in messages:
+            check_prompt(message.get("content") or "")
+        ids = tokenizer.apply_chat_template(list(messages), add_generation_prompt=add_generation_prompt, tokenize=True)
+        return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+
+    def tokenizer(self) -> Any:
+        if self.model.tokenizer is None:
+            raise TsqpError(f"{self.model.path} has no tokenizer; pass token ids instead of text")
+        return self.model.tokenizer
 
     def generate(
         self,
@@ -59,16 +75,55 @@ class Session:
         seed: int | None = None,
         chat: bool = True,
         on_text: Callable[[str], None] | None = None,
+        top_k: int = 0,
+        repetition_penalty: float = 1.0,
+        stop: Sequence[str] = (),
+        system: str | None = None,
+        cache: KVCache | None = None,
     ) -> Generation:
-        ids = prompt if isinstance(prompt, list) else self.prompt_ids(prompt, chat)
-        streamer = _TextStream(self.model.tokenizer, on_text)
+        """One answer. `stop` strings end it (they are not part of the text); `cache` continues a conversation (see `tsqp chat`)."""
+        ids = prompt if isinstance(prompt, list) else self.prompt_ids(prompt, chat, system)
+        streamer = TextStream(self.model.tokenizer, on_text, stop)
         before = self._wire_snapshot()
         result = generate(self.llama, ids, max_new_tokens, self.model.eos_token_ids(), temperature, top_p, seed,
-                          on_token=streamer.push)  # fmt: skip
-        result.text = streamer.text
+                          on_token=streamer.push, top_k=top_k, repetition_penalty=repetition_penalty, cache=cache)  # fmt: skip
+        result.text = streamer.finish()
         result.timings.update(self._wire_delta(before))
         result.timings["first_token_s_since_start"] = streamer.first_token_at - PROCESS_STARTED if streamer.first_token_at else 0.0
         return result
+
+    def batcher(self, prefill_chunk: int = PREFILL_CHUNK, max_batch: int = MAX_BATCH) -> Batcher:
+        """A continuous-batching scheduler over this session's model and backend (see `tsqp.tee.batch`)."""
+        return Batcher(self.llama, self.model.eos_token_ids(), prefill_chunk, max_batch)
+
+    def generate_many(
+        self,
+        prompts: Sequence[str | list[int]],
+        max_new_tokens: int = 128,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        chat: bool = True,
+        top_k: int = 0,
+        repetition_penalty: float = 1.0,
+        stop: Sequence[str] = (),
+        prefill_chunk: int = PREFILL_CHUNK,
+    ) -> list[Generation]:
+        """Answers to several prompts decoded together: every linear op of a step is one call carrying all their rows.
+
+        Each answer equals what `generate` gives for its prompt alone (greedy; sampled with a seed, each
+        prompt draws from its own generator seeded with `seed`).
+        """
+        batcher = self.batcher(prefill_chunk, max(len(prompts), 1))
+        sampling = Sampling(max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed)
+        streams = [TextStream(self.model.tokenizer, None, stop) for _ in prompts]
+        requests = [batcher.submit(p if isinstance(p, list) else self.prompt_ids(p, chat), sampling, on_token=stream.push)
+                    for p, stream in zip(prompts, streams)]  # fmt: skip
+        batcher.run()
+        results = [request.wait() for request in requests]
+        for result, stream in zip(results, streams):
+            result.text = stream.finish()
+        return results
 
     def shield_info(self) -> dict[str, Any]:
         """Which shield protects this session's linear ops, and how (for reports)."""
@@ -111,27 +166,54 @@ def check_prompt(prompt: str) -> None:
         raise InputError(f"the prompt is not valid UTF-8 (byte {e.start} of its text); give UTF-8 text") from None
 
 
-class _TextStream:
-    """Turns generated ids into text deltas; decoding the whole tail keeps multi-byte characters whole."""
+class TextStream:
+    """Turns generated ids into text deltas; decoding the whole tail keeps multi-byte characters whole.
 
-    def __init__(self, tokenizer: Any, on_text: Callable[[str], None] | None) -> None:
-        self.tokenizer, self.on_text = tokenizer, on_text
+    With `stop` strings, `push` returns True once the text contains one: the text ends before it,
+    and a tail that could still grow into one is held back from `on_text` until it cannot.
+    """
+
+    def __init__(self, tokenizer: Any, on_text: Callable[[str], None] | None, stop: Sequence[str] = ()) -> None:
+        if stop and tokenizer is None:
+            raise InputError("stop strings need the model's tokenizer")
+        if any(not s for s in stop):
+            raise InputError("a stop string is empty")
+        self.tokenizer, self.on_text, self.stop = tokenizer, on_text, list(stop)
         self.ids: list[int] = []
-        self.text = ""
+        self.text = ""  # all decoded text, up to a stop string
+        self.sent = 0  # characters of it handed to on_text
+        self.stopped = False
         self.first_token_at: float | None = None
 
-    def push(self, token: int) -> None:
+    def push(self, token: int) -> bool:
         if self.first_token_at is None:
             self.first_token_at = time.time()
         self.ids.append(token)
-        if self.tokenizer is None:
-            return
+        if self.tokenizer is None or self.stopped:
+            return self.stopped
         text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
         if text.endswith("\ufffd"):
-            return  # an incomplete multi-byte character: wait for the next token
-        delta, self.text = text[len(self.text) :], text
-        if delta and self.on_text is not None:
-            self.on_text(delta)
+            return False  # an incomplete multi-byte character: wait for the next token
+        self.text = text
+        hits = [i for i in (text.find(s, max(self.sent - len(s), 0)) for s in self.stop) if i >= 0]
+        if hits:
+            self.text, self.stopped = text[: min(hits)], True
+        self._send(len(self.text) if self.stopped else len(self.text) - self._held_back())
+        return self.stopped
+
+    def _held_back(self) -> int:
+        """Characters at the end of the text that begin some stop string."""
+        return max((n for s in self.stop for n in range(min(len(s) - 1, len(self.text)), 0, -1) if self.text.endswith(s[:n])), default=0)
+
+    def _send(self, upto: int) -> None:
+        if upto > self.sent and self.on_text is not None:
+            self.on_text(self.text[self.sent : upto])
+        self.sent = max(self.sent, upto)
+
+    def finish(self) -> str:
+        """Flush what was held back; the final text."""
+        self._send(len(self.text))
+        return self.text
 
 
 def connect(

@@ -110,10 +110,10 @@ class RemoteBackend:
     def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
         return self.call("EMBED", {}, [token_ids.to(torch.int64)]).tensors[0]
 
-    def linear(self, layer: int, modules: Sequence[str], x: torch.Tensor) -> list[torch.Tensor]:
+    def linear(self, layer: int, modules: Sequence[str], x: torch.Tensor, groups: Sequence[int] | None = None) -> list[torch.Tensor]:
         return self.call("LINEAR", {"layer": layer, "modules": list(modules)}, [x]).tensors
 
-    def lm_head(self, x: torch.Tensor) -> torch.Tensor:
+    def lm_head(self, x: torch.Tensor, groups: Sequence[int] | None = None) -> torch.Tensor:
         return self.call("LM_HEAD", {}, [x]).tensors[0]
 
     def matmul(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
