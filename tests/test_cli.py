@@ -26,7 +26,10 @@ def tsqp(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
 
 
 @pytest.mark.parametrize("command, options", [
-    ("run-tee", ["--prompt", "--model", "--endpoint", "--max-new-tokens", "--temperature", "--top-p", "--seed", "--json", "--no-chat", "--local", "--shield", "--verify", "--precompute"]),
+    ("run-tee", ["--prompt", "--model", "--endpoint", "--max-new-tokens", "--temperature", "--top-p", "--top-k", "--repetition-penalty", "--stop", "--system", "--seed", "--json", "--no-chat", "--local", "--shield", "--verify", "--precompute"]),
+    ("chat", ["--model", "--endpoint", "--system", "--max-new-tokens", "--stop", "--top-k", "--shield"]),
+    ("models", ["--json", "--fingerprints"]),
+    ("ping", ["--timeout", "--json", "--curve-secret"]),
     ("serve-gpu", ["--model", "--endpoint", "--device", "--dtype", "--record", "--fault-rate"]),
     ("check-grad", ["--path", "--model", "--endpoint"]),
 ])  # fmt: skip
@@ -43,7 +46,7 @@ def test_run_tee_json_local_and_remote_agree(tiny_chat_path: Path) -> None:
     local = runner.invoke(app, [*args, "--local"])
     assert local.exit_code == 0, local.output
     local_out = json.loads(local.stdout)
-    assert set(local_out) == {"text", "token_ids", "prompt_token_ids", "timings", "shield"}
+    assert set(local_out) == {"text", "token_ids", "prompt_token_ids", "finish_reason", "timings", "shield"}
     assert len(local_out["token_ids"]) == 12 and local_out["prompt_token_ids"][0] == 1
     running = start_server(load(tiny_chat_path, with_tokenizer=False))
     try:

@@ -7,7 +7,8 @@ import sys
 
 import typer
 
-from tsqp.cli import audit, bench, check_grad, keys, run_tee, serve_gpu
+from tsqp import __version__
+from tsqp.cli import audit, bench, chat, check_grad, info, keys, run_tee, serve_gpu
 from tsqp.cli.console import err, error_line
 from tsqp.errors import IntegrityError, ProtocolError, RemoteError, ServerUnavailable, TsqpError
 
@@ -57,12 +58,28 @@ app.add_typer(keys_app, name="keys")
 for group, name, command in (
     (app, "serve-gpu", serve_gpu.serve_gpu),
     (app, "run-tee", run_tee.run_tee),
+    (app, "chat", chat.chat),
     (app, "check-grad", check_grad.check_grad),
     (app, "bench", bench.bench),
     (app, "audit", audit.audit),
+    (app, "models", info.models),
+    (app, "ping", info.ping),
     (keys_app, "generate", keys.generate),
 ):
     group.command(name)(command)
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        print(f"tsqp {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True, help="Print tsqp's version and exit."),
+) -> None:
+    """Options of `tsqp` itself."""
 
 
 def main() -> None:

@@ -106,6 +106,13 @@ WeightBitsOpt = Annotated[
 ActivationBitsOpt = Annotated[
     int, typer.Option("--activation-bits", min=ACTIVATION_BITS_RANGE[0], max=ACTIVATION_BITS_RANGE[1], help="otp: bits per fixed-point activation (per row).")
 ]
+TopKOpt = Annotated[int, typer.Option("--top-k", min=0, help="Sample only among the k most likely tokens; 0 keeps them all.")]
+RepetitionPenaltyOpt = Annotated[
+    float,
+    typer.Option("--repetition-penalty", min=0.01, max=10.0, help="Above 1, make tokens already in the prompt or answer less likely (transformers' rule)."),
+]
+StopOpt = Annotated[list[str] | None, typer.Option("--stop", help="End the answer where this text appears (not included); repeat for several.")]
+SystemOpt = Annotated[str | None, typer.Option("--system", help="A system prompt before the user's message (needs the chat template).")]
 
 
 def check_device(device: Device) -> None:

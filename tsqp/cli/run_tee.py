@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from tsqp.cli.console import err, fail, out, progress
+from tsqp.cli.console import err, out
 from tsqp.cli.options import (
     ActivationBitsOpt,
     ConnectTimeoutOpt,
@@ -21,23 +21,27 @@ from tsqp.cli.options import (
     ModelOpt,
     NoiseScaleOpt,
     PrecomputeOpt,
+    RepetitionPenaltyOpt,
     ServerKeyOpt,
     ShieldOpt,
+    StopOpt,
+    SystemOpt,
     TimeoutOpt,
+    TopKOpt,
     VerifyOpt,
     WeightBitsOpt,
-    check_device,
     shield_config,
 )
+from tsqp.cli.sessions import open_session, read_prompt
 from tsqp.shields.config import ACTIVATION_BITS, DEFAULT_SHIELD, NOISE_SCALE, WEIGHT_BITS
-from tsqp.wire.endpoints import CONNECT_TIMEOUT_S, check_endpoint
+from tsqp.wire.endpoints import CONNECT_TIMEOUT_S
 
 if TYPE_CHECKING:
     from tsqp.tee.generation import Generation
 
 
 def run_tee(
-    prompt: Annotated[str, typer.Option("--prompt", "-p", help="The user's message (or raw text with --no-chat).")],
+    prompt: Annotated[str, typer.Option("--prompt", "-p", help="The user's message (or raw text with --no-chat); - reads it from stdin.")],
     model: ModelOpt = "smollm2",
     endpoint: EndpointOpt = None,
     local: Annotated[bool, typer.Option("--local", help="Run the linear ops in this process too (the all-in-TEE baseline).")] = False,
@@ -46,6 +50,10 @@ def run_tee(
     temperature: Annotated[float, typer.Option(min=0.0, help="Sampling temperature; 0 is greedy.")] = 0.0,
     top_p: Annotated[float, typer.Option(min=0.0, max=1.0, help="Nucleus sampling: keep the smallest set of tokens with this much probability.")] = 1.0,
     seed: Annotated[int | None, typer.Option(help="Random seed for sampling.")] = None,
+    top_k: TopKOpt = 0,
+    repetition_penalty: RepetitionPenaltyOpt = 1.0,
+    stop: StopOpt = None,
+    system: SystemOpt = None,
     timeout: TimeoutOpt = 60.0,
     connect_timeout: ConnectTimeoutOpt = CONNECT_TIMEOUT_S,
     offload_attention_from: Annotated[
@@ -72,36 +80,20 @@ def run_tee(
     Example: tsqp run-tee --prompt "What is the capital of France?" --max-new-tokens 32
 
     Example: tsqp run-tee --prompt "Hi" --shield plain --no-verify   (the unprotected baseline)
+
+    Example: echo "Summarize: ..." | tsqp run-tee -p - --system "Answer in one line." --stop "\\n\\n"
     """
     shielding = shield_config(shield, verify, precompute, noise_scale, weight_bits, activation_bits)
-    if offload_attention_from is not None and not local and (shielding.name != "plain" or shielding.verifies):
-        fail("--offload-attention-from sends attention's activations unmasked: use it with --shield plain --no-verify only")
-    if local and endpoint is not None:
-        fail("--local runs the linear ops in this process: drop --endpoint (or TSQP_ENDPOINT)")
-    if endpoint is not None:
-        check_endpoint(endpoint)  # before the model loads
-    elif not local:
-        check_device(device)  # the private server's device
-    from tsqp.model.loading import resolve
-    from tsqp.tee.private_server import PrivateServer, closed_on_failure
-
-    with err.status("Loading model and connecting…", spinner="dots"):
-        folder = resolve(model, progress)
-        # Started before this process imports torch, so both load side by side.
-        server = PrivateServer(folder, device.value, dtype.value, shielding) if endpoint is None and not local else None
-        with closed_on_failure(server):
-            from tsqp.tee.session import connect
-
-            session = connect(endpoint, folder, local=local, timeout_s=timeout, connect_timeout_s=connect_timeout,
-                              offload_attention_from=offload_attention_from, private_server=server,
-                              curve_secret=curve_secret, server_key=server_key, shield_config=shielding)  # fmt: skip
+    prompt = read_prompt(prompt)
+    session = open_session(model, endpoint, local, timeout, shielding, device, dtype.value, curve_secret, server_key, offload_attention_from, connect_timeout)
     with session:
         stream = None if as_json else (lambda text: out.print(text, end="", markup=False, highlight=False, soft_wrap=True))
-        result = session.generate(prompt, max_new_tokens, temperature, top_p, seed, chat, on_text=stream)
+        result = session.generate(prompt, max_new_tokens, temperature, top_p, seed, chat, on_text=stream, top_k=top_k,
+                                  repetition_penalty=repetition_penalty, stop=stop or (), system=system)  # fmt: skip
     shield_info = session.shield_info()
     if as_json:
         print(json.dumps({"text": result.text, "token_ids": result.token_ids, "prompt_token_ids": result.prompt_token_ids,
-                          "timings": result.timings, "shield": shield_info}))  # fmt: skip
+                          "finish_reason": result.finish_reason, "timings": result.timings, "shield": shield_info}))  # fmt: skip
     else:
         out.print()
         err.print(_summary(result, shield_info))
@@ -111,7 +103,7 @@ def _summary(result: Generation, shield_info: dict[str, Any]) -> str:
     """One dim line under the answer: tokens, shield, speed, round trips, offline work."""
     t = result.timings
     return (
-        f"[dim]{len(result.token_ids)} tokens · {shield_info['shield']}{' + verify' if shield_info['verify'] else ''}"
+        f"[dim]{len(result.token_ids)} tokens ({result.finish_reason}) · {shield_info['shield']}{' + verify' if shield_info['verify'] else ''}"
         f" · prefill {t['prefill_s']:.2f} s · {t['decode_tokens_per_s']:.1f} tok/s"
         + (f" · {t['round_trips']:.0f} round trips" if "round_trips" in t else "")
         + (f" · offline masks {t['offline_s']:.2f} s, {shield_info.get('pool_peak_mib', 0):.0f} MiB" if t.get("offline_s") else "")

@@ -298,3 +298,10 @@ def _cached_fingerprint(model: LoadedModel) -> str:
         tmp.write_text(fingerprint)
         os.replace(tmp, remembered)
     return fingerprint
+
+
+def cached_models() -> list[tuple[Path, int]]:
+    """The converted models in the cache, with their sizes in bytes."""
+    root = cache_dir()
+    folders = sorted(p for p in root.iterdir() if (p / "config.json").is_file()) if root.is_dir() else []
+    return [(folder, sum(f.stat().st_size for f in folder.iterdir() if f.is_file())) for folder in folders]
