@@ -48,6 +48,10 @@ class InputError(TsqpError, ValueError):
     """A request the model cannot serve: an empty prompt, or one longer than its context."""
 
 
+class ContextTooLong(InputError):
+    """The prompt plus the tokens asked for do not fit in the model's context."""
+
+
 class AuthError(TsqpError):
     """CURVE keys are missing, unreadable or malformed, or a peer refused the link's authentication."""
 

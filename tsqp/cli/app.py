@@ -8,7 +8,7 @@ import sys
 import typer
 
 from tsqp import __version__
-from tsqp.cli import audit, bench, chat, check_grad, info, keys, run_tee, serve_gpu
+from tsqp.cli import audit, bench, chat, check_grad, info, keys, run_tee, serve_gpu, serve_tee
 from tsqp.cli.console import err, error_line
 from tsqp.errors import IntegrityError, ProtocolError, RemoteError, ServerUnavailable, TsqpError
 
@@ -43,6 +43,8 @@ Examples:
 
   tsqp run-tee --endpoint tcp://127.0.0.1:5555 --prompt "Hi" --json
 
+  tsqp serve-tee --port 8000   (OpenAI-compatible HTTP API)
+
   tsqp check-grad --path my_runner.py
 
   tsqp keys generate keys/ --name alice   (CURVE keys: authenticated, encrypted link)
@@ -59,6 +61,7 @@ for group, name, command in (
     (app, "serve-gpu", serve_gpu.serve_gpu),
     (app, "run-tee", run_tee.run_tee),
     (app, "chat", chat.chat),
+    (app, "serve-tee", serve_tee.serve_tee),
     (app, "check-grad", check_grad.check_grad),
     (app, "bench", bench.bench),
     (app, "audit", audit.audit),

@@ -65,6 +65,7 @@ class Batcher:
         self.pending: deque[Request] = deque()
         self.active: list[Request] = []
         self.steps = 0
+        self.last_error: BaseException | None = None  # what the last failed step raised; None once a step succeeds
         self._wake = threading.Condition()
 
     def submit(self, prompt_ids: Sequence[int], sampling: Sampling, on_token: Callable[[int], bool | None] | None = None,
@@ -100,6 +101,7 @@ class Batcher:
                 raise
             return
         self.steps += 1
+        self.last_error = None
         for (request, ids, want), row in zip(plan, logits):
             if request.fed < len(request.prompt_ids):
                 request.fed += len(ids)
@@ -140,6 +142,7 @@ class Batcher:
 
     def fail_all(self, error: BaseException) -> None:
         """Every active and waiting sequence ends with `error`."""
+        self.last_error = error
         with self._wake:
             failed = self.active + list(self.pending)
             self.active, self.pending = [], deque()

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from tsqp.errors import InputError
+from tsqp.errors import ContextTooLong
 from tsqp.tee.generation import Generation
 
 CONTEXT = 4096  # positions a conversation's cache holds at most (SmolLM2's 8192 would take 0.4 GB)
@@ -36,7 +36,7 @@ class Conversation:
         ids = self.session.chat_ids(messages)
         kept = common_prefix(self.cached_ids, ids[:-1])  # at least one token must be fed to get logits
         if len(ids) + max_new_tokens > self.cache.max_len:
-            raise InputError(f"the conversation ({len(ids)} tokens) + {max_new_tokens} new tokens exceed the model's context of "
+            raise ContextTooLong(f"the conversation ({len(ids)} tokens) + {max_new_tokens} new tokens exceed the model's context of "
                              f"{self.cache.max_len}; start over (/reset) or ask for fewer tokens")  # fmt: skip
         self.cache.length = kept
         self.cached_ids = self.cached_ids[:kept]

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from tsqp.errors import InputError
+from tsqp.errors import ContextTooLong, InputError
 from tsqp.tee.llama import KVCache, Llama
 
 FINISH_REASONS = ("stop", "length")  # stop: an end-of-sequence token or a stop string; length: max_new_tokens reached
@@ -113,8 +113,8 @@ def check_fits(llama: Llama, prompt_ids: Sequence[int], max_new_tokens: int, cac
         raise InputError("the prompt is empty")
     context = llama.config.max_seq_len
     if cached + len(prompt_ids) + max_new_tokens > context:
-        raise InputError(f"{cached + len(prompt_ids)} prompt tokens + {max_new_tokens} new tokens exceed the model's context of {context}; "
-                         "shorten the prompt or lower --max-new-tokens")  # fmt: skip
+        raise ContextTooLong(f"{cached + len(prompt_ids)} prompt tokens + {max_new_tokens} new tokens exceed the model's context of {context}; "
+                             "shorten the prompt or ask for fewer new tokens")  # fmt: skip
 
 
 def generate(
