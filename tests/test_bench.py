@@ -219,3 +219,20 @@ def test_percentile() -> None:
     assert percentile([3.0], 99) == 3.0
     assert percentile([1.0, 2.0, 3.0, 4.0], 50) == 2.5
     assert percentile(list(map(float, range(101))), 99) == pytest.approx(99.0)
+
+
+# --- HTTP load test (--http-clients) ------------------------------------------------------
+
+
+def test_http_load_test_streams_concurrent_requests_through_serve_tee(tiny_chat_path: Path) -> None:
+    result = runner.invoke(app, ["bench", "--model", str(tiny_chat_path), "--shields", "plain", "--prompt-tokens", "8", "--new-tokens", "5",
+                                 "--http-clients", "1,3", "--json", "-"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["results"] == [] and [(r["shield"], r["clients"]) for r in data["http"]] == [("plain", 1), ("plain", 3)]
+    for r in data["http"]:
+        assert r["tokens"] == 5 * r["clients"] and r["aggregate_tokens_per_s"] > 0 and r["answers_match_single_client"] is True, r
+        for key in ("latency_ms", "first_token_ms", "inter_token_ms"):
+            assert set(r[key]) == {"p50", "p90", "p99"} and 0 < r[key]["p50"] <= r[key]["p99"], (key, r)
+        assert r["first_token_ms"]["p50"] <= r["latency_ms"]["p50"]
+    assert set(data["settings"]["http_speedup_vs_one_client"]) == {"plain"}

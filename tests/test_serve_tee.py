@@ -12,40 +12,21 @@ import sys
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import httpx
 import openai
 import pytest
 
-from tsqp.cli.serve_tee import READY
+from tsqp.tools.bench.http import serve_tee_process
 
 KEY = "sk-tsqp-test-key"
 QUESTIONS = ["Hi", "What is 2+2?", "Name a colour", "Tell me a joke", "Who are you?", "Say something", "Count to three", "Why is the sky blue?"]
 
 
-@contextmanager
-def serve_tee(*args: str, timeout_s: float = 120) -> Iterator[tuple[subprocess.Popen[str], str]]:
-    """A `tsqp serve-tee` process on a free port; yields it and its base URL once it prints its ready line."""
-    process = subprocess.Popen([sys.executable, "-m", "tsqp", "serve-tee", "--port", "0", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        assert process.stdout is not None
-        deadline = time.monotonic() + timeout_s
-        line = ""
-        while time.monotonic() < deadline and not line.startswith(READY):
-            line = process.stdout.readline()
-            assert line or process.poll() is None, process.stderr.read() if process.stderr else ""
-        assert line.startswith(READY), "serve-tee did not get ready"
-        yield process, line.split(" on ", 1)[1].split(" ", 1)[0]
-    finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(15)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+def serve_tee(*args: str) -> Any:
+    return serve_tee_process(args)
 
 
 def client(url: str, key: str = KEY) -> openai.OpenAI:

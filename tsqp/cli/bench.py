@@ -51,6 +51,13 @@ def bench(
             help="Load test: comma list of concurrent client counts, e.g. 1,2,4,8. For each N, N runner processes decode at once against one server (first prompt length, first --shields mode); reports aggregate tok/s, step p50/p99 and whether answers match a single client's."
         ),
     ] = None,
+    http_clients: Annotated[
+        str | None,
+        typer.Option(
+            "--http-clients",
+            help="HTTP load test alone: comma list of concurrent client counts, e.g. 1,4,8. Per --shields mode one `tsqp serve-tee`; N clients stream greedy completions (first prompt length) at once; reports aggregate tok/s, latency, TTFT and inter-token percentiles, and whether answers match single requests.",
+        ),
+    ] = None,
     batch: Annotated[
         bool | None,
         typer.Option(
@@ -68,6 +75,8 @@ def bench(
     Example: tsqp bench --prompt-tokens 32,128 --new-tokens 32 --repeat 3 --json bench.json
 
     Load test: tsqp bench --shields plain --prompt-tokens 32 --repeat 1 --clients 1,2,4,8
+
+    HTTP load test: tsqp bench --shields plain,otp --prompt-tokens 32 --new-tokens 32 --http-clients 1,4,8
     """
     from tsqp.tools.bench import runs
     from tsqp.tools.bench.config import BenchConfig
@@ -77,7 +86,8 @@ def bench(
     config = BenchConfig(model, shield_names(shields), verify, counts(prompt_tokens, "--prompt-tokens", "token counts", "32,128,512"),
                          new_tokens, repeat, endpoint, timeout,
                          str(curve_secret) if curve_secret else None, str(server_key) if server_key else None,
-                         counts(clients, "--clients", "client counts", "1,2,4,8") if clients is not None else [], batch=batch,
+                         counts(clients, "--clients", "client counts", "1,2,4,8") if clients is not None else [],
+                         counts(http_clients, "--http-clients", "client counts", "1,4,8") if http_clients is not None else [], batch=batch,
                          device=device.value, dtype=dtype.value)  # fmt: skip
     if plot is not None:
         try:
@@ -97,7 +107,7 @@ def bench(
 
         save_plot(report, plot)
         err.print(f"plot saved to {plot}")
-    wrong = [r.clients for r in report.load or [] if not r.answers_match_single_client]
+    wrong = [r.clients for r in [*(report.load or []), *(report.http or [])] if not r.answers_match_single_client]
     if wrong:
         fail(
             f"load test: with {', '.join(map(str, wrong))} concurrent clients, some answers differ from the single-client answers "

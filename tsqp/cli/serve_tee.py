@@ -33,9 +33,7 @@ from tsqp.cli.options import (
 from tsqp.cli.sessions import open_session
 from tsqp.shields.config import ACTIVATION_BITS, NOISE_SCALE, WEIGHT_BITS
 from tsqp.tee.batch import MAX_BATCH, PREFILL_CHUNK
-from tsqp.wire.endpoints import is_local_endpoint
-
-READY = "tsqp serve-tee ready"  # printed once the socket accepts requests; scripts and tests wait for it
+from tsqp.wire.endpoints import HTTP_READY, is_local_endpoint
 
 
 def serve_tee(
@@ -107,7 +105,7 @@ def serve_tee(
         bound = listener.getsockname()
         url = f"{scheme}://{f'[{bound[0]}]' if ':' in bound[0] else bound[0]}:{bound[1]}"
         info = session.shield_info()
-        threading.Thread(target=_announce, args=(server, f"{READY} on {url} (model {model_id}, shield {info['shield']}"
+        threading.Thread(target=_announce, args=(server, f"{HTTP_READY} on {url} (model {model_id}, shield {info['shield']}"
                                                           f"{' + verify' if info['verify'] else ''}, {'API keys' if api_keys else 'no API keys'})"),
                          daemon=True).start()  # fmt: skip
         engine.start()

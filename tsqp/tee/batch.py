@@ -109,7 +109,13 @@ class Batcher:
                 continue
             assert row is not None
             request.first_token = request.first_token or time.perf_counter()
-            request.decoder.next(row[0, -1])
+            try:
+                request.decoder.next(row[0, -1])  # sampling and the caller's on_token
+            except Exception as e:  # noqa: BLE001 - one sequence's failure (its callback) ends it alone
+                self.active.remove(request)
+                request.error = e
+                self._done(request)
+                continue
             if request.decoder.finish_reason is not None:
                 self._finish(request)
 
@@ -161,13 +167,16 @@ class Batcher:
             self.step()
 
     def serve_forever(self, stop: threading.Event) -> None:
-        """The serving loop: sleep while idle, step while busy, until `stop` is set."""
+        """The serving loop: sleep while idle, step while busy, until `stop` is set. Nothing ends it but `stop`."""
         while not stop.is_set():
             with self._wake:
                 if self.idle():
                     self._wake.wait(0.1)
                     continue
-            self.step()
+            try:
+                self.step()
+            except Exception as e:  # noqa: BLE001 - a bug must fail the requests in flight, not stop the service
+                self.fail_all(e)
 
     def wake(self) -> None:
         with self._wake:

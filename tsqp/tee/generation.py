@@ -35,6 +35,7 @@ class Sampling:
     top_k: int = 0
     repetition_penalty: float = 1.0
     seed: int | None = None
+    ignore_eos: bool = False  # decode exactly max_new_tokens (benchmarks)
 
     def validate(self) -> Sampling:
         problems = [
@@ -101,7 +102,7 @@ class Decoder:
         token = sample(logits, s.temperature, s.top_p, self.generator, s.top_k)
         self.tokens.append(token)
         stop = self.on_token(token) if self.on_token is not None else False
-        if stop or token in self.eos_ids:
+        if stop or (token in self.eos_ids and not s.ignore_eos):
             self.finish_reason = "stop"
         elif len(self.tokens) >= s.max_new_tokens:
             self.finish_reason = "length"

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import logging
 import threading
 import time
 import uuid
@@ -33,6 +34,8 @@ from tsqp.errors import ContextTooLong, InputError, IntegrityError, RemoteError,
 from tsqp.tee.batch import Request as Sequence_
 from tsqp.tee.generation import Generation, Sampling
 from tsqp.tee.session import Session, TextStream
+
+log = logging.getLogger("tsqp.serve_tee")
 
 DEFAULT_MAX_TOKENS = 512  # when a request names none (OpenAI's default is "up to the context")
 MAX_N = 8  # choices per request: each is one more sequence in the batch
@@ -59,10 +62,11 @@ class _Sampled(BaseModel):
     stream: bool = False
     stream_options: dict[str, Any] | None = None
     return_token_ids: bool = False  # vLLM's extension: the prompt's and each choice's token ids
+    ignore_eos: bool = False  # vLLM's extension: decode exactly max_tokens (benchmarks)
 
     def sampling(self, max_tokens: int | None, index: int) -> Sampling:
         seed = None if self.seed is None else self.seed + index  # n choices of one seeded request differ, reproducibly
-        return Sampling(max_tokens or DEFAULT_MAX_TOKENS, self.temperature, self.top_p, max(self.top_k, 0), self.repetition_penalty, seed)
+        return Sampling(max_tokens or DEFAULT_MAX_TOKENS, self.temperature, self.top_p, max(self.top_k, 0), self.repetition_penalty, seed, self.ignore_eos)
 
     def stop_strings(self) -> list[str]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -160,6 +164,8 @@ class Engine:
     def __init__(self, session: Session, prefill_chunk: int, max_batch: int) -> None:
         self.session = session
         self.batcher = session.batcher(prefill_chunk, max_batch)
+        # HF fast tokenizers are not safe to share between threads: the event loop encodes, the engine decodes
+        self.tokenizer_lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self.batcher.serve_forever, args=(self._stop,), name="tsqp-engine", daemon=True)
 
@@ -188,7 +194,8 @@ class Engine:
             loop.call_soon_threadsafe(job.events.put_nowait, (index, kind, payload))
 
         for index in range(body.n):
-            choice = _Choice(index, TextStream(self.session.model.tokenizer, lambda text, i=index: relay(i, "text", text), stops))
+            stream = TextStream(self.session.model.tokenizer, lambda text, i=index: relay(i, "text", text), stops, self.tokenizer_lock)
+            choice = _Choice(index, stream)
             job.choices.append(choice)
 
             def done(sequence: Sequence_, choice: _Choice = choice) -> None:
@@ -234,6 +241,8 @@ def create_app(engine: Engine, model_id: str, api_keys: Sequence[str] = ()) -> F
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, e: Exception) -> JSONResponse:
+        if not isinstance(e, TsqpError):
+            log.error("unexpected error serving a request", exc_info=e)  # a bug: the client gets a 500, the operator the traceback
         return api_error(e).response()
 
     @app.middleware("http")
@@ -264,13 +273,13 @@ def create_app(engine: Engine, model_id: str, api_keys: Sequence[str] = ()) -> F
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatRequest) -> Any:
         _check_model(body.model, model_id)
-        prompt_ids = _or_400(lambda: session.chat_ids([m.as_template() for m in body.messages]))
+        prompt_ids = _or_400(engine, lambda: session.chat_ids([m.as_template() for m in body.messages]))
         return await _respond(engine, body, prompt_ids, body.max_completion_tokens or body.max_tokens, "chat.completion", model_id)
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest) -> Any:
         _check_model(body.model, model_id)
-        prompt_ids = _or_400(lambda: _completion_ids(session, body.prompt))
+        prompt_ids = _or_400(engine, lambda: _completion_ids(session, body.prompt))
         return await _respond(engine, body, prompt_ids, body.max_tokens, "text_completion", model_id)
 
     return app
@@ -292,9 +301,10 @@ def _model_card(model_id: str, created: int, context: int) -> dict[str, Any]:
     return {"id": model_id, "object": "model", "created": created, "owned_by": "tsqp", "max_model_len": context}
 
 
-def _or_400(make: Callable[[], list[int]]) -> list[int]:
+def _or_400(engine: Engine, make: Callable[[], list[int]]) -> list[int]:
     try:
-        return make()
+        with engine.tokenizer_lock:
+            return make()
     except TsqpError as e:
         raise api_error(e if isinstance(e, InputError) else InputError(str(e))) from None
 

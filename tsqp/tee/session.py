@@ -12,6 +12,7 @@ stops it on close; `local=True` runs the linear ops in-process (all-in-TEE basel
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -173,12 +174,13 @@ class TextStream:
     and a tail that could still grow into one is held back from `on_text` until it cannot.
     """
 
-    def __init__(self, tokenizer: Any, on_text: Callable[[str], None] | None, stop: Sequence[str] = ()) -> None:
+    def __init__(self, tokenizer: Any, on_text: Callable[[str], None] | None, stop: Sequence[str] = (), lock: Any = None) -> None:
         if stop and tokenizer is None:
             raise InputError("stop strings need the model's tokenizer")
         if any(not s for s in stop):
             raise InputError("a stop string is empty")
         self.tokenizer, self.on_text, self.stop = tokenizer, on_text, list(stop)
+        self.lock = lock or contextlib.nullcontext()  # a tokenizer shared between threads is used by one at a time
         self.ids: list[int] = []
         self.text = ""  # all decoded text, up to a stop string
         self.sent = 0  # characters of it handed to on_text
@@ -191,7 +193,8 @@ class TextStream:
         self.ids.append(token)
         if self.tokenizer is None or self.stopped:
             return self.stopped
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        with self.lock:
+            text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
         if text.endswith("\ufffd"):
             return False  # an incomplete multi-byte character: wait for the next token
         self.text = text

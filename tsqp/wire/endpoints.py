@@ -19,6 +19,7 @@ from tsqp.errors import AuthError, EndpointError
 
 CONNECT_TIMEOUT_S = 2.0  # a client reports that nothing listens after this; replies have their own timeout
 READY = "tsqp serve-gpu ready"  # the line serve-gpu prints once it answers; a private server's parent waits for it
+HTTP_READY = "tsqp serve-tee ready"  # the line serve-tee prints once its HTTP socket accepts requests (bench and tests wait for it)
 
 # A failed security handshake is final: libzmq would retry it forever without a word.
 HANDSHAKE_FAILED = zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL

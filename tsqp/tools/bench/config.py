@@ -36,6 +36,7 @@ class BenchConfig:
     curve_secret: str | None = None  # CURVE keys for a remote endpoint (see tsqp.keys)
     server_key: str | None = None
     clients: list[int] = field(default_factory=list)  # load test: concurrent runner counts; empty: none
+    http_clients: list[int] = field(default_factory=list)  # HTTP load test against serve-tee: concurrent client counts; empty: none
     batch: bool | None = None  # the private server's cross-client batching; None: its default for the device
     device: str = "auto"  # the private server's device and weight dtype
     dtype: str = "float32"

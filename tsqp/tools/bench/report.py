@@ -32,6 +32,8 @@ def render_table(report: BenchReport) -> Any:
         per_token.add_row(mode, str(r.prompt_tokens), f"{r.ms_per_token:.1f}",
                           *(f"{b[k]:.1f}" for k in ("tee_compute", "mask_unmask", "verify", "serialization", "wire", "server_compute")),
                           f"{r.round_trips_per_token:.0f}", f"{r.bytes_per_token / 1024:.1f}", f"{1000 * r.offline_s_per_token:.1f}")  # fmt: skip
+    if report.http is not None:
+        return _http_table(report)
     if report.load is None:
         return Group(speed, per_token)
     load = Table(title=escape(f"load test · {report.load[0].shield} · {s['prompt_tokens'][0]} prompt tokens · {s['new_tokens']} new tokens per client · one server"),
@@ -43,6 +45,38 @@ def render_table(report: BenchReport) -> Any:
         answers = "match" if r.answers_match_single_client else f"[bold red]differ[/] ({len(r.mismatched_runners)})"
         load.add_row(str(r.clients), f"{r.aggregate_tokens_per_s:.1f}", f"{r.step_ms['p50']:.1f}", f"{r.step_ms['p99']:.1f}", answers)
     return Group(speed, per_token, load)
+
+
+def _http_table(report: BenchReport) -> Any:
+    from rich import box
+    from rich.markup import escape
+    from rich.table import Table
+
+    s = report.settings
+    table = Table(title=escape(f"HTTP load test · serve-tee · {s['prompt_tokens'][0]} prompt tokens · {s['new_tokens']} new tokens per client"),
+                  box=box.SIMPLE_HEAD, pad_edge=False,
+                  caption="tok/s: all clients' tokens / wall time; latency: whole request; TTFT: to the first chunk; ITL: between chunks (ms, p50/p99)")  # fmt: skip
+    for name in ("shield", "clients", "tok/s", "×1", "latency", "TTFT", "ITL", "answers"):
+        table.add_column(name, justify="left" if name == "shield" else "right")
+    one = {r.shield: r.aggregate_tokens_per_s for r in report.http or [] if r.clients == 1}
+    for r in report.http or []:
+        speedup = f"{r.aggregate_tokens_per_s / one[r.shield]:.2f}" if one.get(r.shield) else ""
+        answers = "match" if r.answers_match_single_client else f"[bold red]differ[/] ({len(r.mismatched_clients)})"
+        table.add_row(
+            r.shield,
+            str(r.clients),
+            f"{r.aggregate_tokens_per_s:.1f}",
+            speedup,
+            _p50_99(r.latency_ms),
+            _p50_99(r.first_token_ms),
+            _p50_99(r.inter_token_ms),
+            answers,
+        )
+    return table
+
+
+def _p50_99(values: dict[str, float]) -> str:
+    return f"{values['p50']:.0f}/{values['p99']:.0f}"
 
 
 def _stat(s: Stat, fmt: str) -> str:

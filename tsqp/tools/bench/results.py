@@ -62,11 +62,14 @@ class BenchReport:
     settings: dict[str, Any]
     results: list[Result]
     load: list[LoadResult] | None = None  # only with --clients
+    http: list[HttpLoadResult] | None = None  # only with --http-clients
 
     def to_json(self) -> dict[str, Any]:
         data = {"machine": self.machine, "settings": self.settings, "results": [asdict(r) for r in self.results]}
         if self.load is not None:
             data["load"] = [asdict(r) for r in self.load]
+        if self.http is not None:
+            data["http"] = [asdict(r) for r in self.http]
         return data
 
 
@@ -82,6 +85,22 @@ class LoadResult:
     tokens: int = 0
     mismatched_runners: list[int] = field(default_factory=list)
     shield: str = ""  # what the runners' sessions report (the first --shields mode)
+
+
+@dataclass
+class HttpLoadResult:
+    """One HTTP round: `clients` concurrent streamed completions against one serve-tee (continuous batching)."""
+
+    shield: str
+    clients: int
+    aggregate_tokens_per_s: float  # all clients' new tokens / wall time from the first request sent to the last answer done
+    wall_s: float
+    tokens: int
+    latency_ms: dict[str, float]  # whole request: p50, p90, p99
+    first_token_ms: dict[str, float]  # request sent -> first text chunk
+    inter_token_ms: dict[str, float]  # between text chunks of one request
+    answers_match_single_client: bool
+    mismatched_clients: list[int] = field(default_factory=list)
 
 
 def aggregate(mode: str, verify: bool, n: int, new_tokens: int, runs: list[Run], peak: dict[str, float | None]) -> Result:

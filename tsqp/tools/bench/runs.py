@@ -11,6 +11,7 @@ from typing import Any
 
 from tsqp.errors import TsqpError
 from tsqp.tools.bench.config import BenchConfig, Progress, ProgressCounter, private_server, prompt_ids
+from tsqp.tools.bench.http import bench_http, http_settings
 from tsqp.tools.bench.load import LOAD_RUNNER_THREADS, bench_load
 from tsqp.tools.bench.machine import machine_info, peak_rss_mib, reset_peak_rss
 from tsqp.tools.bench.results import BenchReport, Result, Run, aggregate
@@ -22,6 +23,8 @@ def run(config: BenchConfig, progress: Progress | None = None) -> BenchReport:
 
     if config.new_tokens < 2:
         raise TsqpError("a bench run decodes at least 2 new tokens: decode speed needs decoded tokens after the first")
+    if config.http_clients:
+        return _run_http(config, progress)
     counter = ProgressCounter(len(config.modes) * len(config.prompt_tokens) * config.repeat + (len(config.clients) + 1 if config.clients else 0), progress)
     machine = machine_info()  # before we add load of our own: the load average tells of other work
     counter.show("converting the model")
@@ -42,6 +45,21 @@ def run(config: BenchConfig, progress: Progress | None = None) -> BenchReport:
     if config.clients:
         settings["load_runner_torch_threads"] = LOAD_RUNNER_THREADS
     return BenchReport(machine, settings, results, load)
+
+
+def _run_http(config: BenchConfig, progress: Progress | None) -> BenchReport:
+    """The HTTP load test alone: it measures serve-tee as clients see it, not the modes of the other tables."""
+    from tsqp.model.loading import resolve
+
+    counter = ProgressCounter(len(config.shields) * (len(config.http_clients) + 1), progress)
+    machine = machine_info()
+    counter.show("converting the model")
+    folder = resolve(config.model)
+    http = bench_http(config, folder, counter)
+    counter.show("done")
+    settings = {k: v for k, v in asdict(config).items() if k not in ("timeout_s", "curve_secret", "server_key", "repeat", "clients", "batch")}
+    settings |= {"model_path": str(folder), "curve": config.curve_secret is not None, **http_settings(http)}
+    return BenchReport(machine, settings, [], http=http)
 
 
 def run_with_progress(config: BenchConfig, console: Any) -> BenchReport:
