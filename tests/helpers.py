@@ -19,8 +19,11 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from tsqp.model.linear import LinearWeights
 from tsqp.model.loading import LoadedModel
 from tsqp.server.server import Server
+from tsqp.shields.config import ShieldConfig
 from tsqp.tee.llama import Llama
+from tsqp.tee.session import Session, shielded
 from tsqp.wire import protocol
+from tsqp.wire.client import RemoteBackend
 from tsqp.wire.protocol import Message
 
 # --- tiny models ---------------------------------------------------------------------------
@@ -37,6 +40,13 @@ def make_tiny_model(folder: Path, seed: int = 0, **overrides: object) -> Path:
     model = LlamaForCausalLM(config).eval()
     model.save_pretrained(folder)
     return folder
+
+
+def shielded_session(model: LoadedModel, endpoint: str, shield: str, verify: bool | None = None) -> Session:
+    """A session to `endpoint` behind `shield` (verification: the shield's default unless given)."""
+    remote = RemoteBackend(endpoint, timeout_s=30)
+    remote.hello(model.fingerprint)
+    return Session(model, shielded(remote, model, ShieldConfig(shield, verify)))
 
 
 def local_llama(model: LoadedModel, **kwargs: object) -> Llama:

@@ -8,14 +8,12 @@ from collections.abc import Iterator
 
 import pytest
 import torch
-from helpers import RunningServer, local_llama, start_server
+from helpers import RunningServer, local_llama, shielded_session, start_server
 
 from tsqp.model.loading import LoadedModel
 from tsqp.shields.backend import ShieldedBackend
-from tsqp.shields.config import ShieldConfig
 from tsqp.tee.batch import Batcher
 from tsqp.tee.generation import Sampling, generate
-from tsqp.tee.session import Session, shielded
 from tsqp.wire.client import RemoteBackend
 
 PROMPTS = [list(range(5, 29)), [7, 3, 9], list(range(100, 140)), [42] * 6, list(range(200, 211)), [1, 2], list(range(60, 77)), [300, 5, 17, 9]]
@@ -26,12 +24,6 @@ def server(tiny: LoadedModel) -> Iterator[RunningServer]:
     running = start_server(tiny)
     yield running
     running.close()
-
-
-def remote_session(model: LoadedModel, endpoint: str, shield: str) -> Session:
-    remote = RemoteBackend(endpoint, timeout_s=30)
-    remote.hello(model.fingerprint)
-    return Session(model, shielded(remote, model, ShieldConfig(shield)))
 
 
 def test_forward_many_equals_one_forward_per_sequence(tiny: LoadedModel) -> None:
@@ -69,7 +61,7 @@ def test_seeded_sampling_is_the_same_batched_or_alone(tiny: LoadedModel) -> None
 
 @pytest.mark.parametrize("shield", ["plain", "otp"])
 def test_round_trips_per_step_do_not_grow_with_the_sequences(shield: str, tiny: LoadedModel, server: RunningServer) -> None:
-    session = remote_session(tiny, server.endpoint, shield)
+    session = shielded_session(tiny, server.endpoint, shield)
     stats = session.backend.stats if isinstance(session.backend, RemoteBackend) else session.backend.remote.stats
 
     def decode_step_round_trips(n: int) -> int:
@@ -91,14 +83,14 @@ def test_round_trips_per_step_do_not_grow_with_the_sequences(shield: str, tiny: 
 
 @pytest.mark.parametrize("shield", ["plain", "otp", "seqmix", "noise"])
 def test_batched_answers_equal_single_answers_under_every_shield(shield: str, tiny: LoadedModel, server: RunningServer) -> None:
-    session = remote_session(tiny, server.endpoint, shield)
+    session = shielded_session(tiny, server.endpoint, shield)
     alone = [session.generate(p, 8).token_ids for p in PROMPTS]
     assert [g.token_ids for g in session.generate_many(PROMPTS, 8)] == alone  # prompts within one chunk: the same numbers
     session.close()
 
 
 def test_otp_gives_every_row_of_a_batched_step_a_fresh_mask(tiny: LoadedModel, server: RunningServer) -> None:
-    session = remote_session(tiny, server.endpoint, "otp")
+    session = shielded_session(tiny, server.endpoint, "otp")
     assert isinstance(session.backend, ShieldedBackend)
     seen: set[bytes] = set()
     handed_out = 0
@@ -117,7 +109,7 @@ def test_otp_gives_every_row_of_a_batched_step_a_fresh_mask(tiny: LoadedModel, s
 
 
 def test_seqmix_mixes_rows_within_one_sequence_only(tiny: LoadedModel, server: RunningServer) -> None:
-    session = remote_session(tiny, server.endpoint, "seqmix")
+    session = shielded_session(tiny, server.endpoint, "seqmix")
     assert isinstance(session.backend, ShieldedBackend)
     shield = session.backend.shield
     mask = shield.mask

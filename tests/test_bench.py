@@ -224,15 +224,22 @@ def test_percentile() -> None:
 # --- HTTP load test (--http-clients) ------------------------------------------------------
 
 
-def test_http_load_test_streams_concurrent_requests_through_serve_tee(tiny_chat_path: Path) -> None:
-    result = runner.invoke(app, ["bench", "--model", str(tiny_chat_path), "--shields", "plain", "--prompt-tokens", "8", "--new-tokens", "5",
-                                 "--http-clients", "1,3", "--json", "-"])  # fmt: skip
+def test_http_load_test_streams_concurrent_requests_through_serve_tee(tiny_chat_path: Path, tmp_path: Path) -> None:
+    out = tmp_path / "http.json"
+    result = runner.invoke(app, ["bench", "--model", str(tiny_chat_path), "--shields", "plain,otp", "--prompt-tokens", "8", "--new-tokens", "5",
+                                 "--http-clients", "1,3", "--json", str(out)], env={"COLUMNS": "120"})  # fmt: skip
     assert result.exit_code == 0, result.output
-    data = json.loads(result.stdout)
-    assert data["results"] == [] and [(r["shield"], r["clients"]) for r in data["http"]] == [("plain", 1), ("plain", 3)]
+    assert "HTTP load test" in result.stdout and "trips/step" in result.stdout
+    data = json.loads(out.read_text())
+    assert data["results"] == [] and [(r["shield"], r["clients"]) for r in data["http"]] == [("plain", 1), ("plain", 3), ("otp", 1), ("otp", 3)]
     for r in data["http"]:
         assert r["tokens"] == 5 * r["clients"] and r["aggregate_tokens_per_s"] > 0 and r["answers_match_single_client"] is True, r
         for key in ("latency_ms", "first_token_ms", "inter_token_ms"):
             assert set(r[key]) == {"p50", "p90", "p99"} and 0 < r[key]["p50"] <= r[key]["p99"], (key, r)
         assert r["first_token_ms"]["p50"] <= r["latency_ms"]["p50"]
-    assert set(data["settings"]["http_speedup_vs_one_client"]) == {"plain"}
+    trips = {(r["shield"], r["clients"]): r["round_trips_per_step"] for r in data["http"]}
+    # continuous batching: a step costs the same round trips for 3 clients as for 1 (a 3-layer model: 4 per layer + lm_head, + EMBED under plain)
+    assert trips[("plain", 1)] == trips[("plain", 3)] == 4 * 3 + 2 and trips[("otp", 1)] == trips[("otp", 3)] == 4 * 3 + 1
+    otp = [r for r in data["http"] if r["shield"] == "otp"]
+    assert all(r["offline_s"] == 0 for r in otp), [(r["offline_s"], r["steps"]) for r in otp]  # the masks were made before each round, in the offline phase
+    assert set(data["settings"]["http_speedup_vs_one_client"]) == {"plain", "otp"}

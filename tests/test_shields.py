@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import RunningServer, make_tiny_model, start_server
+from helpers import RunningServer, make_tiny_model, shielded_session, start_server
 
 from tsqp.errors import IntegrityError, ShieldError
 from tsqp.model.linear import LinearWeights
@@ -24,8 +24,6 @@ from tsqp.shields.otp import OtpShield
 from tsqp.shields.sites import site_weights
 from tsqp.tee.generation import generate
 from tsqp.tee.llama import Llama
-from tsqp.tee.session import Session, shielded
-from tsqp.wire.client import RemoteBackend
 
 PROMPT = list(range(5, 29))
 
@@ -37,12 +35,6 @@ def server(tiny: LoadedModel) -> Iterator[RunningServer]:
     running.close()
 
 
-def shielded_session(model: LoadedModel, endpoint: str, shield: str, verify: bool = True) -> Session:
-    remote = RemoteBackend(endpoint, timeout_s=30)
-    remote.hello(model.fingerprint)
-    return Session(model, shielded(remote, model, ShieldConfig(shield, verify)))
-
-
 def local_tokens(model: LoadedModel, prompt: list[int], n: int) -> list[int]:
     llama = Llama(model.config, model.hf_config, model.norms(), LinearWeights(model.weights, model.config.n_layers))
     return generate(llama, prompt, n).token_ids
@@ -52,7 +44,7 @@ def local_tokens(model: LoadedModel, prompt: list[int], n: int) -> list[int]:
 
 
 def test_otp_unmasks_to_the_exact_integer_product(tiny: LoadedModel, server: RunningServer) -> None:
-    session = shielded_session(tiny, server.endpoint, "otp")
+    session = shielded_session(tiny, server.endpoint, "otp", verify=True)
     backend = session.backend
     assert isinstance(backend, ShieldedBackend) and isinstance(backend.shield, OtpShield)
     shield = backend.shield
@@ -81,7 +73,7 @@ def test_every_shield_generates_the_local_tokens(shield: str, tiny: LoadedModel,
 
 
 def test_attention_offload_is_refused_under_a_shield(tiny: LoadedModel, server: RunningServer) -> None:
-    session = shielded_session(tiny, server.endpoint, "otp")
+    session = shielded_session(tiny, server.endpoint, "otp", verify=True)
     with pytest.raises(ShieldError, match="offload"):
         session.backend.matmul(torch.ones(1, 2, 2), torch.ones(1, 2, 2))
     session.close()

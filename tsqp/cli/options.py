@@ -106,6 +106,10 @@ WeightBitsOpt = Annotated[
 ActivationBitsOpt = Annotated[
     int, typer.Option("--activation-bits", min=ACTIVATION_BITS_RANGE[0], max=ACTIVATION_BITS_RANGE[1], help="otp: bits per fixed-point activation (per row).")
 ]
+LocalOpt = Annotated[bool, typer.Option("--local", help="Run the linear ops in this process too (the all-in-TEE baseline).")]
+TemperatureOpt = Annotated[float, typer.Option(min=0.0, help="Sampling temperature; 0 is greedy.")]
+TopPOpt = Annotated[float, typer.Option(min=0.0, max=1.0, help="Nucleus sampling: keep the smallest set of tokens with this much probability.")]
+SeedOpt = Annotated[int | None, typer.Option(help="Random seed for sampling.")]
 TopKOpt = Annotated[int, typer.Option("--top-k", min=0, help="Sample only among the k most likely tokens; 0 keeps them all.")]
 RepetitionPenaltyOpt = Annotated[
     float,

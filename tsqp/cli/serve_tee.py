@@ -22,7 +22,6 @@ from tsqp.cli.options import (
     EndpointOpt,
     ModelOpt,
     NoiseScaleOpt,
-    PrecomputeOpt,
     ServerKeyOpt,
     ShieldOpt,
     TimeoutOpt,
@@ -66,7 +65,14 @@ def serve_tee(
     server_key: ServerKeyOpt = None,
     shield: ShieldOpt = "otp",
     verify: VerifyOpt = None,
-    precompute: PrecomputeOpt = 0,
+    precompute: Annotated[
+        int,
+        typer.Option(
+            "--precompute",
+            min=0,
+            help="Masks for this many tokens made before serving, and made again whenever the server is idle (otp's and noise's offline phase).",
+        ),
+    ] = 0,
     noise_scale: NoiseScaleOpt = NOISE_SCALE,
     weight_bits: WeightBitsOpt = WEIGHT_BITS,
     activation_bits: ActivationBitsOpt = ACTIVATION_BITS,
@@ -95,7 +101,7 @@ def serve_tee(
     from tsqp.tee.openai_api import Engine, create_app
 
     with session:
-        engine = Engine(session, prefill_chunk, max_batch)
+        engine = Engine(session, prefill_chunk, max_batch, keep_masks=precompute)
         model_id = served_model_name or model
         app = create_app(engine, model_id, api_keys)
         config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off", timeout_graceful_shutdown=5,

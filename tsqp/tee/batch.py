@@ -166,15 +166,25 @@ class Batcher:
         while not self.idle():
             self.step()
 
-    def serve_forever(self, stop: threading.Event) -> None:
-        """The serving loop: sleep while idle, step while busy, until `stop` is set. Nothing ends it but `stop`."""
+    def serve_forever(self, stop: threading.Event, on_idle: Callable[[], bool] | None = None) -> None:
+        """The serving loop: step while busy, until `stop` is set; nothing else ends it.
+
+        While idle it calls `on_idle` (a short piece of offline work, e.g. masks for later)
+        until that returns False, then sleeps until a request comes.
+        """
+        more_idle_work = on_idle is not None
         while not stop.is_set():
             with self._wake:
-                if self.idle():
+                idle = self.idle()
+                if idle and not more_idle_work:
                     self._wake.wait(0.1)
+                    more_idle_work = on_idle is not None
                     continue
             try:
-                self.step()
+                if idle:
+                    more_idle_work = bool(on_idle())  # type: ignore[misc]
+                else:
+                    self.step()
             except Exception as e:  # noqa: BLE001 - a bug must fail the requests in flight, not stop the service
                 self.fail_all(e)
 

@@ -31,6 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tsqp.errors import ContextTooLong, InputError, IntegrityError, RemoteError, ServerUnavailable, TsqpError
+from tsqp.shields.backend import ShieldedBackend
 from tsqp.tee.batch import Request as Sequence_
 from tsqp.tee.generation import Generation, Sampling
 from tsqp.tee.session import Session, TextStream
@@ -39,7 +40,8 @@ log = logging.getLogger("tsqp.serve_tee")
 
 DEFAULT_MAX_TOKENS = 512  # when a request names none (OpenAI's default is "up to the context")
 MAX_N = 8  # choices per request: each is one more sequence in the batch
-MAX_BODY_BYTES = 4 << 20  # a request body beyond this gets a 413 before it is parsed
+MAX_BODY_BYTES = 4 << 20
+TOP_UP_ROWS = 16  # mask rows per call site made in one idle slice  # a request body beyond this gets a 413 before it is parsed
 
 
 # --- request bodies ------------------------------------------------------------------------------
@@ -161,13 +163,15 @@ class _Job:
 class Engine:
     """The session's batcher, stepped by a thread; `submit` is called on the event loop."""
 
-    def __init__(self, session: Session, prefill_chunk: int, max_batch: int) -> None:
+    def __init__(self, session: Session, prefill_chunk: int, max_batch: int, keep_masks: int = 0) -> None:
         self.session = session
         self.batcher = session.batcher(prefill_chunk, max_batch)
+        self.keep_masks = keep_masks  # mask rows per call site the idle engine keeps ready (the offline phase)
+        self.idle_offline_s = 0.0  # the part of the shield's offline_s spent while idle
         # HF fast tokenizers are not safe to share between threads: the event loop encodes, the engine decodes
         self.tokenizer_lock = threading.Lock()
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self.batcher.serve_forever, args=(self._stop,), name="tsqp-engine", daemon=True)
+        self._thread = threading.Thread(target=self.batcher.serve_forever, args=(self._stop, self._top_up), name="tsqp-engine", daemon=True)
 
     def start(self) -> None:
         self._thread.start()
@@ -176,6 +180,31 @@ class Engine:
         self._stop.set()
         self.batcher.wake()
         self._thread.join(10)
+
+    def _pool(self) -> Any:
+        backend = self.session.backend
+        return backend.shield.pool if isinstance(backend, ShieldedBackend) else None
+
+    def _top_up(self) -> bool:
+        """Idle time: refill the mask pool towards `keep_masks` rows, a chunk at a time (a request waits at most one chunk)."""
+        pool = self._pool()
+        if pool is None or not self.keep_masks:
+            return False
+        ready = min(pool.available(site) for site in pool.sites)
+        if ready >= self.keep_masks:
+            return False
+        times = self.session.backend.shield.times
+        before = times.offline_s
+        self.session.backend.shield.prepare(min(self.keep_masks, ready + TOP_UP_ROWS))
+        self.idle_offline_s += times.offline_s - before
+        return True
+
+    def stats(self) -> dict[str, Any]:
+        """Counters since start: batched steps, sequences, the accelerator link and the shield (round trips per step = their ratio)."""
+        pool = self._pool()
+        return {"steps": self.batcher.steps, "active": len(self.batcher.active), "pending": len(self.batcher.pending),
+                "masks_ready": min(pool.available(s) for s in pool.sites) if pool is not None else None, "idle_offline_s": self.idle_offline_s,
+                **self.session.wire_snapshot()}  # fmt: skip
 
     def healthy(self) -> str | None:
         """None when the accelerator is believed reachable; else why not."""
@@ -247,7 +276,7 @@ def create_app(engine: Engine, model_id: str, api_keys: Sequence[str] = ()) -> F
 
     @app.middleware("http")
     async def _guard(request: Request, call_next: Callable[[Request], Any]) -> Any:
-        if request.url.path.startswith("/v1/") and api_keys and not _authorized(request.headers.get("authorization", ""), api_keys):
+        if request.url.path != "/health" and api_keys and not _authorized(request.headers.get("authorization", ""), api_keys):
             return ApiError(401, "missing or wrong API key: send `Authorization: Bearer KEY`", "authentication_error", "invalid_api_key").response()
         length = request.headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > MAX_BODY_BYTES:
@@ -260,6 +289,10 @@ def create_app(engine: Engine, model_id: str, api_keys: Sequence[str] = ()) -> F
         if problem is not None:
             return JSONResponse({"status": "unavailable", "error": problem}, status_code=503)
         return JSONResponse({"status": "ok", "model": model_id, "shield": session.shield_info()["shield"]})
+
+    @app.get("/stats")
+    async def stats() -> dict[str, Any]:
+        return engine.stats()
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:

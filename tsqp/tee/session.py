@@ -85,7 +85,7 @@ class Session:
         """One answer. `stop` strings end it (they are not part of the text); `cache` continues a conversation (see `tsqp chat`)."""
         ids = prompt if isinstance(prompt, list) else self.prompt_ids(prompt, chat, system)
         streamer = TextStream(self.model.tokenizer, on_text, stop)
-        before = self._wire_snapshot()
+        before = self.wire_snapshot()
         result = generate(self.llama, ids, max_new_tokens, self.model.eos_token_ids(), temperature, top_p, seed,
                           on_token=streamer.push, top_k=top_k, repetition_penalty=repetition_penalty, cache=cache)  # fmt: skip
         result.text = streamer.finish()
@@ -132,12 +132,12 @@ class Session:
             return {**describe(self.backend.shield), "verify": self.backend.verify}
         return {"shield": "local" if isinstance(self.backend, LinearWeights) else "plain", "verify": False}
 
-    def _wire_snapshot(self) -> dict[str, float]:
+    def wire_snapshot(self) -> dict[str, float]:
         stats = getattr(self.backend, "stats", None)
         return stats.as_dict() if stats is not None else {}
 
     def _wire_delta(self, before: dict[str, float]) -> dict[str, float]:
-        after = self._wire_snapshot()
+        after = self.wire_snapshot()
         return {key: after[key] - before.get(key, 0) for key in after}
 
     def close(self) -> None:

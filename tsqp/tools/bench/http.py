@@ -119,21 +119,44 @@ def bench_http(config: BenchConfig, folder: Path, counter: ProgressCounter) -> l
     results = []
     for shield in config.shields:
         counter.show(f"http {shield}: starting serve-tee")
-        with serve_tee_process(_serve_args(config, folder, shield)) as (_, url):
+        masks = _mask_rows(config, shield)
+        with serve_tee_process(_serve_args(config, folder, shield, masks)) as (_, url):
             complete(url, str(folder), prompts[0], 2, config.timeout_s)  # warm-up: first calls allocate buffers
             counter.show(f"http {shield}: single-request reference answers for {len(prompts)} prompts")
             reference = [_checked(complete(url, str(folder), p, config.new_tokens, config.timeout_s)).token_ids for p in prompts]
             counter.done += 1
             for n in config.http_clients:
+                counter.show(f"http {shield}: waiting for the offline phase ({masks} mask rows)" if masks else f"http {shield}: {n} clients")
+                _wait_for_masks(url, masks, config.timeout_s * 10)
                 counter.show(f"http {shield}: {n} concurrent client{'s' if n > 1 else ''}")
                 results.append(_round(url, str(folder), shield, prompts[:n], reference, config))
                 counter.done += 1
     return results
 
 
-def _serve_args(config: BenchConfig, folder: Path, shield: str) -> list[str]:
+def _mask_rows(config: BenchConfig, shield: str) -> int:
+    """Mask rows the largest round consumes per call site: made in the offline phase, before each round (otp and noise)."""
+    return max(config.http_clients) * (config.prompt_tokens[0] + config.new_tokens) if shield in ("otp", "noise") else 0
+
+
+def _wait_for_masks(url: str, rows: int, timeout_s: float) -> None:
+    """Until serve-tee's idle engine holds `rows` mask rows: the offline phase is not what a round measures."""
+    deadline = time.monotonic() + timeout_s
+    while rows and (_stats(url).get("masks_ready") or 0) < rows:
+        if time.monotonic() > deadline:
+            raise TsqpError(f"http load test: serve-tee did not make {rows} mask rows within {timeout_s:g} s")
+        time.sleep(0.5)
+
+
+def _stats(url: str) -> dict[str, Any]:
+    import httpx
+
+    return httpx.get(f"{url}/stats", timeout=30).json()
+
+
+def _serve_args(config: BenchConfig, folder: Path, shield: str, masks: int) -> list[str]:
     args = ["--model", str(folder), "--shield", shield, "--max-batch", str(max(config.http_clients)), "--timeout", str(config.timeout_s),
-            "--device", config.device, "--dtype", config.dtype]  # fmt: skip
+            "--device", config.device, "--dtype", config.dtype, "--precompute", str(masks)]  # fmt: skip
     if config.verify is not None:
         args.append("--verify" if config.verify else "--no-verify")
     if config.endpoint is not None:
@@ -152,10 +175,13 @@ def _round(url: str, model: str, shield: str, prompts: list[list[int]], referenc
         outcomes[i] = complete(url, model, prompts[i], config.new_tokens, config.timeout_s)
 
     threads = [threading.Thread(target=client, args=(i,)) for i in range(len(prompts))]
+    before = _stats(url)
     for t in threads:
         t.start()
     for t in threads:
         t.join()
+    after = _stats(url)
+    steps = after["steps"] - before["steps"]
     for o in outcomes:
         _checked(o)
     wall = max(o.done for o in outcomes) - min(o.sent for o in outcomes)
@@ -166,7 +192,13 @@ def _round(url: str, model: str, shield: str, prompts: list[list[int]], referenc
     mismatched = [i for i, o in enumerate(outcomes) if o.token_ids != reference[i]]
     return HttpLoadResult(shield=shield, clients=len(prompts), aggregate_tokens_per_s=tokens / wall if wall > 0 else 0.0, wall_s=wall, tokens=tokens,
                           latency_ms=_percentiles(latency), first_token_ms=_percentiles(first), inter_token_ms=_percentiles(gaps),
-                          answers_match_single_client=not mismatched, mismatched_clients=mismatched)  # fmt: skip
+                          answers_match_single_client=not mismatched, mismatched_clients=mismatched, steps=steps,
+                          round_trips_per_step=(after.get("round_trips", 0) - before.get("round_trips", 0)) / max(steps, 1),
+                          offline_s=_delta(before, after, "offline_s") - _delta(before, after, "idle_offline_s"))  # fmt: skip
+
+
+def _delta(before: dict[str, Any], after: dict[str, Any], key: str) -> float:
+    return float(after.get(key) or 0.0) - float(before.get(key) or 0.0)
 
 
 def _percentiles(values: list[float]) -> dict[str, float]:

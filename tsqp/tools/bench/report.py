@@ -14,6 +14,8 @@ def render_table(report: BenchReport) -> Any:
     from rich.markup import escape
     from rich.table import Table
 
+    if report.http is not None:
+        return _http_table(report)
     s = report.settings
     speed = Table(title=escape(f"tsqp bench · {s['new_tokens']} new tokens · median [min–max] of {s['repeat']} runs"), box=box.SIMPLE_HEAD, pad_edge=False)
     for name in ("mode", "prompt", "prefill s", "decode tok/s", "×local", "TEE MiB", "srv MiB"):
@@ -32,8 +34,6 @@ def render_table(report: BenchReport) -> Any:
         per_token.add_row(mode, str(r.prompt_tokens), f"{r.ms_per_token:.1f}",
                           *(f"{b[k]:.1f}" for k in ("tee_compute", "mask_unmask", "verify", "serialization", "wire", "server_compute")),
                           f"{r.round_trips_per_token:.0f}", f"{r.bytes_per_token / 1024:.1f}", f"{1000 * r.offline_s_per_token:.1f}")  # fmt: skip
-    if report.http is not None:
-        return _http_table(report)
     if report.load is None:
         return Group(speed, per_token)
     load = Table(title=escape(f"load test · {report.load[0].shield} · {s['prompt_tokens'][0]} prompt tokens · {s['new_tokens']} new tokens per client · one server"),
@@ -55,8 +55,9 @@ def _http_table(report: BenchReport) -> Any:
     s = report.settings
     table = Table(title=escape(f"HTTP load test · serve-tee · {s['prompt_tokens'][0]} prompt tokens · {s['new_tokens']} new tokens per client"),
                   box=box.SIMPLE_HEAD, pad_edge=False,
-                  caption="tok/s: all clients' tokens / wall time; latency: whole request; TTFT: to the first chunk; ITL: between chunks (ms, p50/p99)")  # fmt: skip
-    for name in ("shield", "clients", "tok/s", "×1", "latency", "TTFT", "ITL", "answers"):
+                  caption="tok/s: all clients' tokens / wall time; latency: whole request; TTFT: to the first chunk; ITL: between chunks (ms, p50/p99); "
+                          "trips/step: accelerator round trips per batched step; masks made before each round (offline phase)")  # fmt: skip
+    for name in ("shield", "clients", "tok/s", "×1", "latency", "TTFT", "ITL", "trips/step", "answers"):
         table.add_column(name, justify="left" if name == "shield" else "right")
     one = {r.shield: r.aggregate_tokens_per_s for r in report.http or [] if r.clients == 1}
     for r in report.http or []:

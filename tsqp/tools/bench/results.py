@@ -101,6 +101,9 @@ class HttpLoadResult:
     inter_token_ms: dict[str, float]  # between text chunks of one request
     answers_match_single_client: bool
     mismatched_clients: list[int] = field(default_factory=list)
+    steps: int = 0  # batched forward passes of the round (serve-tee's /stats)
+    round_trips_per_step: float = 0.0  # to the accelerator: the same for 1 and N clients under continuous batching
+    offline_s: float = 0.0  # mask pool work during the round (masks made beforehand are not in it)
 
 
 def aggregate(mode: str, verify: bool, n: int, new_tokens: int, runs: list[Run], peak: dict[str, float | None]) -> Result:
