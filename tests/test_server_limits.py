@@ -37,7 +37,9 @@ def test_default_limits_fit_the_models_largest_honest_request(tiny: LoadedModel)
     c = tiny.config
     assert limits.max_tensor_elements == max(c.max_seq_len * c.intermediate_size, 256 * c.vocab_size)  # a module's full-context result, or logits
     assert limits.max_message_bytes == 8 * limits.max_tensor_elements + (1 << 20)  # otp's int64 inputs
-    assert limits.max_request_flops == 2.0 * c.max_seq_len * c.hidden_size * 2 * c.intermediate_size * fixedpoint.MAX_LIMBS  # gate|up
+    gate_up = c.max_seq_len * c.hidden_size * 2 * c.intermediate_size  # a full-context prefill's widest call group
+    logits = 256 * c.hidden_size * c.vocab_size  # lm_head for 256 rows at once (sequences decoding together)
+    assert limits.max_request_flops == 2.0 * max(gate_up, logits) * fixedpoint.MAX_LIMBS
 
 
 def test_an_empty_inner_dimension_is_refused_without_allocating(dealer: zmq.Socket, tiny_server: RunningServer) -> None:

@@ -84,7 +84,8 @@ def default_limits(model: LoadedModel) -> Limits:
     widest = max(w for name, w in widths.items() if name not in ("lm_head", "embed"))  # one result tensor (a module's)
     elements = max(c.max_seq_len * max(widest, c.hidden_size), LOGIT_ROWS * widths["lm_head"])
     fused = max(w_t.shape[0] * w_t.shape[1] for _, w_t, _ in fused_groups(model.weights, c.n_layers))  # K·N of a call group
-    flops = 2.0 * c.max_seq_len * fused * fixedpoint.MAX_LIMBS
+    logits = LOGIT_ROWS * c.hidden_size * widths["lm_head"]  # K·N of lm_head, for as many rows as logits come at once
+    flops = 2.0 * max(c.max_seq_len * fused, logits) * fixedpoint.MAX_LIMBS
     return Limits(max_tensor_elements=elements, max_message_bytes=8 * elements + (1 << 20), max_request_flops=flops)
 
 
