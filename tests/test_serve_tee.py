@@ -177,3 +177,17 @@ def test_killed_accelerator_gives_503s_not_a_hang(tiny_chat_path: Path) -> None:
         if gpu.poll() is None:
             gpu.kill()
             gpu.wait()
+
+
+def test_beyond_loopback_needs_tls_and_tls_ends_inside(tiny_chat_path: Path, tmp_path: Path) -> None:
+    refused = subprocess.run([sys.executable, "-m", "tsqp", "serve-tee", "--model", str(tiny_chat_path), "--host", "0.0.0.0"],
+                             capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert refused.returncode == 1 and "without TLS" in refused.stderr and "Traceback" not in refused.stderr
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",
+                    "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)  # fmt: skip
+    with serve_tee("--model", str(tiny_chat_path), "--shield", "plain", "--ssl-certfile", str(cert), "--ssl-keyfile", str(key)) as (_, url):
+        assert url.startswith("https://")
+        assert httpx.get(f"{url}/health", verify=str(cert)).json()["status"] == "ok"
+        with pytest.raises(httpx.HTTPError):
+            httpx.get(url.replace("https://", "http://") + "/health")  # no clear-text HTTP on the TLS port

@@ -14,6 +14,7 @@ from rich.markup import escape
 from tsqp.cli.console import err, fail
 from tsqp.cli.options import (
     ActivationBitsOpt,
+    ConnectTimeoutOpt,
     CurveSecretOpt,
     Device,
     DeviceOpt,
@@ -32,7 +33,7 @@ from tsqp.cli.options import (
 from tsqp.cli.sessions import open_session
 from tsqp.shields.config import ACTIVATION_BITS, NOISE_SCALE, WEIGHT_BITS
 from tsqp.tee.batch import MAX_BATCH, PREFILL_CHUNK
-from tsqp.wire.endpoints import HTTP_READY, is_local_endpoint
+from tsqp.wire.endpoints import CONNECT_TIMEOUT_S, HTTP_READY, is_local_endpoint
 
 
 def serve_tee(
@@ -59,6 +60,7 @@ def serve_tee(
     ] = PREFILL_CHUNK,
     max_batch: Annotated[int, typer.Option("--max-batch", min=1, help="Sequences decoding at once; more requests wait their turn.")] = MAX_BATCH,
     timeout: TimeoutOpt = 60.0,
+    connect_timeout: ConnectTimeoutOpt = CONNECT_TIMEOUT_S,
     device: DeviceOpt = Device.auto,
     dtype: DtypeOpt = Dtype.float32,
     curve_secret: CurveSecretOpt = None,
@@ -95,7 +97,7 @@ def serve_tee(
             f"refusing to listen on {host} without TLS (prompts would cross the network in clear): pass --ssl-certfile and --ssl-keyfile, or --insecure-public to accept that"
         )
     listener = _listen(host, port)  # before the model loads: a busy port is a one-line error at once
-    session = open_session(model, endpoint, False, timeout, shielding, device, dtype.value, curve_secret, server_key)
+    session = open_session(model, endpoint, False, timeout, shielding, device, dtype.value, curve_secret, server_key, connect_timeout=connect_timeout)
     import uvicorn
 
     from tsqp.tee.openai_api import Engine, create_app

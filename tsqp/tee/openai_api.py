@@ -32,7 +32,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tsqp.errors import ContextTooLong, InputError, IntegrityError, RemoteError, ServerUnavailable, TsqpError
 from tsqp.shields.backend import ShieldedBackend
-from tsqp.tee.batch import Request as Sequence_
+from tsqp.tee.batch import Request as BatchedSequence
 from tsqp.tee.generation import Generation, Sampling
 from tsqp.tee.session import Session, TextStream
 
@@ -144,8 +144,7 @@ class _Choice:
 
     index: int
     stream: TextStream
-    sequence: Sequence_ | None = None
-    result: Generation | None = None
+    sequence: BatchedSequence | None = None
 
 
 @dataclass
@@ -227,7 +226,7 @@ class Engine:
             choice = _Choice(index, stream)
             job.choices.append(choice)
 
-            def done(sequence: Sequence_, choice: _Choice = choice) -> None:
+            def done(sequence: BatchedSequence, choice: _Choice = choice) -> None:
                 if sequence.error is not None:
                     relay(choice.index, "error", sequence.error)
                     return
