@@ -6,7 +6,10 @@ conftest.py holds only the fixtures.
 
 from __future__ import annotations
 
+import tempfile
 import threading
+import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -25,6 +28,7 @@ from tsqp.tee.session import Session, shielded
 from tsqp.wire import protocol
 from tsqp.wire.client import RemoteBackend
 from tsqp.wire.protocol import Message
+from tsqp.wire.shm import Channel
 
 # --- tiny models ---------------------------------------------------------------------------
 
@@ -67,10 +71,19 @@ class RunningServer:
         self.stop.set()
         self.thread.join(5)
         self.server.close()
+        if self.server.shm is not None:
+            self.server.shm.folder.rmdir()  # empty: closing the server removed what its channels left
+
+
+def private_folder() -> Path:
+    """A fresh folder of mode 0700 (tempfile makes them so), for shared-memory channels."""
+    return Path(tempfile.mkdtemp(prefix="tsqp-test-shm-"))
 
 
 def start_server(model: LoadedModel, endpoint: str = "tcp://127.0.0.1:0", **kwargs: object) -> RunningServer:
-    """A real ROUTER server in a background thread; the OS picks the port."""
+    """A real ROUTER server in a background thread; the OS picks the port. It offers shared memory
+    (in a fresh private folder) unless `shm_folder=None` is passed."""
+    kwargs.setdefault("shm_folder", private_folder())
     server = Server(model, endpoint, device="cpu", context=zmq.Context.instance(), **kwargs)
     stop = threading.Event()
     thread = threading.Thread(target=server.serve_forever, args=(stop,), daemon=True)
@@ -93,6 +106,58 @@ def connected_dealer(endpoint: str) -> Iterator[zmq.Socket]:
     sock.connect(endpoint)
     yield sock
     sock.close(linger=0)
+
+
+class ShmDealer:
+    """A raw client whose requests travel through a shared-memory channel (negotiated at HELLO on its
+    DEALER socket). It offers the DEALER calls the tests use (send_multipart, poll, recv_multipart),
+    so every raw-socket test can run over either transport: each request is one round trip at once,
+    its reply queued here until received."""
+
+    def __init__(self, endpoint: str) -> None:
+        self.sock = zmq.Context.instance().socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.connect(endpoint)
+        hello = protocol.encode(protocol.request("HELLO", 0, {"transport": "shm"}))
+        self.sock.send_multipart(hello)
+        assert self.sock.poll(REPLY_TIMEOUT_MS), "no HELLO reply"
+        offer = protocol.decode(self.sock.recv_multipart(), expect_reply=True).args["shm"]
+        self.channel = Channel.attach(offer)
+        self.replies: deque[list[Any]] = deque()
+
+    def send_multipart(self, frames: list[Any], copy: bool = False) -> None:
+        channel = self.channel
+        if not channel.fits(frames):
+            self.sock.send_multipart(frames, copy=copy)
+            return
+        channel.seq += 1
+        channel.post(frames, channel.seq)
+        channel.wait(channel.seq, 0.0, time.monotonic() + REPLY_TIMEOUT_MS / 1000, lambda: None)
+        frames = channel.read()
+        if frames is not None:
+            self.replies.append([bytes(f) for f in frames])  # the next request reuses the area
+
+    def poll(self, timeout_ms: int | None = None) -> int:
+        return 1 if self.replies else self.sock.poll(timeout_ms)
+
+    def recv_multipart(self, copy: bool = True) -> list[Any]:
+        return self.replies.popleft() if self.replies else self.sock.recv_multipart(copy=copy)
+
+    def close(self, linger: int = 0) -> None:
+        self.channel.close()
+        self.sock.close(linger=linger)
+
+
+def raw_client(endpoint: str, transport: str) -> Iterator[Any]:
+    """A DEALER socket (zmq) or its shared-memory stand-in (shm), closed after use."""
+    if transport == "zmq":
+        yield from connected_dealer(endpoint)
+        return
+    client = ShmDealer(endpoint)
+    try:
+        yield client
+    finally:
+        client.close()
 
 
 def send(sock: zmq.Socket, frames: list[Any]) -> None:

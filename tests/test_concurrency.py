@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import torch
 import zmq
-from helpers import close, connected_dealer, make_tiny_model, receive, send, start_server, x_input
+from helpers import close, connected_dealer, make_tiny_model, private_folder, receive, send, start_server, x_input
 
 from tsqp.model.linear import LinearWeights
 from tsqp.model.loading import LoadedModel, load
@@ -31,8 +31,8 @@ def single_client_tokens(model: LoadedModel, new_tokens: int) -> list[list[int]]
 class Clients:
     """One thread per prompt, each a separate RemoteBackend (one DEALER per client, as separate runners have)."""
 
-    def __init__(self, model: LoadedModel, endpoint: str, new_tokens: int) -> None:
-        self.model, self.endpoint, self.new_tokens = model, endpoint, new_tokens
+    def __init__(self, model: LoadedModel, endpoint: str, new_tokens: int, transport: str = "auto") -> None:
+        self.model, self.endpoint, self.new_tokens, self.transport = model, endpoint, new_tokens, transport
         self.results: dict[int, list[int]] = {}
         self.errors: list[BaseException] = []
         self.threads = [threading.Thread(target=self._run, args=(i,)) for i in range(len(PROMPTS))]
@@ -40,9 +40,11 @@ class Clients:
             t.start()
 
     def _run(self, i: int) -> None:
-        remote = RemoteBackend(self.endpoint, timeout_s=30)
+        remote = RemoteBackend(self.endpoint, timeout_s=30, transport=self.transport)
         try:
             remote.hello(self.model.fingerprint)
+            if self.transport != "auto":
+                assert (remote.shm is not None) == (self.transport == "shm")
             llama = Llama(self.model.config, self.model.hf_config, self.model.norms(), remote)
             self.results[i] = generate(llama, PROMPTS[i], self.new_tokens).token_ids
         except BaseException as e:  # surfaced by tokens(): a thread's exception would otherwise vanish
@@ -60,13 +62,14 @@ class Clients:
         return [self.results[i] for i in range(len(PROMPTS))]
 
 
+@pytest.mark.parametrize("transport", ["zmq", "shm"])
 @pytest.mark.parametrize("batch", [False, True], ids=["no-batch", "batch"])
-def test_four_concurrent_clients_get_their_single_client_tokens(tiny: LoadedModel, batch: bool) -> None:
+def test_four_concurrent_clients_get_their_single_client_tokens(tiny: LoadedModel, batch: bool, transport: str) -> None:
     expected = single_client_tokens(tiny, 24)
     running = start_server(tiny, batch=batch)
     started = time.perf_counter()
     try:
-        tokens = Clients(tiny, running.endpoint, 24).tokens()
+        tokens = Clients(tiny, running.endpoint, 24, transport).tokens()
     finally:
         running.close()
     elapsed = time.perf_counter() - started
@@ -85,12 +88,14 @@ def linear_frames(id: int, x: torch.Tensor, layer: int = 0, modules: list[str] =
     return protocol.encode(protocol.request("LINEAR", id, {"layer": layer, "modules": modules, **args}, [x]))
 
 
-def test_clients_in_lockstep_are_batched_and_get_their_single_client_tokens(tiny: LoadedModel) -> None:
+@pytest.mark.parametrize("transport", ["zmq", "shm"])
+def test_clients_in_lockstep_are_batched_and_get_their_single_client_tokens(tiny: LoadedModel, transport: str) -> None:
     """Every round waits for a request of each client, so the LINEARs are batched across the four."""
     expected = single_client_tokens(tiny, 12)
-    server = Server(tiny, "tcp://127.0.0.1:0", device="cpu", context=zmq.Context.instance(), batch=True)
+    folder = private_folder() if transport == "shm" else None
+    server = Server(tiny, "tcp://127.0.0.1:0", device="cpu", context=zmq.Context.instance(), batch=True, shm_folder=folder)
     try:
-        clients = Clients(tiny, server.endpoint, 12)
+        clients = Clients(tiny, server.endpoint, 12, transport)
         while clients.alive():
             # Up to 2 s for every live client's next request (ms when healthy); a client that ends drops out.
             deadline = time.monotonic() + 2.0
@@ -101,6 +106,8 @@ def test_clients_in_lockstep_are_batched_and_get_their_single_client_tokens(tiny
         tokens = clients.tokens()
     finally:
         server.close()
+        if folder is not None:
+            folder.rmdir()
     assert tokens == expected
     linear = server.stats.ops["LINEAR"]
     assert linear.calls == 4 * 12 * 4 * tiny.config.n_layers and linear.errors == 0  # none lost or doubled

@@ -3,7 +3,7 @@
 A seeded generator (reproducible: SEED) throws random-byte headers, truncated frames, huge
 declared shapes, negative dims, NaN/Inf payloads in valid LINEAR requests, wrong frame counts,
 unknown ops, valid headers with garbage bodies and thousands of tiny messages at `start_server(tiny)`
-on loopback tcp, bounded in count and time.
+on loopback tcp, and the same through a shared-memory channel, bounded in count and time.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import msgpack
 import pytest
 import torch
 import zmq
-from helpers import assert_valid_linear_works, call, raw_header, start_server, x_input
+from helpers import assert_valid_linear_works, call, raw_client, raw_header, start_server, x_input
 
 from tsqp.model.loading import LoadedModel
 from tsqp.wire import protocol
@@ -169,15 +169,16 @@ def fuzz(sock: zmq.Socket, stream: Iterator[tuple[list[Any], int | None]], deadl
 
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # NaN/Inf products, in the server thread
-def test_fuzzing_a_running_server_leaves_it_serving_with_bounded_memory(tiny: LoadedModel) -> None:
+@pytest.mark.parametrize("transport", ["zmq", "shm"])
+def test_fuzzing_a_running_server_leaves_it_serving_with_bounded_memory(tiny: LoadedModel, transport: str) -> None:
     """Every request gets exactly one reply; afterwards the server thread is alive, computes correct
     LINEAR numbers and counted the malformed requests; and this process's RSS (client and server
     both live in it) grows by less than RSS_BOUND_MIB = 64 MiB over the fuzz run, measured from
-    /proc/self/status VmRSS after a warm-up run of the same generator with another seed."""
+    /proc/self/status VmRSS after a warm-up run of the same generator with another seed.
+    Over shm the same requests go through the client's shared-memory channel."""
     running = start_server(tiny)
-    sock = zmq.Context.instance().socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.connect(running.endpoint)
+    clients = raw_client(running.endpoint, transport)
+    sock = next(clients)
     started = time.monotonic()
     try:
         deadline = started + TIME_BOUND_S
@@ -201,5 +202,5 @@ def test_fuzzing_a_running_server_leaves_it_serving_with_bounded_memory(tiny: Lo
         assert growth < RSS_BOUND_MIB * 2**20, f"RSS grew by {growth / 2**20:.1f} MiB over the fuzz run"
         assert time.monotonic() - started < TIME_BOUND_S
     finally:
-        sock.close(linger=0)
+        clients.close()
         running.close()

@@ -11,7 +11,7 @@ import msgpack
 import pytest
 import torch
 import zmq
-from helpers import assert_valid_linear_works, call, close, connected_dealer, raw_header, receive, rpc, send, start_server, x_input
+from helpers import ShmDealer, assert_valid_linear_works, call, close, connected_dealer, raw_client, raw_header, receive, rpc, send, start_server, x_input
 
 from tsqp.model.loading import LoadedModel
 from tsqp.server.server import Server
@@ -20,9 +20,10 @@ from tsqp.wire import protocol
 from tsqp.wire.protocol import Limits
 
 
-@pytest.fixture
-def dealer(tiny_server: Any) -> Iterator[zmq.Socket]:
-    yield from connected_dealer(tiny_server.endpoint)
+@pytest.fixture(params=["zmq", "shm"])
+def dealer(tiny_server: Any, request: pytest.FixtureRequest) -> Iterator[zmq.Socket]:
+    """A raw client of the tiny server; every test that takes it runs over both transports."""
+    yield from raw_client(tiny_server.endpoint, request.param)
 
 
 OTP_ARGS = {"p": (1 << 31) - 1, "limb_bits": 8, "weight_bits": 12}
@@ -493,12 +494,13 @@ def test_health_answers_uptime_requests_and_fingerprint(dealer: zmq.Socket, tiny
     assert first.args["status"] == "ok"
     assert first.args["fingerprint"] == tiny.fingerprint
     assert first.args["uptime_s"] > 0
-    assert first.args["requests"] == 1  # this one
+    hello = isinstance(dealer, ShmDealer)  # its channel came with a HELLO
+    assert first.args["requests"] == 1 + hello  # this one
     assert_valid_linear_works(dealer, tiny)
     assert not rpc(dealer, [b"\xc1"]).ok
     time.sleep(0.01)
     second = call(dealer, "HEALTH", 2)
-    assert second.args["requests"] == 4  # health, linear, malformed, health
+    assert second.args["requests"] == 4 + hello  # health, linear, malformed, health
     assert second.args["uptime_s"] >= first.args["uptime_s"] + 0.01
     assert not call(dealer, "HEALTH", 3, {}, [torch.ones(1)]).ok  # no tensors taken
 

@@ -20,7 +20,10 @@ from tsqp.cli.options import (
     ModelOpt,
     ServerKeyOpt,
     ShieldsOpt,
+    SpinOpt,
     TimeoutOpt,
+    Transport,
+    TransportOpt,
     VerifyOpt,
     counts,
     shield_names,
@@ -67,6 +70,8 @@ def bench(
     ] = None,
     device: DeviceOpt = Device.auto,
     dtype: DtypeOpt = Dtype.float32,
+    transport: TransportOpt = Transport.auto,
+    spin_us: SpinOpt = 50.0,
 ) -> None:
     """Measure prefill latency, decode speed and where each decoded token's time goes, per mode and prompt length.
 
@@ -88,7 +93,7 @@ def bench(
                          str(curve_secret) if curve_secret else None, str(server_key) if server_key else None,
                          counts(clients, "--clients", "client counts", "1,2,4,8") if clients is not None else [],
                          counts(http_clients, "--http-clients", "client counts", "1,4,8") if http_clients is not None else [], batch=batch,
-                         device=device.value, dtype=dtype.value)  # fmt: skip
+                         device=device.value, dtype=dtype.value, transport=transport.value, spin_us=spin_us)  # fmt: skip
     if plot is not None:
         try:
             require_matplotlib()

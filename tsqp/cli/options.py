@@ -28,6 +28,12 @@ class Dtype(str, Enum):
     float16 = "float16"
 
 
+class Transport(str, Enum):
+    auto = "auto"
+    zmq = "zmq"
+    shm = "shm"
+
+
 class LogLevel(str, Enum):
     debug = "debug"
     info = "info"
@@ -50,6 +56,16 @@ EndpointOpt = Annotated[
 ]
 DeviceOpt = Annotated[Device, typer.Option(help="Where the server computes: auto (CUDA when available), cuda or cpu.")]
 DtypeOpt = Annotated[Dtype, typer.Option(help="Server weight dtype.")]
+TransportOpt = Annotated[
+    Transport,
+    typer.Option(
+        help="How the hot ops' bodies travel: shm (shared memory, same host; HELLO, STATS and HEALTH stay on the socket), zmq (the socket), or auto (shm when the server is on this host and offers it).",
+    ),
+]
+SpinOpt = Annotated[
+    float,
+    typer.Option("--spin-us", min=0.0, help="Shared memory: microseconds a side spins for the other's message before it blocks (0: block at once)."),
+]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object instead of text, for scripts.")]
 TimeoutOpt = Annotated[float, typer.Option(min=0.001, help="Seconds to wait for any one server reply, once connected.")]
 ConnectTimeoutOpt = Annotated[

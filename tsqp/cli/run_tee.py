@@ -26,12 +26,15 @@ from tsqp.cli.options import (
     SeedOpt,
     ServerKeyOpt,
     ShieldOpt,
+    SpinOpt,
     StopOpt,
     SystemOpt,
     TemperatureOpt,
     TimeoutOpt,
     TopKOpt,
     TopPOpt,
+    Transport,
+    TransportOpt,
     VerifyOpt,
     WeightBitsOpt,
     shield_config,
@@ -39,6 +42,7 @@ from tsqp.cli.options import (
 from tsqp.cli.sessions import open_session, read_prompt
 from tsqp.shields.config import ACTIVATION_BITS, DEFAULT_SHIELD, NOISE_SCALE, WEIGHT_BITS
 from tsqp.wire.endpoints import CONNECT_TIMEOUT_S
+from tsqp.wire.shm import DEFAULT_SPIN_US
 
 if TYPE_CHECKING:
     from tsqp.tee.generation import Generation
@@ -78,6 +82,8 @@ def run_tee(
     noise_scale: NoiseScaleOpt = NOISE_SCALE,
     weight_bits: WeightBitsOpt = WEIGHT_BITS,
     activation_bits: ActivationBitsOpt = ACTIVATION_BITS,
+    transport: TransportOpt = Transport.auto,
+    spin_us: SpinOpt = DEFAULT_SPIN_US,
 ) -> None:
     """Generate an answer; every linear op runs on the server, masked by the shield (otp by default), the rest here.
 
@@ -89,7 +95,8 @@ def run_tee(
     """
     shielding = shield_config(shield, verify, precompute, noise_scale, weight_bits, activation_bits)
     prompt = read_prompt(prompt)
-    session = open_session(model, endpoint, local, timeout, shielding, device, dtype.value, curve_secret, server_key, offload_attention_from, connect_timeout)
+    session = open_session(model, endpoint, local, timeout, shielding, device, dtype.value, curve_secret, server_key, offload_attention_from, connect_timeout,
+                           transport.value, spin_us)  # fmt: skip
     with session:
         stream = None if as_json else (lambda text: out.print(text, end="", markup=False, highlight=False, soft_wrap=True))
         result = session.generate(prompt, max_new_tokens, temperature, top_p, seed, chat, on_text=stream, top_k=top_k,

@@ -17,10 +17,11 @@ import typer
 from rich.markup import escape
 
 from tsqp.cli.console import err, fail, progress
-from tsqp.cli.options import Device, DeviceOpt, Dtype, DtypeOpt, LogLevel, ModelOpt, check_device
+from tsqp.cli.options import Device, DeviceOpt, Dtype, DtypeOpt, LogLevel, ModelOpt, SpinOpt, check_device
 from tsqp.errors import AuthError
 from tsqp.model.config import WEIGHT_BITS_RANGE
 from tsqp.shields.config import WEIGHT_BITS
+from tsqp.wire.shm import DEFAULT_SPIN_US
 
 if TYPE_CHECKING:
     from tsqp.model.loading import LoadedModel
@@ -101,6 +102,15 @@ def serve_gpu(
     exit_with_parent: Annotated[
         int | None, typer.Option("--exit-with-parent", metavar="PID", hidden=True, help="Stop when process PID ends (a runner's private server).")
     ] = None,
+    shm_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--shm-dir",
+            metavar="DIR",
+            help="Offer clients on this host a shared-memory channel for the hot ops, its files (mode 0600) in DIR, which must be this user's with mode 0700. Off by default.",
+        ),
+    ] = None,
+    spin_us: SpinOpt = DEFAULT_SPIN_US,
     private_dir: Annotated[
         Path | None,
         typer.Option("--private-dir", metavar="DIR", hidden=True, help="The runner's private folder (socket, log): removed here if the runner died first."),
@@ -144,7 +154,7 @@ def serve_gpu(
         try:
             server = Server(loaded, endpoint, device.value, dtype.value, limits=_limits(loaded, max_message_mb, max_tensor_elements),
                             curve=curve, insecure_public=insecure_public, batch=batch, record_dir=record, fault_rate=fault_rate,
-                            fault_seed=fault_seed, otp_weight_bits=otp_weight_bits)  # fmt: skip
+                            fault_seed=fault_seed, otp_weight_bits=otp_weight_bits, shm_folder=shm_dir, spin_us=spin_us)  # fmt: skip
         except ValueError as e:
             fail(str(e))
     stop = threading.Event()

@@ -11,6 +11,7 @@ from tsqp.cli.console import err, fail, progress
 from tsqp.cli.options import Device, check_device
 from tsqp.shields.config import ShieldConfig
 from tsqp.wire.endpoints import CONNECT_TIMEOUT_S, check_endpoint
+from tsqp.wire.shm import DEFAULT_SPIN_US
 
 if TYPE_CHECKING:
     from tsqp.tee.session import Session
@@ -18,7 +19,7 @@ if TYPE_CHECKING:
 
 def open_session(model: str, endpoint: str | None, local: bool, timeout: float, shielding: ShieldConfig, device: Device, dtype: str,
                  curve_secret: Path | None = None, server_key: Path | None = None, offload_attention_from: int | None = None,
-                 connect_timeout: float = CONNECT_TIMEOUT_S) -> Session:  # fmt: skip
+                 connect_timeout: float = CONNECT_TIMEOUT_S, transport: str = "auto", spin_us: float = DEFAULT_SPIN_US) -> Session:  # fmt: skip
     """A session to `endpoint`, to a private server (no endpoint) or in-process (`local`); refusals before anything loads."""
     if offload_attention_from is not None and not local and (shielding.name != "plain" or shielding.verifies):
         fail("--offload-attention-from sends attention's activations unmasked: use it with --shield plain --no-verify only")
@@ -34,13 +35,14 @@ def open_session(model: str, endpoint: str | None, local: bool, timeout: float, 
     with err.status("Loading model and connecting…", spinner="dots"):
         folder = resolve(model, progress)
         # Started before this process imports torch, so both load side by side.
-        server = PrivateServer(folder, device.value, dtype, shielding) if endpoint is None and not local else None
+        server = PrivateServer(folder, device.value, dtype, shielding, spin_us=spin_us) if endpoint is None and not local else None
         with closed_on_failure(server):
             from tsqp.tee.session import connect
 
             return connect(endpoint, folder, local=local, timeout_s=timeout, connect_timeout_s=connect_timeout,
                            offload_attention_from=offload_attention_from, private_server=server,
-                           curve_secret=curve_secret, server_key=server_key, shield_config=shielding)  # fmt: skip
+                           curve_secret=curve_secret, server_key=server_key, shield_config=shielding,
+                           transport=transport, spin_us=spin_us)  # fmt: skip
 
 
 def read_prompt(prompt: str) -> str:

@@ -38,6 +38,7 @@ from tsqp.model.loading import LoadedModel
 from tsqp.server.batching import BatchedLinear, LinearBatcher
 from tsqp.server.handlers import CHUNK_FLOPS, Handlers
 from tsqp.server.recording import Recorder
+from tsqp.server.shm import ShmHub
 from tsqp.server.stats import ServerStats, client_key
 from tsqp.wire import protocol
 from tsqp.wire.endpoints import (
@@ -53,6 +54,7 @@ from tsqp.wire.endpoints import (
 )
 from tsqp.wire.keys import ServerKeys, start_curve_server
 from tsqp.wire.protocol import Limits, Message
+from tsqp.wire.shm import DEFAULT_AREA_BYTES, DEFAULT_SPIN_US, Channel
 
 log = logging.getLogger("tsqp.server")
 
@@ -99,6 +101,7 @@ class Received:
     identity: Any  # the ROUTER identity frame: where the reply goes
     frames: list[Any]
     key: str  # client_key(identity)
+    channel: Channel | None = None  # a request taken from a shared-memory channel: its reply goes there
 
 
 class Server:
@@ -117,6 +120,9 @@ class Server:
         fault_seed: int | None = None,
         otp_weight_bits: int = 0,
         batch: bool | None = None,
+        shm_folder: str | os.PathLike[str] | None = None,
+        shm_area_bytes: int = DEFAULT_AREA_BYTES,
+        spin_us: float = DEFAULT_SPIN_US,
     ) -> None:
         check_listen_allowed(check_endpoint(endpoint), curve is not None, insecure_public)
         check_free(endpoint)
@@ -149,7 +155,10 @@ class Server:
         self._monitor: zmq.Socket | None = None
         self._socket_file: Path | None = None  # an ipc:// socket file this server bound, removed on close
         self._socket_inode = 0
+        self.shm: ShmHub | None = None
         try:
+            if shm_folder is not None:  # clients on this host may ask for a shared-memory channel at HELLO
+                self.shm = ShmHub(shm_folder, self.socket, shm_area_bytes, spin_us)
             if curve is not None:
                 self.authenticator = start_curve_server(self.socket, curve, log)
                 # Handshakes that never reach the authenticator (no keys, wrong server key) are logged from here.
@@ -171,13 +180,22 @@ class Server:
         stop = stop or threading.Event()
         while not stop.is_set():
             # Requests left pending when `stop` comes go unanswered, as those still queued in zmq do.
-            if self._pending or self.socket.poll(100):  # blocking wait, no busy polling: the client needs the core
-                if self._batching() or self._pending:
+            if self._pending or self._wait(100):
+                if self._batching() or self._pending or self.shm is not None:
                     self.serve_round()
                 else:
                     self.serve_one()
             if self._monitor is not None:
                 self._log_handshake_failures()
+            if self.shm is not None:
+                self.shm.reap()
+
+    def _wait(self, timeout_ms: int) -> bool:
+        """Until a request may be there: a blocking wait (the client needs the core), after a short
+        spin on the shared-memory channels if there are any."""
+        if self.shm is not None and self.shm.channels:
+            return self.shm.wait(timeout_ms)
+        return bool(self.socket.poll(timeout_ms))
 
     def serve_one(self) -> None:
         # ROUTER fair-queues its peers: one client's queued calls alternate with another's.
@@ -211,7 +229,20 @@ class Server:
             except zmq.Again:
                 break
             self._pending.append(Received(identity, frames, client_key(identity.bytes)))
+        if self.shm is not None:
+            self._receive_shm(self.shm)
         return len(self._pending)
+
+    def _receive_shm(self, hub: ShmHub) -> None:
+        for key, channel in list(hub.ready()):
+            try:
+                frames = hub.take(key, channel)
+            except ProtocolError as e:  # a frame table ZeroMQ's framing could not have produced
+                self.stats.malformed += 1
+                log.warning("malformed request from %s: %s", key, e, extra={"client": key, "op": None, "error": str(e)})
+                self._send(Received(None, [], key, channel), protocol.error_reply(-1, f"bad request: {e}"))
+                continue
+            self._pending.append(Received(hub.identities.get(key), frames, key, channel))
 
     def _serve_others(self) -> None:
         """Between the chunks of a long product: answer the other clients' cheap requests now (HEALTH,
@@ -233,6 +264,8 @@ class Server:
     def _send(self, request: Received, reply: Message) -> None:
         """Encode and send one reply, counted for its client."""
         key, frames = request.key, request.frames
+        if "shm" in reply.args:
+            reply.args["shm"] = self._offer_shm(request)
         try:
             out = protocol.encode(reply)
         except Exception as e:  # a reply that cannot be sent still gets an answer
@@ -244,7 +277,27 @@ class Server:
         client.bytes_in += sum(frame_buffer(f).nbytes for f in frames)
         client.bytes_out += sum(frame_buffer(f).nbytes for f in out)
         client.errors += not reply.ok
-        self.socket.send_multipart([request.identity, *out], copy=False)
+        channel = request.channel
+        if channel is None:
+            self.socket.send_multipart([request.identity, *out], copy=False)
+        elif channel.closed:
+            pass  # dropped while its request waited: the client is gone or opened a new channel
+        elif channel.fits(out):
+            channel.post(out, channel.seq)
+        else:
+            if request.identity is not None:
+                self.socket.send_multipart([request.identity, *out], copy=False)
+            channel.post_over_zmq(channel.seq)
+
+    def _offer_shm(self, request: Received) -> dict[str, Any] | None:
+        """A new shared-memory channel for the client whose HELLO asked for one over ZeroMQ, else None."""
+        if self.shm is None or request.channel is not None:  # over shm, a HELLO keeps the channel it came on
+            return None
+        try:
+            return self.shm.offer(request.key, request.identity)
+        except OSError as e:  # the client goes on over ZeroMQ
+            log.warning("cannot open a shared-memory channel for %s: %s", request.key, e, extra={"client": request.key})
+            return None
 
     def _batching(self) -> bool:
         # Recording and fault injection act per request in `handle`: with either on, everything goes through it.
@@ -307,6 +360,8 @@ class Server:
             stats.record(time.perf_counter() - started)
             log.exception("%s failed", msg.op, extra={"client": client, "op": msg.op, "error": f"{type(e).__name__}: {e}"})
             return protocol.error_reply(msg.id, f"{msg.op} failed on the server: {type(e).__name__}: {e}")
+        if msg.op == "HELLO" and self.shm is not None and msg.args.get("transport") == "shm":
+            reply.args["shm"] = None  # asked for: `_send`, which knows the requester's socket identity, opens it
         if msg.op in FAULTABLE_OPS and self.fault_rate and self._fault_rng.random() < self.fault_rate:
             self._perturb(reply, msg.args.get("p"))
             self.stats.faults_injected += 1
@@ -332,6 +387,8 @@ class Server:
         if self._socket_file is not None:  # libzmq leaves it behind
             remove_socket_file(self._socket_file, self._socket_inode)
             self._socket_file = None
+        if self.shm is not None:
+            self.shm.close()
         if self.authenticator is not None:
             self.authenticator.stop()
         if self.recorder is not None:

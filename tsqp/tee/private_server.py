@@ -22,6 +22,7 @@ from pathlib import Path
 from tsqp.errors import ServerUnavailable
 from tsqp.shields.config import ShieldConfig
 from tsqp.wire.endpoints import READY
+from tsqp.wire.shm import DEFAULT_SPIN_US
 
 
 def shield_args(shield: ShieldConfig) -> list[str]:
@@ -33,11 +34,13 @@ class PrivateServer:
     """A `tsqp serve-gpu` child process on a private ipc:// endpoint."""
 
     def __init__(self, model_folder: Path, device: str = "auto", dtype: str = "float32", shield: ShieldConfig | None = None,
-                 startup_timeout_s: float = 120.0, extra_args: Sequence[str] = ()) -> None:  # fmt: skip
-        self._dir = tempfile.TemporaryDirectory(prefix="tsqp-")
+                 startup_timeout_s: float = 120.0, extra_args: Sequence[str] = (), spin_us: float = DEFAULT_SPIN_US) -> None:  # fmt: skip
+        # In memory where there is a /dev/shm: the folder holds the shared-memory channels too.
+        self._dir = tempfile.TemporaryDirectory(prefix="tsqp-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
         self.endpoint = f"ipc://{self._dir.name}/server.sock"
         command = [sys.executable, "-m", "tsqp", "serve-gpu", "--model", str(model_folder), "--endpoint", self.endpoint,
-                   "--device", device, "--dtype", dtype, "--quiet", "--exit-with-parent", str(os.getpid()), "--private-dir", self._dir.name, *(shield_args(shield) if shield else ()), *extra_args]  # fmt: skip
+                   "--device", device, "--dtype", dtype, "--quiet", "--exit-with-parent", str(os.getpid()), "--private-dir", self._dir.name,
+                   "--shm-dir", self._dir.name, "--spin-us", str(spin_us), *(shield_args(shield) if shield else ()), *extra_args]  # fmt: skip
         self._stderr = open(Path(self._dir.name) / "server.log", "w+")
         self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=self._stderr, text=True)
         self.startup_timeout_s = startup_timeout_s

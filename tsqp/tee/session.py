@@ -30,6 +30,7 @@ from tsqp.tee.llama import KVCache, Llama
 from tsqp.tee.private_server import PrivateServer, closed_on_failure
 from tsqp.wire.client import RemoteBackend
 from tsqp.wire.endpoints import CONNECT_TIMEOUT_S, check_endpoint
+from tsqp.wire.shm import DEFAULT_SPIN_US
 
 
 class Session:
@@ -240,13 +241,16 @@ def connect(
     weight_bits: int = WEIGHT_BITS,
     activation_bits: int = ACTIVATION_BITS,
     shield_config: ShieldConfig | None = None,
+    transport: str = "auto",
+    spin_us: float = DEFAULT_SPIN_US,
 ) -> Session:
     """Open a session: to `endpoint`, to a private server (endpoint None), or in-process (`local`).
 
     `shield` protects every linear op (`tsqp.shields`); `verify` checks every server result
     (default: on with otp); `precompute` fills the mask pool for that many tokens before the
     first request. `shield_config`, when given, replaces those six settings. `private_server`
-    hands over one already started (the CLI starts it before importing torch).
+    hands over one already started (the CLI starts it before importing torch). `transport`
+    (auto, zmq, shm) and `spin_us` choose how the hot ops travel (`RemoteBackend`).
     """
     shielding = (shield_config or ShieldConfig(shield, verify, precompute, noise_scale, weight_bits, activation_bits)).validate()
     if endpoint is not None:
@@ -262,7 +266,7 @@ def connect(
         loaded = load(folder)
         backend: Any = LinearWeights(loaded.weights, loaded.config.n_layers)
         return Session(loaded, backend, offload_attention_from=offload_attention_from)
-    server = private_server or (PrivateServer(folder, device, dtype, shielding) if endpoint is None else None)
+    server = private_server or (PrivateServer(folder, device, dtype, shielding, spin_us=spin_us) if endpoint is None else None)
     with closed_on_failure(server):
         if server is None:
             _check_reachable(endpoint, connect_timeout_s, curve_secret, server_key)  # in seconds, not after the model loads
@@ -272,7 +276,8 @@ def connect(
         remote = RemoteBackend(server.endpoint if server else endpoint, timeout_s, connect_timeout_s,
                                on_send=on_send, server_alive=server.alive if server else None,
                                curve_secret=curve_secret, server_key=server_key, out_features=output_widths(loaded.weights),
-                               max_reply_bytes=max_reply_bytes(loaded.weights, loaded.config.max_seq_len))  # fmt: skip
+                               max_reply_bytes=max_reply_bytes(loaded.weights, loaded.config.max_seq_len),
+                               transport=transport, spin_us=spin_us)  # fmt: skip
         try:
             remote.hello(loaded.fingerprint)
             backend = shielded(remote, loaded, shielding)

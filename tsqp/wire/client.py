@@ -25,12 +25,12 @@ import zmq.utils.monitor
 
 from tsqp.errors import AuthError, EndpointError, MalformedReply, ModelMismatch, ProtocolError, RemoteError, ServerUnavailable, clean_text
 from tsqp.wire import protocol
-from tsqp.wire.endpoints import CONNECT_TIMEOUT_S, HANDSHAKE_FAILED, check_endpoint, new_socket
+from tsqp.wire.endpoints import CONNECT_TIMEOUT_S, HANDSHAKE_FAILED, check_endpoint, is_local_endpoint, new_socket
 from tsqp.wire.keys import ClientKeys, client_keys, set_client_keys
 from tsqp.wire.protocol import Message
+from tsqp.wire.shm import DEFAULT_SPIN_US, HOT_OPS, TRANSPORTS, Channel
 
 DEFAULT_ENDPOINT = "tcp://127.0.0.1:5555"
-HOT_OPS = ("EMBED", "LINEAR", "MATMUL", "LM_HEAD")
 
 
 @dataclass
@@ -61,6 +61,9 @@ class RemoteBackend:
     client's NAME.key_secret) and `server_key` (the server's NAME.key) turn on CURVE.
     `out_features` (module name, "embed" or "lm_head" -> width; `model.linear.output_widths`)
     lets replies be checked to the column; without it only their rows are.
+    `transport`: `shm` carries the hot ops' bodies through shared memory (`tsqp.wire.shm`),
+    `zmq` keeps everything on the socket, `auto` asks for shm on a same-host endpoint and
+    falls back to zmq; `spin_us` is how long a shm call spins before it blocks.
     """
 
     def __init__(
@@ -75,8 +78,15 @@ class RemoteBackend:
         server_key: str | os.PathLike[str] | None = None,
         out_features: Mapping[str, int] | None = None,
         max_reply_bytes: int | None = None,
+        transport: str = "auto",
+        spin_us: float = DEFAULT_SPIN_US,
     ) -> None:
         check_endpoint(endpoint)  # before the socket: a bad endpoint or key file leaks nothing
+        if transport not in TRANSPORTS:
+            raise EndpointError(f"transport {transport!r} is not one of {', '.join(TRANSPORTS)}")
+        self.transport = transport
+        self.spin_s = spin_us / 1e6
+        self.shm: Channel | None = None
         self.curve: ClientKeys | None = client_keys(curve_secret, server_key)
         self.endpoint = endpoint
         self.timeout_s = timeout_s
@@ -134,10 +144,13 @@ class RemoteBackend:
                 )
 
     def hello(self, fingerprint: str | None = None) -> dict[str, Any]:
-        """Check that a compatible server holding the same model answers."""
+        """Check that a compatible server holding the same model answers; open the shared-memory channel if asked for."""
         self.wait_connected()
+        args: dict[str, Any] = {"fingerprint": fingerprint} if fingerprint else {}
+        if self.transport == "shm" or (self.transport == "auto" and is_local_endpoint(self.endpoint)):
+            args["transport"] = "shm"
         try:
-            reply = self.call("HELLO", {"fingerprint": fingerprint} if fingerprint else {})
+            reply = self.call("HELLO", args)
         except RemoteError as e:
             if "fingerprint" in str(e):
                 raise ModelMismatch(f"the server at {self.endpoint} holds a different model: {e}") from None
@@ -145,7 +158,23 @@ class RemoteBackend:
         self.info = reply.args
         if fingerprint is not None and reply.args.get("fingerprint") != fingerprint:
             raise ModelMismatch(f"the server at {self.endpoint} holds a different model (fingerprint {reply.args.get('fingerprint')}, ours {fingerprint})")
+        self._open_shm(reply.args.get("shm"))
         return reply.args
+
+    def _open_shm(self, offer: Any) -> None:
+        if self.shm is not None:
+            self.shm.close()
+            self.shm = None
+        if offer is None or self.transport == "zmq":
+            if self.transport == "shm":
+                raise EndpointError(f"the server at {self.endpoint} offers no shared-memory transport (start serve-gpu with --shm-dir)")
+            return
+        try:
+            self.shm = Channel.attach(offer if isinstance(offer, dict) else {})
+        except (EndpointError, ProtocolError):
+            if self.transport == "shm":
+                raise
+            # auto: a server on another host (or in another container) offered a folder we cannot see
 
     def health(self) -> dict[str, Any]:
         """Liveness check: status, uptime_s, requests served and the model fingerprint."""
@@ -166,10 +195,14 @@ class RemoteBackend:
         t1 = time.perf_counter()
         self._watch_connection()  # events from before this call (a server restart in between) are not its concern
         self._dropped = False
-        self.socket.send_multipart(frames, copy=False)
+        shm = self.shm if self.shm is not None and op in HOT_OPS and self.shm.fits(frames) else None
+        if shm is None:
+            self.socket.send_multipart(frames, copy=False)
         deadline = time.monotonic() + (self.timeout_s if timeout_s is None else timeout_s)
         try:
-            reply_frames, reply = self._reply_to(request, deadline)
+            # Through shared memory: None when the reply was too large for the area and came over zmq.
+            first = self._shm_round_trip(shm, op, frames, deadline) if shm is not None else None
+            reply_frames, reply = self._reply_to(request, deadline, first)
         except ServerUnavailable:
             self._abandoned.add(request.id)  # its answer may still come; it must not pass for the next one's
             raise
@@ -189,10 +222,12 @@ class RemoteBackend:
         s.server_s += compute if isinstance(compute, float) else 0.0
         return reply
 
-    def _reply_to(self, request: Message, deadline: float) -> tuple[list[Any], Message]:
-        """The reply to `request`, skipping late answers to abandoned requests; any other id is a protocol error."""
+    def _reply_to(self, request: Message, deadline: float, frames: list[Any] | None = None) -> tuple[list[Any], Message]:
+        """The reply to `request` (its `frames` if they came already), skipping late answers to abandoned
+        requests; any other id is a protocol error."""
         while True:
-            frames = self._receive(request.op, deadline)
+            if frames is None:
+                frames = self._receive(request.op, deadline)
             try:
                 reply = protocol.decode(frames, expect_reply=True)
             except ProtocolError as e:
@@ -202,6 +237,7 @@ class RemoteBackend:
             if reply.id not in self._abandoned:
                 raise MalformedReply(f"the server at {self.endpoint} answered request {reply.id} while request {request.id} ({request.op}) was waiting")
             self._abandoned.discard(reply.id)
+            frames = None
 
     def _check_reply(self, request: Message, reply: Message) -> None:
         """Is the reply what `request` asked for: as many tensors, of the right shapes and dtypes, with finite values?"""
@@ -232,16 +268,33 @@ class RemoteBackend:
         b = request.tensors[1]  # MATMUL
         return [((*torch.broadcast_shapes(x.shape[:-2], b.shape[:-2]), x.shape[-2], b.shape[-1]), x.dtype)]
 
+    def _shm_round_trip(self, shm: Channel, op: str, frames: list[Any], deadline: float) -> list[memoryview] | None:
+        shm.seq += 1
+        shm.post(frames, shm.seq)
+        try:
+            shm.wait(shm.seq, self.spin_s, deadline, lambda: self._check_server(op))
+        except EndpointError:
+            raise ServerUnavailable(f"the tsqp server at {self.endpoint} went away while answering {op}") from None
+        except TimeoutError:
+            raise self._no_answer(op) from None
+        return shm.read()
+
     def _receive(self, op: str, deadline: float) -> list[Any]:
         while True:
             # Blocking waits in short slices, so a dead server is noticed at once.
             if self.socket.poll(200):
                 return self.socket.recv_multipart(copy=False)
-            self._watch_connection()
-            if self._dropped or (self._was_connected and not self._connected) or (self.server_alive is not None and not self.server_alive()):
-                raise ServerUnavailable(f"the tsqp server at {self.endpoint} went away while answering {op}{self._size_hint()}")
+            self._check_server(op)
             if time.monotonic() > deadline:
-                raise ServerUnavailable(f"no answer to {op} from {self.endpoint} in time; is `tsqp serve-gpu` running there?")
+                raise self._no_answer(op)
+
+    def _check_server(self, op: str) -> None:
+        self._watch_connection()
+        if self._dropped or (self._was_connected and not self._connected) or (self.server_alive is not None and not self.server_alive()):
+            raise ServerUnavailable(f"the tsqp server at {self.endpoint} went away while answering {op}{self._size_hint()}")
+
+    def _no_answer(self, op: str) -> ServerUnavailable:
+        return ServerUnavailable(f"no answer to {op} from {self.endpoint} in time; is `tsqp serve-gpu` running there?")
 
     def _size_hint(self) -> str:
         if self.max_reply_bytes is None:
@@ -277,6 +330,9 @@ class RemoteBackend:
         return f"the CURVE handshake with {server} failed (is --server-key its public key, and this client's key in its --allow-clients folder?)"
 
     def close(self) -> None:
+        if self.shm is not None:
+            self.shm.close()
+            self.shm = None
         self.socket.disable_monitor()
         self._monitor.close(linger=0)
         self.socket.close(linger=0)

@@ -40,6 +40,8 @@ class BenchConfig:
     batch: bool | None = None  # the private server's cross-client batching; None: its default for the device
     device: str = "auto"  # the private server's device and weight dtype
     dtype: str = "float32"
+    transport: str = "auto"  # how the split modes' hot ops travel (RemoteBackend); the private server offers shm
+    spin_us: float = 50.0
 
     @property
     def modes(self) -> list[str]:
@@ -72,7 +74,7 @@ def private_server(config: BenchConfig, folder: Path) -> PrivateServer | None:
     # would inflate every mode's server memory and start-up.
     shield = config.shield("otp" if "otp" in config.shields else "plain")
     args = [] if config.batch is None else ["--batch" if config.batch else "--no-batch"]
-    return PrivateServer(folder, config.device, config.dtype, shield, extra_args=args)
+    return PrivateServer(folder, config.device, config.dtype, shield, extra_args=args, spin_us=config.spin_us)
 
 
 def prompt_ids(tokenizer: Any, n: int, vocab_size: int) -> list[int]:

@@ -62,7 +62,7 @@ def _load_round(ctx: Any, config: BenchConfig, folder: Path, endpoint: str, grou
     barrier, results = ctx.Barrier(len(groups)), ctx.Queue()
     # The first --shields mode, named here: `connect`'s own default (otp) would measure another mode than asked.
     args = (endpoint, str(folder), config.shield(config.shields[0]), config.prompt_tokens[0], config.new_tokens, config.timeout_s,
-            config.curve_secret, config.server_key)  # fmt: skip
+            config.curve_secret, config.server_key, config.transport, config.spin_us)  # fmt: skip
     processes = [ctx.Process(target=_load_runner, args=(i, shifts, *args, barrier, results), daemon=True) for i, shifts in enumerate(groups)]
     for p in processes:
         p.start()
@@ -97,7 +97,8 @@ def _load_round(ctx: Any, config: BenchConfig, folder: Path, endpoint: str, grou
 
 
 def _load_runner(runner: int, shifts: list[int], endpoint: str, folder: str, shield: ShieldConfig, prompt_tokens: int,
-                 new_tokens: int, timeout_s: float, curve_secret: str | None, server_key: str | None, barrier: Any, results: Any) -> None:  # fmt: skip
+                 new_tokens: int, timeout_s: float, curve_secret: str | None, server_key: str | None, transport: str, spin_us: float,
+                 barrier: Any, results: Any) -> None:  # fmt: skip
     """A runner process: its own session, a warm-up, the barrier, then one greedy generation per shift."""
     try:
         import torch
@@ -106,7 +107,8 @@ def _load_runner(runner: int, shifts: list[int], endpoint: str, folder: str, shi
         from tsqp.tee.generation import generate
         from tsqp.tee.session import connect
 
-        with connect(endpoint, folder, timeout_s=timeout_s, curve_secret=curve_secret, server_key=server_key, shield_config=shield) as session:
+        with connect(endpoint, folder, timeout_s=timeout_s, curve_secret=curve_secret, server_key=server_key, shield_config=shield,
+                     transport=transport, spin_us=spin_us) as session:  # fmt: skip
             model = session.model
             prompts = [prompt_ids(model.tokenizer, prompt_tokens + s, model.config.vocab_size)[s:] for s in shifts]
             generate(session.llama, prompts[0], 2, eos_ids=())  # first calls allocate caches and buffers

@@ -1,0 +1,240 @@
+"""tsqp.wire.shm and tsqp.server.shm: the same-host shared-memory transport, negotiated at HELLO.
+
+(The bad-request cases of test_server.py and the fuzz run of test_fuzz.py run over it too,
+and test_concurrency.py's four concurrent clients.)
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import stat
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from helpers import ShmDealer, assert_valid_linear_works, call, private_folder, rpc, start_server, x_input
+
+from tsqp.errors import EndpointError, ServerUnavailable
+from tsqp.model.loading import LoadedModel
+from tsqp.server.shm import ShmHub
+from tsqp.shields.config import SHIELDS, ShieldConfig
+from tsqp.tee.generation import generate
+from tsqp.tee.llama import Llama
+from tsqp.tee.private_server import PrivateServer
+from tsqp.tee.session import shielded
+from tsqp.wire import protocol
+from tsqp.wire.client import RemoteBackend
+from tsqp.wire.shm import MAX_FRAMES, Channel, check_private_folder
+
+DEATH_REPORTED_WITHIN_S = 1.0  # the issue's bound; both sides look every 0.2-0.25 s
+
+
+def remote(endpoint: str, tiny: LoadedModel, transport: str, **kwargs: Any) -> RemoteBackend:
+    backend = RemoteBackend(endpoint, timeout_s=30, transport=transport, **kwargs)
+    backend.hello(tiny.fingerprint)
+    return backend
+
+
+@pytest.fixture
+def shm_server(tiny: LoadedModel) -> Any:
+    running = start_server(tiny)
+    yield running
+    running.close()
+
+
+# --- same answers ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shield", SHIELDS)
+def test_shm_and_zmq_give_identical_tokens_under_every_shield(tiny: LoadedModel, shm_server: Any, shield: str) -> None:
+    tokens = {}
+    for transport in ("zmq", "shm"):
+        backend = remote(shm_server.endpoint, tiny, transport)
+        try:
+            assert (backend.shm is not None) == (transport == "shm")
+            torch.manual_seed(0)  # noise's masks
+            guarded = shielded(backend, tiny, ShieldConfig(shield, verify=True))
+            llama = Llama(tiny.config, tiny.hf_config, tiny.norms(), guarded)
+            tokens[transport] = generate(llama, [5, 9, 33, 71, 2], 8).token_ids
+            if transport == "shm":
+                assert backend.stats.round_trips > 8 * 4 * tiny.config.n_layers  # the hot ops went through it
+        finally:
+            backend.close()
+    assert tokens["shm"] == tokens["zmq"]
+
+
+def test_auto_uses_shm_on_this_host_and_zmq_without_an_offer(tiny: LoadedModel, shm_server: Any) -> None:
+    auto = remote(shm_server.endpoint, tiny, "auto")
+    try:
+        assert auto.shm is not None
+    finally:
+        auto.close()
+    plain = start_server(tiny, shm_folder=None)
+    try:
+        fallback = remote(plain.endpoint, tiny, "auto")
+        assert fallback.shm is None
+        fallback.close()
+        with pytest.raises(EndpointError, match="offers no shared-memory transport"):
+            remote(plain.endpoint, tiny, "shm")
+    finally:
+        plain.close()
+
+
+def test_a_reply_too_large_for_the_area_comes_over_zmq(tiny: LoadedModel) -> None:
+    running = start_server(tiny, shm_area_bytes=4096)
+    backend = remote(running.endpoint, tiny, "shm")
+    try:
+        x = x_input(rows=2)
+        (logits,) = [backend.lm_head(x)]  # 2 x 320 floats fit both ways
+        torch.testing.assert_close(logits, x @ tiny.weights["lm_head"].T, rtol=1e-4, atol=1e-5)
+        wide = x_input(rows=12)  # 3 KiB in, 15 KiB out: the reply goes over the socket
+        torch.testing.assert_close(backend.lm_head(wide), wide @ tiny.weights["lm_head"].T, rtol=1e-4, atol=1e-5)
+        big = x_input(rows=40)  # 10 KiB: the request goes over the socket too
+        torch.testing.assert_close(backend.lm_head(big), big @ tiny.weights["lm_head"].T, rtol=1e-4, atol=1e-5)
+        assert running.server.stats.ops["LM_HEAD"].errors == 0
+    finally:
+        backend.close()
+        running.close()
+
+
+# --- what a hostile client can do -----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "table",
+    [
+        pytest.param((MAX_FRAMES + 1, 0, *[8] * MAX_FRAMES), id="too-many-frames"),
+        pytest.param((0xFFFFFFFF, 0, *[0] * MAX_FRAMES), id="over-zmq-marker-as-request"),
+        pytest.param((2, 0, 64, 1 << 40, *[0] * (MAX_FRAMES - 2)), id="frame-beyond-the-area"),
+    ],
+)
+def test_a_broken_frame_table_gets_an_error_reply_and_the_server_keeps_serving(tiny: LoadedModel, shm_server: Any, table: tuple[int, ...]) -> None:
+    client = ShmDealer(shm_server.endpoint)
+    try:
+        channel = client.channel
+        struct.pack_into(f"<II{MAX_FRAMES}Q", channel.buf, channel.request_area, *table)
+        channel.seq += 1
+        channel.post_seq(channel.seq)
+        channel.wait(channel.seq, 0.0, time.monotonic() + 5, lambda: None)
+        reply = protocol.decode(channel.read(), expect_reply=True)  # type: ignore[arg-type]
+        assert not reply.ok and reply.id == -1
+        assert str(reply.error).startswith("bad request: shared-memory message")
+        assert_valid_linear_works(client, tiny)  # type: ignore[arg-type]
+        assert call(client, "STATS", 3).args["malformed"] >= 1  # type: ignore[arg-type]
+    finally:
+        client.close()
+
+
+def test_segments_are_private_random_and_gone_once_attached(tiny: LoadedModel, shm_server: Any) -> None:
+    hub = shm_server.server.shm
+    folder = hub.folder
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o700
+    offer = hub.offer("someone", None)  # not attached yet: its three files wait in the folder
+    names = sorted(os.listdir(folder))
+    assert len(names) == 3
+    for name in names:
+        assert stat.S_IMODE((folder / name).stat().st_mode) == 0o600
+    hub.drop("someone", "test")
+    assert os.listdir(folder) == []  # a withdrawn offer leaves nothing
+
+    a, b = ShmDealer(shm_server.endpoint), ShmDealer(shm_server.endpoint)
+    try:
+        assert a.channel.path != b.channel.path and a.channel.path.parent == folder
+        assert os.listdir(folder) == []  # each client unlinked its files: no other process can open them
+        with pytest.raises(EndpointError):
+            Channel.attach({"path": str(a.channel.path), "area_bytes": offer["area_bytes"]})
+        # Each client's requests reach only its own channel: interleaved, each gets its own answers.
+        xa, xb = x_input(seed=1), x_input(seed=2)
+        ra = call(a, "LINEAR", 1, {"layer": 0, "modules": ["o_proj"]}, [xa])  # type: ignore[arg-type]
+        rb = call(b, "LINEAR", 1, {"layer": 0, "modules": ["o_proj"]}, [xb])  # type: ignore[arg-type]
+        torch.testing.assert_close(ra.tensors[0], xa @ tiny.weights["layers.0.o_proj"].T, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(rb.tensors[0], xb @ tiny.weights["layers.0.o_proj"].T, rtol=1e-4, atol=1e-5)
+    finally:
+        a.close()
+        b.close()
+
+
+def test_only_a_private_folder_holds_segments(tmp_path: Path) -> None:
+    folder = private_folder()
+    try:
+        assert check_private_folder(folder) == folder
+        folder.chmod(0o755)
+        with pytest.raises(EndpointError, match="0700"):
+            check_private_folder(folder)
+        with pytest.raises(EndpointError, match="not a directory"):
+            check_private_folder(Path(__file__))
+    finally:
+        folder.rmdir()
+
+
+def test_a_hello_over_shm_keeps_the_channel(tiny: LoadedModel, shm_server: Any) -> None:
+    client = ShmDealer(shm_server.endpoint)
+    try:
+        r = rpc(client, protocol.encode(protocol.request("HELLO", 4, {"transport": "shm"})))  # type: ignore[arg-type]
+        assert r.ok and r.args["shm"] is None
+        assert_valid_linear_works(client, tiny)  # type: ignore[arg-type]
+    finally:
+        client.close()
+
+
+# --- a side that dies -----------------------------------------------------------------------
+
+CLIENT = """
+import sys, time
+from tsqp.wire.client import RemoteBackend
+backend = RemoteBackend(sys.argv[1], transport="shm")
+backend.hello()
+assert backend.shm is not None
+print("attached", flush=True)
+time.sleep(120)
+"""
+
+
+def test_a_killed_client_leaves_no_segment_and_the_server_notices_within_a_second(tiny: LoadedModel, shm_server: Any) -> None:
+    hub: ShmHub = shm_server.server.shm
+    proc = subprocess.Popen([sys.executable, "-c", CLIENT, shm_server.endpoint], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "attached"
+        assert len(hub.channels) == 1
+        assert os.listdir(hub.folder) == []
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    died = time.monotonic()
+    while hub.channels and time.monotonic() - died < 5:
+        time.sleep(0.02)
+    assert not hub.channels
+    assert time.monotonic() - died < DEATH_REPORTED_WITHIN_S
+    assert os.listdir(hub.folder) == []
+    client = ShmDealer(shm_server.endpoint)  # and it goes on serving
+    try:
+        assert_valid_linear_works(client, tiny)  # type: ignore[arg-type]
+    finally:
+        client.close()
+
+
+def test_a_killed_server_leaves_no_segment_and_the_client_notices_within_a_second(tiny: LoadedModel, tiny_path: Path) -> None:
+    server = PrivateServer(tiny_path, "cpu")
+    try:
+        server.wait_ready()
+        folder = Path(server.endpoint.removeprefix("ipc://")).parent
+        backend = remote(server.endpoint, tiny, "shm")  # no server_alive: the channel alone must tell
+        assert backend.shm is not None
+        x = x_input()
+        backend.linear(0, ["o_proj"], x)
+        assert sorted(os.listdir(folder)) == ["server.log", "server.sock"]  # the segment has no name
+        server.process.send_signal(signal.SIGKILL)
+        server.process.wait()
+        started = time.monotonic()
+        with pytest.raises(ServerUnavailable, match="went away"):
+            backend.linear(0, ["o_proj"], x)
+        assert time.monotonic() - started < DEATH_REPORTED_WITHIN_S
+        backend.close()
+    finally:
+        server.close()

@@ -1,0 +1,270 @@
+"""Same-host transport: one shared-memory segment per client carries the hot ops' frames.
+
+It is negotiated at HELLO over ZeroMQ, which keeps the other ops (HELLO, STATS, HEALTH),
+CURVE and cross-host links. For one client the server creates, in a folder only this user
+may enter (0700), three files of mode 0600:
+
+    NAME        the segment: a control block, then a request area and a reply area
+    NAME.up     a FIFO, the client's doorbell to the server ("a request is posted")
+    NAME.down   a FIFO, the server's doorbell to the client ("its reply is posted")
+
+The client opens them and unlinks them at once, so nothing stays behind whichever side dies
+later: only the two processes' mappings keep the memory. A name is random and told only to
+the client that asked, over its own ZeroMQ connection; once unlinked, no other process can
+open it. Each side holds a `flock` on the doorbell it reads while it lives (a lock of its open
+file, so it works between threads too): a lock that the other side can take means that its
+holder died.
+
+Control block (little-endian): [0:8] request seq (the client writes it), [8:16] reply seq
+(the server writes it), [16] 1 once the client has attached.
+An area: u32 frame count, u32 unused, u64 frame lengths[MAX_FRAMES], then the frames, each at
+a 64-byte aligned offset: the same frames a ZeroMQ message has (`protocol.encode`). A count of
+OVER_ZMQ in the reply area: the reply did not fit and went over ZeroMQ.
+
+A side posts a message by writing its frames, then the seq, then one byte to its doorbell.
+The waiting side spins on the seq for a short budget, then blocks on its doorbell: poll,
+drain, look at the seq again, so no wake-up is lost. Spinning trusts x86-64's store order
+(frames before seq); elsewhere the budget is 0 and the doorbell's syscalls order the memory.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import mmap
+import os
+import platform
+import secrets
+import select
+import stat
+import struct
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from tsqp.errors import EndpointError, ProtocolError
+
+HOT_OPS = frozenset(("EMBED", "LINEAR", "MATMUL", "LM_HEAD"))  # the ops whose bodies travel in shared memory
+TRANSPORTS = ("auto", "zmq", "shm")
+DEFAULT_AREA_BYTES = 16 << 20  # each way: a 512-token SmolLM2 prefill's largest message fits
+DEFAULT_SPIN_US = 50.0
+SPIN_ALLOWED = platform.machine().lower() in ("x86_64", "amd64")
+
+CONTROL = 64
+REQUEST_SEQ, REPLY_SEQ, ATTACHED = 0, 8, 16
+MAX_FRAMES = 16
+TABLE = struct.Struct(f"<II{MAX_FRAMES}Q")
+DATA = 192  # the first frame's offset in an area, after the table
+ALIGN = 64
+OVER_ZMQ = 0xFFFFFFFF
+SEQ = struct.Struct("<Q")
+BLOCK_SLICE_S = 0.2  # a blocked wait looks at the peer's liveness this often
+
+
+def _aligned(n: int) -> int:
+    return (n + ALIGN - 1) & ~(ALIGN - 1)
+
+
+def frames_size(frames: Sequence[Any]) -> int:
+    """Bytes an area needs for these frames."""
+    return DATA + sum(_aligned(memoryview(f).nbytes) for f in frames)
+
+
+def check_private_folder(folder: str | os.PathLike[str]) -> Path:
+    """`folder` if it is a directory of this user's that no one else may enter (0700); else `EndpointError`."""
+    path = Path(folder)
+    try:
+        info = path.lstat()
+    except OSError as e:
+        raise EndpointError(f"shared-memory folder {path}: {e.strerror}") from None
+    if not stat.S_ISDIR(info.st_mode):
+        raise EndpointError(f"shared-memory folder {path} is not a directory")
+    if info.st_uid != os.getuid() or stat.S_IMODE(info.st_mode) & 0o077:
+        raise EndpointError(f"shared-memory folder {path} must belong to this user with mode 0700 (chmod 700 {path})")
+    return path
+
+
+class Channel:
+    """One client's segment and doorbells, as either side holds them."""
+
+    def __init__(self, path: Path, area_bytes: int, server: bool) -> None:
+        self.path, self.area_bytes, self.server = path, area_bytes, server
+        self.size = CONTROL + 2 * area_bytes
+        self.request_area, self.reply_area = CONTROL, CONTROL + area_bytes
+        self.seq = 0  # the client's last request; on the server, the last request taken
+        self.busy = False  # the server: that request is not answered yet
+        self.closed = False
+        flags = os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC
+        self._fds: list[int] = []
+        try:
+            if server:
+                self.fd = self._keep(os.open(path, flags | os.O_CREAT | os.O_EXCL, 0o600))
+                os.ftruncate(self.fd, self.size)
+                for suffix in (".up", ".down"):
+                    os.mkfifo(f"{path}{suffix}", 0o600)
+            else:
+                self.fd = self._keep(os.open(path, flags))
+                if os.fstat(self.fd).st_size != self.size:
+                    raise EndpointError(f"shared-memory segment {path} has the wrong size")
+            # O_RDWR: a FIFO opens without waiting for its other end, and never reads as closed.
+            up = self._keep(os.open(f"{path}.up", os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC))
+            down = self._keep(os.open(f"{path}.down", os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC))
+            self.bell_in, self.bell_out = (up, down) if server else (down, up)
+            fcntl.flock(self.bell_in, fcntl.LOCK_EX | fcntl.LOCK_NB)  # "alive", until this process ends
+            self.mm = mmap.mmap(self.fd, self.size)
+        except BaseException:
+            self.close()
+            if server:
+                self.unlink()
+            raise
+        self.buf = memoryview(self.mm)
+        self._poller = select.poll()
+        self._poller.register(self.bell_in, select.POLLIN)
+        self.created = time.monotonic()
+
+    def _keep(self, fd: int) -> int:
+        self._fds.append(fd)
+        return fd
+
+    @classmethod
+    def create(cls, folder: Path, area_bytes: int) -> Channel:
+        """The server's side of a new channel, under a random name in `folder`."""
+        return cls(folder / f"tsqp-shm-{secrets.token_hex(16)}", area_bytes, server=True)
+
+    @classmethod
+    def attach(cls, offer: dict[str, Any]) -> Channel:
+        """The client's side of the channel the server offered at HELLO; unlinks its files."""
+        path, area = offer.get("path"), offer.get("area_bytes")
+        if not isinstance(path, str) or not isinstance(area, int) or isinstance(area, bool) or area <= DATA:
+            raise ProtocolError(f"malformed shared-memory offer {offer!r}")
+        try:
+            channel = cls(Path(path), area, server=False)
+        except OSError as e:
+            raise EndpointError(f"cannot open the server's shared-memory segment {path}: {e.strerror}") from None
+        channel.unlink()
+        channel.buf[ATTACHED] = 1
+        return channel
+
+    def unlink(self) -> None:
+        for name in (str(self.path), f"{self.path}.up", f"{self.path}.down"):
+            try:
+                os.unlink(name)
+            except FileNotFoundError:
+                pass
+
+    # --- messages -----------------------------------------------------------
+
+    def fits(self, frames: Sequence[Any]) -> bool:
+        return len(frames) <= MAX_FRAMES and frames_size(frames) <= self.area_bytes
+
+    def post(self, frames: Sequence[Any], seq: int) -> None:
+        """Write `frames` into this side's outgoing area, then `seq`, then ring (the caller checked `fits`)."""
+        base = self.reply_area if self.server else self.request_area
+        buf, offset, lengths = self.buf, base + DATA, []
+        for frame in frames:
+            view = memoryview(frame).cast("B")
+            n = view.nbytes
+            buf[offset : offset + n] = view
+            lengths.append(n)
+            offset += _aligned(n)
+        TABLE.pack_into(buf, base, len(frames), 0, *lengths, *([0] * (MAX_FRAMES - len(frames))))
+        self.post_seq(seq)
+
+    def post_over_zmq(self, seq: int) -> None:
+        """Tell the client that reply `seq` went over ZeroMQ."""
+        struct.pack_into("<I", self.buf, self.reply_area, OVER_ZMQ)
+        self.post_seq(seq)
+
+    def post_seq(self, seq: int) -> None:
+        self.busy = False
+        SEQ.pack_into(self.buf, REPLY_SEQ if self.server else REQUEST_SEQ, seq)
+        try:
+            os.write(self.bell_out, b"\1")
+        except BlockingIOError:
+            pass  # the pipe is full of unread rings: the peer wakes anyway
+
+    def read(self, into: memoryview | None = None) -> list[memoryview] | None:
+        """The frames in the incoming area, copied once into `into` (the server's buffer for this
+        channel), or into new memory: the peer could change shared memory under the reader's checks,
+        and the next message reuses the area. None when the reply went over ZeroMQ."""
+        base = self.request_area if self.server else self.reply_area
+        count, _, *lengths = TABLE.unpack_from(self.buf, base)  # read once: later writes change nothing
+        if count == OVER_ZMQ and not self.server:
+            return None
+        if count > MAX_FRAMES:
+            raise ProtocolError(f"shared-memory message declares {count} frames, limit {MAX_FRAMES}")
+        offsets, end = [], DATA
+        for n in lengths[:count]:
+            offsets.append(end)
+            end += _aligned(n)
+        if end > self.area_bytes:
+            raise ProtocolError(f"shared-memory message of {end} bytes exceeds its area of {self.area_bytes}")
+        out = into if into is not None else memoryview(bytearray(end))
+        out[DATA:end] = self.buf[base + DATA : base + end]
+        return [out[o : o + n] for o, n in zip(offsets, lengths[:count])]
+
+    def incoming_seq(self) -> int:
+        return SEQ.unpack_from(self.buf, REQUEST_SEQ if self.server else REPLY_SEQ)[0]
+
+    # --- waiting ------------------------------------------------------------
+
+    def spin(self, seq: int, spin_s: float) -> bool:
+        """True once the peer posts `seq`, spinning at most `spin_s` (0 where spinning is not safe)."""
+        if not SPIN_ALLOWED or spin_s <= 0:
+            return False
+        unpack, buf, offset = SEQ.unpack_from, self.buf, REQUEST_SEQ if self.server else REPLY_SEQ
+        end = time.perf_counter() + spin_s
+        while unpack(buf, offset)[0] != seq:
+            if time.perf_counter() > end:
+                return False
+        return True
+
+    def wait(self, seq: int, spin_s: float, deadline: float, on_idle: Callable[[], None]) -> None:
+        """Until the peer posts `seq`: spin, then block on the doorbell; `on_idle` runs between
+        blocked slices (it raises to give up), and a dead peer or the deadline raise `EndpointError`."""
+        if self.spin(seq, spin_s):
+            return
+        while True:
+            if self._poller.poll(BLOCK_SLICE_S * 1000):
+                self.drain()
+            if self.incoming_seq() == seq:
+                return
+            on_idle()
+            if not self.peer_alive():
+                raise EndpointError("the peer's end of the shared-memory channel died")
+            if time.monotonic() > deadline:
+                raise TimeoutError
+
+    def drain(self) -> None:
+        try:
+            while os.read(self.bell_in, 4096):
+                pass
+        except BlockingIOError:
+            pass
+
+    def peer_alive(self) -> bool:
+        """False once the other side's process is gone (its lock is free), or never attached."""
+        if self.server and not self.buf[ATTACHED]:
+            return False
+        try:
+            fcntl.flock(self.bell_out, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(self.bell_out, fcntl.LOCK_UN)
+        return False
+
+    def close(self) -> None:
+        """Unmap and close; the memory goes once the peer has done the same (or died)."""
+        self.closed = True
+        buf = getattr(self, "buf", None)
+        if buf is not None:
+            buf.release()
+        mm = getattr(self, "mm", None)
+        if mm is not None:
+            try:
+                mm.close()
+            except BufferError:  # a frame view still alive: the mapping goes with it
+                pass
+        for fd in self._fds:
+            os.close(fd)
+        self._fds = []
