@@ -243,3 +243,16 @@ def test_http_load_test_streams_concurrent_requests_through_serve_tee(tiny_chat_
     otp = [r for r in data["http"] if r["shield"] == "otp"]
     assert all(r["offline_s"] == 0 for r in otp), [(r["offline_s"], r["steps"]) for r in otp]  # the masks were made before each round, in the offline phase
     assert set(data["settings"]["http_speedup_vs_one_client"]) == {"plain", "otp"}
+
+
+def test_per_call_times_every_hot_op_over_both_transports(tiny_chat_path: Path, tmp_path: Path) -> None:
+    out = tmp_path / "calls.json"
+    result = runner.invoke(app, ["bench", "--model", str(tiny_chat_path), "--per-call", "--json", str(out)], env={"COLUMNS": "100"})
+    assert result.exit_code == 0, result.output
+    rows = json.loads(out.read_text())["per_call"]
+    ops = ("EMBED", "LINEAR q|k|v", "LINEAR o", "LINEAR gate|up", "LINEAR down", "LM_HEAD")
+    assert [(r["transport"], r["op"]) for r in rows] == [(t, op) for t in ("zmq", "shm") for op in ops]
+    for r in rows:
+        assert r["round_trip_us"] > r["server_us"] > 0
+        assert r["overhead_us"] == pytest.approx(r["round_trip_us"] - r["server_us"])
+    assert "overhead" in result.stdout and "LM_HEAD" in result.stdout

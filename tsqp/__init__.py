@@ -15,6 +15,10 @@ PROCESS_STARTED = time.time()  # for "time to first token since start" in run-te
 # Client and server take turns on the same cores: OpenMP threads that spin after a
 # product would steal the core the other side is about to use. Must precede torch.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# numpy's BLAS computes only one-row products here (decode; larger ones go through torch): one
+# thread, since a second one that the other side or another process has preempted stalls every
+# product (docs/benchmarks.md: local decoding 10x slower on a busy 2-core machine). Before numpy.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 __version__ = "0.1.0"
 __all__ = ["connect", "__version__"]

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
-from tsqp.cli.console import err, fail, out
+from tsqp.cli.console import err, fail, out, progress
 from tsqp.cli.options import (
     ALL_SHIELDS,
     CurveSecretOpt,
@@ -72,6 +72,13 @@ def bench(
     dtype: DtypeOpt = Dtype.float32,
     transport: TransportOpt = Transport.auto,
     spin_us: SpinOpt = 50.0,
+    per_call: Annotated[
+        bool,
+        typer.Option(
+            "--per-call",
+            help="Instead: time one decode step's calls one at a time over zmq and shm (round trip, server compute, overhead per call, in µs).",
+        ),
+    ] = False,
 ) -> None:
     """Measure prefill latency, decode speed and where each decoded token's time goes, per mode and prompt length.
 
@@ -99,6 +106,9 @@ def bench(
             require_matplotlib()
         except TsqpError as e:
             fail(str(e))
+    if per_call:
+        _per_call(config, json_file)
+        return
     report = runs.run_with_progress(config, err)
     data = json.dumps(report.to_json(), indent=2)
     if json_file == "-":
@@ -118,3 +128,25 @@ def bench(
             f"load test: with {', '.join(map(str, wrong))} concurrent clients, some answers differ from the single-client answers "
             "for the same prompts (a server bug: concurrent sessions must not affect each other)"
         )
+
+
+def _per_call(config: Any, json_file: str | None) -> None:
+    from rich.table import Table
+
+    from tsqp.model.loading import resolve
+    from tsqp.tools.bench.percall import per_call
+
+    with err.status("Timing one decode step's calls…", spinner="dots"):
+        rows = per_call(config, resolve(config.model, progress))
+    data = json.dumps({"per_call": rows, "settings": {"spin_us": config.spin_us, "model": config.model}}, indent=2)
+    if json_file == "-":
+        print(data)
+        return
+    if json_file:
+        Path(json_file).write_text(data + "\n")
+    table = Table(title="one call at a time, medians in µs")
+    for column in ("transport", "op", "round trip", "server", "overhead"):
+        table.add_column(column, justify="left" if column in ("transport", "op") else "right")
+    for r in rows:
+        table.add_row(r["transport"], r["op"], f"{r['round_trip_us']:.0f}", f"{r['server_us']:.0f}", f"{r['overhead_us']:.0f}")
+    out.print(table)
