@@ -29,6 +29,7 @@ from tsqp.cli.options import (
     shield_names,
 )
 from tsqp.errors import TsqpError
+from tsqp.wire.shm import DEFAULT_SPIN_US
 
 
 def bench(
@@ -71,7 +72,7 @@ def bench(
     device: DeviceOpt = Device.auto,
     dtype: DtypeOpt = Dtype.float32,
     transport: TransportOpt = Transport.auto,
-    spin_us: SpinOpt = 50.0,
+    spin_us: SpinOpt = DEFAULT_SPIN_US,
     per_call: Annotated[
         bool,
         typer.Option(

@@ -47,7 +47,9 @@ from tsqp.errors import EndpointError, ProtocolError
 HOT_OPS = frozenset(("EMBED", "LINEAR", "MATMUL", "LM_HEAD"))  # the ops whose bodies travel in shared memory
 TRANSPORTS = ("auto", "zmq", "shm")
 DEFAULT_AREA_BYTES = 16 << 20  # each way: a 512-token SmolLM2 prefill's largest message fits
-DEFAULT_SPIN_US = 50.0
+# Spinning pays only when each side has a core of its own: on 2 cores a spinning side takes
+# the core the other one computes on, and measured slower there (docs/benchmarks.md).
+DEFAULT_SPIN_US = 50.0 if (os.cpu_count() or 1) >= 4 else 0.0
 SPIN_ALLOWED = platform.machine().lower() in ("x86_64", "amd64")
 
 CONTROL = 64

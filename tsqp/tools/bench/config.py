@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tsqp.shields.config import SHIELDS, ShieldConfig
+from tsqp.wire.shm import DEFAULT_SPIN_US
 
 if TYPE_CHECKING:
     from tsqp.tee.private_server import PrivateServer
@@ -41,7 +42,7 @@ class BenchConfig:
     device: str = "auto"  # the private server's device and weight dtype
     dtype: str = "float32"
     transport: str = "auto"  # how the split modes' hot ops travel (RemoteBackend); the private server offers shm
-    spin_us: float = 50.0
+    spin_us: float = DEFAULT_SPIN_US
 
     @property
     def modes(self) -> list[str]:
