@@ -201,8 +201,11 @@ class Channel:
             end += _aligned(n)
         if end > self.area_bytes:
             raise ProtocolError(f"shared-memory message of {end} bytes exceeds its area of {self.area_bytes}")
-        out = into if into is not None else memoryview(bytearray(end))
-        out[DATA:end] = self.buf[base + DATA : base + end]
+        if into is None:
+            out = memoryview(bytearray(self.buf[base : base + end]))
+        else:
+            out = into
+            out[DATA:end] = self.buf[base + DATA : base + end]
         return [out[o : o + n] for o, n in zip(offsets, lengths[:count])]
 
     def incoming_seq(self) -> int:
