@@ -65,7 +65,9 @@ SHIELDINGS = {
 
 @pytest.fixture(scope="module")
 def honest(tiny: LoadedModel) -> Iterator[RunningServer]:
-    running = start_server(tiny)
+    # The proxy tampers with ZeroMQ replies: no shared-memory offer, or the client would go around it
+    # (a reply read from shared memory goes through the same decode and checks).
+    running = start_server(tiny, shm_folder=None)
     yield running
     running.close()
 
@@ -132,7 +134,7 @@ def test_a_flood_of_late_answers_cannot_stall_a_call(honest: RunningServer, tiny
 
 @pytest.fixture(scope="module")
 def chat_server(tiny_chat_path: Path) -> Iterator[RunningServer]:
-    running = start_server(load(tiny_chat_path, with_tokenizer=False))
+    running = start_server(load(tiny_chat_path, with_tokenizer=False), shm_folder=None)  # the proxy is on the ZeroMQ path
     yield running
     running.close()
 

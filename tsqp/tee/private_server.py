@@ -35,8 +35,9 @@ class PrivateServer:
 
     def __init__(self, model_folder: Path, device: str = "auto", dtype: str = "float32", shield: ShieldConfig | None = None,
                  startup_timeout_s: float = 120.0, extra_args: Sequence[str] = (), spin_us: float = DEFAULT_SPIN_US) -> None:  # fmt: skip
-        # In memory where there is a /dev/shm: the folder holds the shared-memory channels too.
-        self._dir = tempfile.TemporaryDirectory(prefix="tsqp-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
+        # The folder holds the shared-memory channels too: in memory (/dev/shm) unless TMPDIR names a place.
+        in_memory = "/dev/shm" if os.path.isdir("/dev/shm") and not os.environ.get("TMPDIR") else None
+        self._dir = tempfile.TemporaryDirectory(prefix="tsqp-", dir=in_memory)
         self.endpoint = f"ipc://{self._dir.name}/server.sock"
         command = [sys.executable, "-m", "tsqp", "serve-gpu", "--model", str(model_folder), "--endpoint", self.endpoint,
                    "--device", device, "--dtype", dtype, "--quiet", "--exit-with-parent", str(os.getpid()), "--private-dir", self._dir.name,
