@@ -142,6 +142,19 @@ def test_shield_errors_are_one_line(tiny_chat_path: Path) -> None:
     assert len(result.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.parametrize("shield", ["noise", "seqmix"])
+def test_broken_shields_are_refused_without_the_research_option(shield: str, tiny_chat_path: Path) -> None:
+    result = tsqp("run-tee", "--model", str(tiny_chat_path), "--prompt", "Hi", "--shield", shield)
+    assert result.returncode == 1 and f"the {shield} shield is broken" in result.stderr and "--research-shields" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_the_research_option_runs_a_broken_shield(tiny_chat_path: Path) -> None:
+    result = tsqp("run-tee", "--model", str(tiny_chat_path), "--prompt", "Hi", "--shield", "seqmix", "--research-shields", "-n", "3", "--json")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["shield"]["shield"] == "seqmix"
+
+
 def test_attention_offload_under_a_shield_is_refused_up_front(tiny_chat_path: Path) -> None:
     result = tsqp("run-tee", "--model", str(tiny_chat_path), "--prompt", "Hi", "--offload-attention-from", "4")
     assert result.returncode == 1 and "--shield plain --no-verify" in result.stderr and "Traceback" not in result.stderr

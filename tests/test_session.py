@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tsqp.errors import InputError, ServerUnavailable
+from tsqp.errors import InputError, ServerUnavailable, ShieldError
 from tsqp.tee.session import connect
 
 
@@ -68,3 +68,11 @@ def test_cli_refuses_a_prompt_of_invalid_utf8_bytes_in_one_line(tiny_chat_path: 
     stderr = result.stderr.decode()
     assert result.returncode == 1 and "Traceback" not in stderr and "not valid UTF-8" in stderr
     assert len(stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("shield", ["noise", "seqmix"])
+def test_connect_refuses_a_broken_shield_unless_allowed(shield: str, tiny_path: Path) -> None:
+    with pytest.raises(ShieldError, match=f"the {shield} shield is broken"):
+        connect(None, tiny_path, shield=shield)
+    with connect(model=tiny_path, local=True, shield=shield, allow_broken=True) as session:  # research: allowed
+        assert session.generate(list(range(3, 9)), max_new_tokens=2).token_ids

@@ -212,7 +212,9 @@ def test_recorded_traffic_reveals_activations_and_token_ids_only_without_a_shiel
     [
         (ShieldConfig("rot13"), "unknown shield 'rot13'"),
         (ShieldConfig("otp", precompute=-1), "precompute"),
-        (ShieldConfig("noise", noise_scale=0.0), "noise scale must be positive"),
+        (ShieldConfig("noise", noise_scale=0.0, allow_broken=True), "noise scale must be positive"),
+        (ShieldConfig("noise"), "noise shield is broken .* --research-shields"),
+        (ShieldConfig("seqmix", verify=True), "seqmix shield is broken .* --research-shields"),
         (ShieldConfig("otp", weight_bits=17), "weight bits must be 2..16"),
         (ShieldConfig("otp", activation_bits=1), "activation bits must be 2..24"),
     ],

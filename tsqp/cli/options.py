@@ -92,7 +92,7 @@ ShieldOpt = Annotated[
     typer.Option(
         "--shield",
         "-s",
-        help="What the server may see: plain (everything: the original prototype), otp (exact one-time pad, recommended), noise (Gaussian masking) or seqmix (token mixing; hides nothing while decoding).",
+        help="What the server may see: otp (exact one-time pad, recommended) or plain (everything: the original prototype). noise (Gaussian masking) and seqmix (token mixing) are broken by `tsqp audit` and need --research-shields.",
     ),
 ]
 ShieldsOpt = Annotated[str, typer.Option(help=f"Comma list of shields: {', '.join(SHIELDS)}.")]
@@ -102,6 +102,10 @@ VerifyOpt = Annotated[
     typer.Option(
         "--verify/--no-verify", help="Check every server result with Freivalds' test and stop with an integrity error on a wrong one. Default: on with otp."
     ),
+]
+ResearchShieldsOpt = Annotated[
+    bool,
+    typer.Option("--research-shields", help="Allow the shields `tsqp audit` breaks (noise, seqmix), for research: they do not protect the prompt."),
 ]
 PrecomputeOpt = Annotated[
     int,
@@ -144,11 +148,12 @@ def check_device(device: Device) -> None:
             fail("--device cuda, but torch sees no CUDA device on this host; use --device auto or --device cpu")
 
 
-def shield_config(name: str, verify: bool | None, precompute: int, noise_scale: float, weight_bits: int, activation_bits: int) -> ShieldConfig:
+def shield_config(name: str, verify: bool | None, precompute: int, noise_scale: float, weight_bits: int, activation_bits: int,
+                  research: bool = False) -> ShieldConfig:  # fmt: skip
     """The shield settings of run-tee's options, checked before anything loads."""
     if name not in SHIELDS:
         fail(f"--shield {name!r} is not one of {', '.join(SHIELDS)}")
-    return ShieldConfig(name, verify, precompute, noise_scale, weight_bits, activation_bits).validate()
+    return ShieldConfig(name, verify, precompute, noise_scale, weight_bits, activation_bits, research).validate()
 
 
 def shield_names(text: str, option: str = "--shields") -> list[str]:

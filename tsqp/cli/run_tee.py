@@ -23,6 +23,7 @@ from tsqp.cli.options import (
     NoiseScaleOpt,
     PrecomputeOpt,
     RepetitionPenaltyOpt,
+    ResearchShieldsOpt,
     SeedOpt,
     ServerKeyOpt,
     ShieldOpt,
@@ -84,6 +85,7 @@ def run_tee(
     activation_bits: ActivationBitsOpt = ACTIVATION_BITS,
     transport: TransportOpt = Transport.auto,
     spin_us: SpinOpt = DEFAULT_SPIN_US,
+    research_shields: ResearchShieldsOpt = False,
 ) -> None:
     """Generate an answer; every linear op runs on the server, masked by the shield (otp by default), the rest here.
 
@@ -93,7 +95,7 @@ def run_tee(
 
     Example: echo "Summarize: ..." | tsqp run-tee -p - --system "Answer in one line." --stop "\\n\\n"
     """
-    shielding = shield_config(shield, verify, precompute, noise_scale, weight_bits, activation_bits)
+    shielding = shield_config(shield, verify, precompute, noise_scale, weight_bits, activation_bits, research_shields)
     prompt = read_prompt(prompt)
     session = open_session(model, endpoint, local, timeout, shielding, device, dtype.value, curve_secret, server_key, offload_attention_from, connect_timeout,
                            transport.value, spin_us)  # fmt: skip

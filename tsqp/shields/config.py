@@ -12,6 +12,12 @@ from tsqp.errors import ShieldError
 from tsqp.model.config import ACTIVATION_BITS_RANGE, WEIGHT_BITS_RANGE
 
 SHIELDS = ("plain", "otp", "noise", "seqmix")
+# Shields the audit breaks (README, `tsqp audit`): kept for comparison in bench and audit, refused
+# elsewhere unless the user asks for them as research (`--research-shields`, `allow_broken=True`).
+BROKEN_SHIELDS = {
+    "noise": "sequential maximum-likelihood decoding over a few layers recovers most prompt and generated tokens",
+    "seqmix": "cancelling its rank-one mixing plane recovers every prompt token, and one decoded token is not mixed at all",
+}
 DEFAULT_SHIELD = "otp"
 NOISE_SCALE = 10.0  # noise: mask standard deviation over each row's RMS
 WEIGHT_BITS = 12  # otp: bits per quantized weight (per output row); kept 8/8 test prompts' greedy tokens
@@ -26,6 +32,7 @@ class ShieldConfig:
     noise_scale: float = NOISE_SCALE
     weight_bits: int = WEIGHT_BITS
     activation_bits: int = ACTIVATION_BITS
+    allow_broken: bool = False  # research: permit a shield in BROKEN_SHIELDS
 
     @property
     def verifies(self) -> bool:
@@ -36,6 +43,10 @@ class ShieldConfig:
         """Raise `ShieldError` naming the first setting out of range; returns self."""
         if self.name not in SHIELDS:
             raise ShieldError(f"unknown shield {self.name!r}; choose one of {', '.join(SHIELDS)}")
+        if self.name in BROKEN_SHIELDS and not self.allow_broken:
+            raise ShieldError(
+                f"the {self.name} shield is broken ({BROKEN_SHIELDS[self.name]}): use otp, or pass --research-shields (allow_broken=True) to run it for research"
+            )
         if self.precompute < 0:
             raise ShieldError(f"precompute must be at least 0 tokens, got {self.precompute}")
         if not self.noise_scale > 0:

@@ -240,6 +240,7 @@ def connect(
     noise_scale: float = NOISE_SCALE,
     weight_bits: int = WEIGHT_BITS,
     activation_bits: int = ACTIVATION_BITS,
+    allow_broken: bool = False,
     shield_config: ShieldConfig | None = None,
     transport: str = "auto",
     spin_us: float = DEFAULT_SPIN_US,
@@ -248,11 +249,12 @@ def connect(
 
     `shield` protects every linear op (`tsqp.shields`); `verify` checks every server result
     (default: on with otp); `precompute` fills the mask pool for that many tokens before the
-    first request. `shield_config`, when given, replaces those six settings. `private_server`
+    first request. `allow_broken` permits a shield the audit breaks (noise, seqmix), for research only.
+    `shield_config`, when given, replaces those seven settings. `private_server`
     hands over one already started (the CLI starts it before importing torch). `transport`
     (auto, zmq, shm) and `spin_us` choose how the hot ops travel (`RemoteBackend`).
     """
-    shielding = (shield_config or ShieldConfig(shield, verify, precompute, noise_scale, weight_bits, activation_bits)).validate()
+    shielding = (shield_config or ShieldConfig(shield, verify, precompute, noise_scale, weight_bits, activation_bits, allow_broken)).validate()
     if endpoint is not None:
         if local:
             raise InputError("a local session runs the linear ops in this process: it takes no endpoint")
