@@ -17,13 +17,15 @@ from tsqp.errors import IntegrityError, ShieldError
 from tsqp.model.linear import LinearWeights
 from tsqp.model.loading import LoadedModel, load
 from tsqp.server.recording import read_recording
-from tsqp.shields.backend import ShieldedBackend
+from tsqp.shields.backend import ShieldedBackend, describe
 from tsqp.shields.config import SHIELDS, ShieldConfig
 from tsqp.shields.freivalds import FloatFreivalds
 from tsqp.shields.otp import OtpShield
+from tsqp.shields.plain_exact import ExactPlainShield
 from tsqp.shields.sites import site_weights
 from tsqp.tee.generation import generate
 from tsqp.tee.llama import Llama
+from tsqp.tee.session import shielded
 
 PROMPT = list(range(5, 29))
 
@@ -173,11 +175,23 @@ def recorded_traffic(model: LoadedModel, shield: str, folder: Path) -> tuple[lis
     finally:
         running.close()
     records = [r for r in read_recording(folder) if r.op in ("LINEAR", "LM_HEAD", "EMBED")]
-    return plaintext, [t for r in records if r.op != "EMBED" for t in r.tensors], [r.op for r in records]
+    return plaintext, [centred(t, r.args.get("p")) for r in records if r.op != "EMBED" for t in r.tensors], [r.op for r in records]
+
+
+def centred(x: np.ndarray, p: int | None) -> np.ndarray:
+    """Residues mod p (exact plain, otp) as the server reads them best: centred representatives."""
+    return x if p is None else np.where(x > p // 2, x - p, x)
 
 
 def correlation(a: np.ndarray, b: np.ndarray) -> float:
-    return float(np.corrcoef(a.astype(np.float64).ravel(), b.astype(np.float64).ravel())[0, 1])
+    """Pearson's r of two tensors' rows, each row first scaled to max |value| 1 (fixed point scales each row)."""
+    return float(np.corrcoef(row_scaled(a).ravel(), row_scaled(b).ravel())[0, 1])
+
+
+def row_scaled(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float64).reshape(-1, x.shape[-1])
+    top = np.abs(x).max(axis=-1, keepdims=True)
+    return x / np.where(top > 0, top, 1.0)
 
 
 @pytest.mark.parametrize("shield, hidden", [("plain", False), ("otp", True)])
@@ -186,7 +200,7 @@ def test_recorded_traffic_reveals_activations_and_token_ids_only_without_a_shiel
     assert len(received) == len(plaintext) > 0  # every product's input, in order
     pairs = list(zip(plaintext, received))
     per_call = [correlation(x.numpy(), r) for x, r in pairs]
-    pooled = correlation(np.concatenate([x.numpy().ravel() for x, _ in pairs]), np.concatenate([r.ravel() for _, r in pairs]))
+    pooled = correlation(np.concatenate([row_scaled(x.numpy()).ravel() for x, _ in pairs]), np.concatenate([row_scaled(r).ravel() for _, r in pairs]))
     n_pooled = sum(x.numel() for x, _ in pairs)
     # Under independence a sample correlation has standard error 1/sqrt(n): 6 of them is the bound.
     per_call_bound = max(6 / math.sqrt(x.numel()) for x, _ in pairs)
@@ -227,3 +241,53 @@ def test_shield_config_refuses_settings_out_of_range(config: ShieldConfig, messa
 def test_verification_is_on_by_default_with_otp_only() -> None:
     assert [ShieldConfig(name).verifies for name in SHIELDS] == [name == "otp" for name in SHIELDS]
     assert ShieldConfig("otp", verify=False).verifies is False and ShieldConfig("noise", verify=True).verifies is True
+
+
+# --- exact plain, and the runner's precision policy ------------------------------------------
+
+
+def test_plain_verified_is_exact_fixed_point_and_catches_an_error_of_one(tiny: LoadedModel, server: RunningServer) -> None:
+    session = shielded_session(tiny, server.endpoint, "plain")
+    shield = session.backend.shield
+    assert isinstance(shield, ExactPlainShield) and shield.pool is None and shield.freivalds is None  # no pad, no float tolerance
+    site = (0, ("o_proj",))
+    x = torch.randn(3, tiny.config.hidden_size)
+    wire, state = shield.mask(site, x)
+    assert torch.equal(wire, torch.from_numpy(state.x_q % shield.field.p))  # unmasked: the server sees X_q itself
+    z = session.backend.remote.call("LINEAR", {"layer": 0, "modules": ["o_proj"], **shield.wire_args()}, [wire]).tensors[0]
+    shield.verify(site, wire, z, state)
+    assert torch.equal(torch.from_numpy(state.y), torch.from_numpy(state.x_q) @ shield.quantized.groups[site][0].to(torch.int64))
+    lie = z.clone()
+    lie[1, 5] += 1  # the smallest lie there is
+    with pytest.raises(IntegrityError, match="layer 0 o_proj"):
+        shield.verify(site, wire, lie, type(state)(state.x_q, state.x_scale, state.mask_product))
+    assert describe(shield)["check"].startswith("exact")
+    session.close()
+
+
+def test_float_checks_are_labelled_fault_detectors(tiny: LoadedModel, server: RunningServer) -> None:
+    session = shielded_session(tiny, server.endpoint, "seqmix")
+    assert describe(session.backend.shield)["check"].startswith("float fault detector, not a defence")
+    session.close()
+
+
+class ClaimingRemote:
+    """Stands for a connected server whose HELLO announced `dtype`."""
+
+    def __init__(self, dtype: object) -> None:
+        self.info = {"dtype": dtype}
+
+
+@pytest.mark.parametrize("shield", SHIELDS)
+def test_a_server_claiming_lower_precision_is_refused_at_hello(shield: str, tiny: LoadedModel) -> None:
+    for claim in ("bfloat16", "float16", "float8", None):
+        with pytest.raises(ShieldError, match="refused"):
+            shielded(ClaimingRemote(claim), tiny, ShieldConfig(shield, verify=True, allow_broken=True))  # type: ignore[arg-type]
+
+
+def test_precision_is_the_runners_policy() -> None:
+    expects = ShieldConfig("otp")
+    assert expects.server_precision("float32") == "float32" and expects.server_precision("float64") == "float32"
+    assert ShieldConfig("otp", precision="bfloat16").server_precision("bfloat16") == "bfloat16"  # what the user asked for
+    assert ShieldConfig("otp", accept_lower_precision=True).server_precision("bfloat16") == "bfloat16"  # an explicit opt-in
+    assert ShieldConfig("otp", precision="bfloat16").server_precision("float32") == "bfloat16"  # never tighter than asked

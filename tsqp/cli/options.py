@@ -100,12 +100,21 @@ ALL_SHIELDS = ",".join(SHIELDS)
 VerifyOpt = Annotated[
     bool | None,
     typer.Option(
-        "--verify/--no-verify", help="Check every server result with Freivalds' test and stop with an integrity error on a wrong one. Default: on with otp."
+        "--verify/--no-verify",
+        help="Check every server result with Freivalds' test and stop with an integrity error on a wrong one. Default: on with otp. "
+        "otp and plain check fixed-point integers exactly; under noise and seqmix the check is a float fault detector, not a defence (a server can steer answers inside its rounding tolerance).",
     ),
 ]
 ResearchShieldsOpt = Annotated[
     bool,
     typer.Option("--research-shields", help="Allow the shields `tsqp audit` breaks (noise, seqmix), for research: they do not protect the prompt."),
+]
+AcceptLowerPrecisionOpt = Annotated[
+    bool,
+    typer.Option(
+        "--accept-lower-precision",
+        help="Accept a server whose HELLO announces a lower precision than --dtype (e.g. bfloat16); float checks then widen to it. Default: refused, as a server could claim it to widen the tolerance.",
+    ),
 ]
 PrecomputeOpt = Annotated[
     int,
@@ -149,11 +158,11 @@ def check_device(device: Device) -> None:
 
 
 def shield_config(name: str, verify: bool | None, precompute: int, noise_scale: float, weight_bits: int, activation_bits: int,
-                  research: bool = False) -> ShieldConfig:  # fmt: skip
+                  research: bool = False, precision: str = "float32", accept_lower_precision: bool = False) -> ShieldConfig:  # fmt: skip
     """The shield settings of run-tee's options, checked before anything loads."""
     if name not in SHIELDS:
         fail(f"--shield {name!r} is not one of {', '.join(SHIELDS)}")
-    return ShieldConfig(name, verify, precompute, noise_scale, weight_bits, activation_bits, research).validate()
+    return ShieldConfig(name, verify, precompute, noise_scale, weight_bits, activation_bits, research, precision, accept_lower_precision).validate()
 
 
 def shield_names(text: str, option: str = "--shields") -> list[str]:

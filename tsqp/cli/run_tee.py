@@ -9,6 +9,7 @@ import typer
 
 from tsqp.cli.console import err, out
 from tsqp.cli.options import (
+    AcceptLowerPrecisionOpt,
     ActivationBitsOpt,
     ConnectTimeoutOpt,
     CurveSecretOpt,
@@ -86,6 +87,7 @@ def run_tee(
     transport: TransportOpt = Transport.auto,
     spin_us: SpinOpt = DEFAULT_SPIN_US,
     research_shields: ResearchShieldsOpt = False,
+    accept_lower_precision: AcceptLowerPrecisionOpt = False,
 ) -> None:
     """Generate an answer; every linear op runs on the server, masked by the shield (otp by default), the rest here.
 
@@ -95,7 +97,7 @@ def run_tee(
 
     Example: echo "Summarize: ..." | tsqp run-tee -p - --system "Answer in one line." --stop "\\n\\n"
     """
-    shielding = shield_config(shield, verify, precompute, noise_scale, weight_bits, activation_bits, research_shields)
+    shielding = shield_config(shield, verify, precompute, noise_scale, weight_bits, activation_bits, research_shields, dtype.value, accept_lower_precision)
     prompt = read_prompt(prompt)
     session = open_session(model, endpoint, local, timeout, shielding, device, dtype.value, curve_secret, server_key, offload_attention_from, connect_timeout,
                            transport.value, spin_us)  # fmt: skip

@@ -16,6 +16,7 @@ from tsqp.shields.base import Shield
 from tsqp.shields.config import ShieldConfig
 from tsqp.shields.noise import NoiseShield
 from tsqp.shields.otp import OtpShield
+from tsqp.shields.plain_exact import ExactPlainShield
 from tsqp.shields.pool import ShieldTimes
 from tsqp.shields.seqmix import SeqmixShield
 from tsqp.shields.sites import Site, integrity_message, module_names, site_weights
@@ -30,9 +31,10 @@ def make_shield(config: ShieldConfig, weights: Mapping[str, torch.Tensor], n_lay
         return NoiseShield(sites, verify, server_dtype, config.noise_scale)
     if config.name == "seqmix":
         return SeqmixShield(sites, verify, server_dtype)
-    if config.name == "otp":
+    if config.exact:  # otp, and plain when verified: fixed point, checked exactly
         quantized = QuantizedWeights(weights, n_layers, config.weight_bits)  # float64: no conversion per pool refill
-        return OtpShield(sites, verify, server_dtype, quantized, config.activation_bits)
+        kind = OtpShield if config.name == "otp" else ExactPlainShield
+        return kind(sites, verify, server_dtype, quantized, config.activation_bits)
     return Shield(sites, verify, server_dtype)
 
 
@@ -62,9 +64,9 @@ class ShieldedBackend:
             return self.embedding[token_ids]
         with self._as_integrity_failure():
             rows = self.remote.embed(token_ids)
-        if self.verify:  # a lookup: the TEE's own copy checks it outright
-            expected = self.embedding[token_ids]
-            if not bool(((rows.float() - expected).abs() <= self.shield.freivalds.eps * expected.abs()).all()):  # type: ignore[union-attr]
+        if self.verify:  # a lookup: the TEE's own copy, in the policy's dtype, checks it exactly
+            expected = self.embedding[token_ids].to(getattr(torch, self.shield.server_dtype)).float()
+            if rows.dtype != torch.float32 or not torch.equal(rows, expected):
                 raise IntegrityError("integrity check failed: the server's embedding rows are wrong; generation stopped")
         return rows
 
@@ -134,7 +136,7 @@ def _unmask_per_group(shield: Shield, site: Site, z: torch.Tensor, states: list[
 
 def describe(shield: Shield) -> dict[str, Any]:
     """What a report says about a shield's configuration."""
-    info: dict[str, Any] = {"shield": shield.name}
+    info: dict[str, Any] = {"shield": shield.name, "check": check_kind(shield)}
     if isinstance(shield, OtpShield):
         f = shield.field
         info.update(p=f.p, p_bits=f.p.bit_length(), limbs=f.limbs, limb_bits=f.limb_bits, weight_bits=f.weight_bits,
@@ -144,3 +146,12 @@ def describe(shield: Shield) -> dict[str, Any]:
     if shield.pool is not None:
         info["pool_peak_mib"] = shield.pool.peak_bytes / 2**20
     return info
+
+
+def check_kind(shield: Shield) -> str:
+    """How a shield's results are checked, in words a report can show."""
+    if isinstance(shield, OtpShield):
+        return "exact (Freivalds mod 2^64 on fixed-point integers)" if shield.checks is not None else "none"
+    if shield.freivalds is not None:
+        return f"float fault detector, not a defence (errors inside the {shield.server_dtype} rounding tolerance pass)"
+    return "none"

@@ -17,11 +17,12 @@ class Shield:
 
     name = "plain"
     embeds_remotely = True  # the original prototype's lookup on the server; every other shield keeps it here
-    float_results = True  # verified by float Freivalds; otp's integers have an exact check of their own
+    float_results = True  # verified by float Freivalds (a fault detector); otp's integers have an exact check of their own
     mixes_rows = False  # True: a row's mask depends on the other rows of the call (seqmix), so sequences are masked apart
 
     def __init__(self, sites: Mapping[Site, tuple[torch.Tensor, list[int]]], verify: bool, server_dtype: str) -> None:
         self.sites = sites
+        self.server_dtype = server_dtype  # the runner's precision policy, not the server's claim
         self.times = ShieldTimes()
         self.freivalds = FloatFreivalds(sites, server_dtype) if verify and self.float_results else None
         self.pool: MaskPool | None = None

@@ -22,6 +22,8 @@ DEFAULT_SHIELD = "otp"
 NOISE_SCALE = 10.0  # noise: mask standard deviation over each row's RMS
 WEIGHT_BITS = 12  # otp: bits per quantized weight (per output row); kept 8/8 test prompts' greedy tokens
 ACTIVATION_BITS = 16  # otp: bits per fixed-point activation (per row)
+# Unit roundoff of a server's product dtype: the float fault detector's tolerance scales with it.
+UNIT_ROUNDOFF = {"float64": 2.0**-53, "float32": 2.0**-24, "float16": 2.0**-11, "bfloat16": 2.0**-8}
 
 
 @dataclass(frozen=True)
@@ -33,11 +35,33 @@ class ShieldConfig:
     weight_bits: int = WEIGHT_BITS
     activation_bits: int = ACTIVATION_BITS
     allow_broken: bool = False  # research: permit a shield in BROKEN_SHIELDS
+    # The runner's policy, never the server's claim: the product dtype the float check's tolerance
+    # assumes; a server announcing a lower precision is refused unless this is set.
+    precision: str = "float32"
+    accept_lower_precision: bool = False
 
     @property
     def verifies(self) -> bool:
         """Whether results are checked: `verify`, else on with otp, whose check is exact and cheap."""
         return self.name == "otp" if self.verify is None else self.verify
+
+    @property
+    def exact(self) -> bool:
+        """Fixed-point products checked exactly: otp, and plain when verified (otp without the pad)."""
+        return self.name == "otp" or (self.name == "plain" and self.verifies)
+
+    def server_precision(self, claimed: object) -> str:
+        """The dtype the checks assume for a server whose HELLO claims `claimed`: the runner's
+        `precision`, or a lower claim only when the user accepted it. A server may not widen the
+        tolerance it is checked with by announcing a coarser dtype."""
+        if not isinstance(claimed, str) or claimed not in UNIT_ROUNDOFF:
+            raise ShieldError(f"the server announces products in {claimed!r}, not one of {', '.join(UNIT_ROUNDOFF)}; refused")
+        if UNIT_ROUNDOFF[claimed] <= UNIT_ROUNDOFF[self.precision]:
+            return self.precision  # as precise or more: the runner's tolerance stands
+        if not self.accept_lower_precision:
+            raise ShieldError(f"the server announces {claimed} products, less precise than the {self.precision} this runner expects; "
+                              f"refused: pass --dtype {claimed} or --accept-lower-precision if you trust that server's claim")  # fmt: skip
+        return claimed
 
     def validate(self) -> ShieldConfig:
         """Raise `ShieldError` naming the first setting out of range; returns self."""
@@ -47,6 +71,8 @@ class ShieldConfig:
             raise ShieldError(
                 f"the {self.name} shield is broken ({BROKEN_SHIELDS[self.name]}): use otp, or pass --research-shields (allow_broken=True) to run it for research"
             )
+        if self.precision not in UNIT_ROUNDOFF:
+            raise ShieldError(f"unknown precision {self.precision!r}; choose one of {', '.join(UNIT_ROUNDOFF)}")
         if self.precompute < 0:
             raise ShieldError(f"precompute must be at least 0 tokens, got {self.precompute}")
         if not self.noise_scale > 0:

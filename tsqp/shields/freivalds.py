@@ -1,4 +1,9 @@
-"""Freivalds' check of float products: a wrong result is caught without recomputing it."""
+"""Freivalds' check of float products: a fault detector, not a defence.
+
+It catches a wrong result without recomputing it, but only beyond a rounding tolerance: a
+hostile server can spend that tolerance to steer an answer (`tsqp audit`'s steering attack).
+The exact shields (otp, plain with --verify) check integers instead and leave it nothing to spend.
+"""
 
 from __future__ import annotations
 
@@ -9,10 +14,9 @@ import numpy as np
 import torch
 
 from tsqp.errors import IntegrityError
+from tsqp.shields.config import UNIT_ROUNDOFF
 from tsqp.shields.sites import Site, integrity_message, module_names
 
-# Unit roundoff of the server's product dtype: the float verification tolerance scales with it.
-UNIT_ROUNDOFF = {"float32": 2.0**-24, "bfloat16": 2.0**-8, "float16": 2.0**-11}
 # Freivalds' float tolerance, in standard deviations of a random-rounding model of the error
 # (eps · sqrt(K · Σ_k x_k² Σ_n W_kn² r_n²)). Observed errors on SmolLM2 stay below ~2 of them.
 FLOAT_TOLERANCE_SIGMAS = 64.0
@@ -38,7 +42,7 @@ class FloatFreivalds:
     """
 
     def __init__(self, sites: Mapping[Site, tuple[torch.Tensor, list[int]]], server_dtype: str) -> None:
-        self.eps = UNIT_ROUNDOFF.get(server_dtype, UNIT_ROUNDOFF["float32"])
+        self.eps = UNIT_ROUNDOFF[server_dtype]  # the runner's policy (`ShieldConfig.server_precision`)
         gen = torch.Generator().manual_seed(secrets.randbits(63))
         self.checks: dict[Site, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
         for site, (w_t, sizes) in sites.items():

@@ -43,11 +43,11 @@ class OtpShield(Shield):
     FREIVALDS_VECTORS = 2
 
     def __init__(self, sites: Mapping[Site, tuple[torch.Tensor, list[int]]], verify: bool, server_dtype: str,
-                 quantized: QuantizedWeights, activation_bits: int = ACTIVATION_BITS) -> None:  # fmt: skip
+                 quantized: QuantizedWeights, activation_bits: int = ACTIVATION_BITS, masked: bool = True) -> None:  # fmt: skip
         super().__init__(sites, verify, server_dtype)
         self.quantized = quantized
         self.field = fixedpoint.choose_field(quantized.l1, quantized.bits, activation_bits)
-        self.pool = MaskPool(self._make, list(sites), self.times)
+        self.pool = MaskPool(self._make, list(sites), self.times) if masked else None  # unmasked: exact plain
         self.checks = self._freivalds_vectors() if verify else None
         self._w_scales = {site: scale.detach().numpy() for site, (_, scale, _) in quantized.groups.items()}  # (1, N) float64
 
@@ -78,7 +78,9 @@ class OtpShield(Shield):
         x_scale = np.abs(x).max(axis=-1, keepdims=True) / top
         x_scale[x_scale == 0] = 1.0  # an all-zero row stays zero
         x_q = np.rint(x / x_scale).astype(np.int64)  # |x_q| <= top
-        r, rw = self.pool.take(site, x.shape[0])  # type: ignore[union-attr]
+        if self.pool is None:  # exact plain: the same integers and checks, with R = 0
+            return torch.from_numpy(x_q % self.field.p), _OtpCall(x_q, x_scale, np.zeros((1, 1), dtype=np.int64))
+        r, rw = self.pool.take(site, x.shape[0])
         wire = (x_q + r.detach().numpy()) % self.field.p
         return torch.from_numpy(wire), _OtpCall(x_q, x_scale, rw.detach().numpy())
 

@@ -26,8 +26,8 @@ from tsqp.wire.shm import DEFAULT_SPIN_US
 
 
 def shield_args(shield: ShieldConfig) -> list[str]:
-    """serve-gpu options for a run with this shield: quantize for otp at start-up, in parallel with the runner."""
-    return ["--otp-weight-bits", str(shield.weight_bits if shield.name == "otp" else 0)]
+    """serve-gpu options for a run with this shield: quantize for the exact shields at start-up, in parallel with the runner."""
+    return ["--otp-weight-bits", str(shield.weight_bits if shield.exact else 0)]
 
 
 class PrivateServer:

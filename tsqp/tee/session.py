@@ -241,6 +241,7 @@ def connect(
     weight_bits: int = WEIGHT_BITS,
     activation_bits: int = ACTIVATION_BITS,
     allow_broken: bool = False,
+    accept_lower_precision: bool = False,
     shield_config: ShieldConfig | None = None,
     transport: str = "auto",
     spin_us: float = DEFAULT_SPIN_US,
@@ -250,11 +251,14 @@ def connect(
     `shield` protects every linear op (`tsqp.shields`); `verify` checks every server result
     (default: on with otp); `precompute` fills the mask pool for that many tokens before the
     first request. `allow_broken` permits a shield the audit breaks (noise, seqmix), for research only.
-    `shield_config`, when given, replaces those seven settings. `private_server`
+    `dtype` is also the precision the runner expects: a server announcing a lower one is refused
+    unless `accept_lower_precision`. `shield_config`, when given, replaces those settings. `private_server`
     hands over one already started (the CLI starts it before importing torch). `transport`
     (auto, zmq, shm) and `spin_us` choose how the hot ops travel (`RemoteBackend`).
     """
-    shielding = (shield_config or ShieldConfig(shield, verify, precompute, noise_scale, weight_bits, activation_bits, allow_broken)).validate()
+    shielding = (
+        shield_config or ShieldConfig(shield, verify, precompute, noise_scale, weight_bits, activation_bits, allow_broken, dtype, accept_lower_precision)
+    ).validate()
     if endpoint is not None:
         if local:
             raise InputError("a local session runs the linear ops in this process: it takes no endpoint")
@@ -299,10 +303,13 @@ def _check_reachable(endpoint: str, timeout_s: float, curve_secret: Any, server_
 
 
 def shielded(remote: RemoteBackend, model: LoadedModel, shielding: ShieldConfig) -> RemoteBackend | ShieldedBackend:
-    """`remote` behind the configured shield; plain without verification is the bare remote backend (nothing to do)."""
+    """`remote` behind the configured shield; plain without verification is the bare remote backend (nothing to do).
+
+    The server's HELLO is checked against the runner's precision first: a lower claim is refused.
+    """
+    precision = shielding.server_precision(remote.info.get("dtype"))
     if shielding.name == "plain" and not shielding.verifies:
         return remote
-    server_dtype = str(remote.info.get("dtype", "float32"))
-    guard = make_shield(shielding, model.weights, model.config.n_layers, server_dtype)
+    guard = make_shield(shielding, model.weights, model.config.n_layers, precision)
     guard.prepare(shielding.precompute)
     return ShieldedBackend(remote, guard, model.weights["embed"], shielding.verifies)

@@ -50,7 +50,7 @@ class BenchConfig:
 
     def shield(self, mode: str) -> ShieldConfig:
         """The settings a split mode runs with (checked where the shield is made)."""
-        return ShieldConfig(mode, self.verify, allow_broken=True)  # bench compares every shield, broken ones included
+        return ShieldConfig(mode, self.verify, allow_broken=True, precision=self.dtype)  # bench compares every shield, broken ones included
 
 
 Progress = Callable[[str, int, int], None]  # (description, runs done, runs in all)

@@ -95,7 +95,7 @@ def _bench_split(config: BenchConfig, folder: Path, prompts: dict[int, list[int]
     server = private_server(config, folder)
     with closed_on_failure(server):  # the session owns the private server from here on and stops it on close
         session = connect(config.endpoint, folder, timeout_s=config.timeout_s, private_server=server, shield="plain", verify=False,
-                          curve_secret=config.curve_secret, server_key=config.server_key, transport=config.transport, spin_us=config.spin_us)  # fmt: skip
+                          dtype=config.dtype, curve_secret=config.curve_secret, server_key=config.server_key, transport=config.transport, spin_us=config.spin_us)  # fmt: skip
     with session:
         pid = server.process.pid if server is not None else None  # a remote server's memory is out of reach
         results = []
