@@ -176,7 +176,7 @@ def test_json_is_one_object(tiny_chat_path: Path, tmp_path: Path) -> None:
                                  "--new-tokens", "2", "--device", "cpu", "--keep", str(tmp_path), "--json"])  # fmt: skip
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
-    assert list(report) == ["results"] and len(report["results"]) == 1
+    assert list(report) == ["results", "integrity"] and len(report["results"]) == 1
     plain = report["results"][0]
     assert plain["shield"] == "plain" and plain["chance"] == 1 / 49152
     assert plain["prompt_token_recovery"] == 1.0 and plain["generated_token_recovery"] == 1.0

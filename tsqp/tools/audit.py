@@ -2,13 +2,19 @@
 
 For each shield, a few chat prompts run through a private server that records every request
 (`serve-gpu --record`, see `tsqp.recording`). The attacks then use only what such a server
-has, the public weights and that recording:
+has, the public model and that recording, and every attack runs against every shield:
 
-- prompt tokens: each layer-0 input row (q|k|v request of layer 0) against every vocabulary
+- `nearest`: each layer-0 input row (q|k|v request of layer 0) against every vocabulary
   row's layer-0 input, rms_norm(embed_v) · attn_norm, by absolute cosine (blind to any scale
-  or sign); plus the token ids themselves where the server did the embedding (plain).
-- generated tokens: the arg-max of each lm_head input row's logits, times the row's sign,
+  or sign); plus the token ids themselves where the server did the embedding (plain); and for
+  generated tokens the arg-max of each lm_head input row's logits, times the row's sign,
   learned from the recording where a secret scalar (seqmix) may have flipped it.
+- `rank-one` (seqmix's mixing plane cancelled) and `noise-ml` (sequential maximum-likelihood
+  decoding over the first layers): see `tsqp.tools.attacks`.
+
+A token counts as recovered when the best attack got it; chance is read two ways: 1/V, and
+the permutation baseline (the same guesses against the truth shuffled). `tsqp.tools.steering`
+attacks integrity the same way, with a lying server against each shield's --verify.
 
 The generations run one after the other on one client, so requests align with them by order.
 """
@@ -19,7 +25,7 @@ import os
 import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,8 +34,10 @@ import numpy as np
 from tsqp.errors import TsqpError
 from tsqp.model.loading import LoadedModel
 from tsqp.server.recording import Recorded, read_recording
-from tsqp.shields.config import SHIELDS, ShieldConfig
+from tsqp.shields.config import NOISE_SCALE, SHIELDS, ShieldConfig
 from tsqp.tee.generation import Generation
+from tsqp.tools.attacks import NOISE_LAYERS, decode_noise, permutation_chance, unmix_rank_one
+from tsqp.tools.steering import SteeringResult, steer
 
 LAYER0_MODULES = ["q_proj", "k_proj", "v_proj"]  # the first linear call: its input is the normed embedding
 EXACT_COSINE = 0.99  # a row this close to a vocabulary row (up to a scalar) is that token
@@ -52,11 +60,14 @@ class AuditResult:
     """What the attacks recovered under one shield; fractions of tokens, position by position."""
 
     shield: str
-    prompt_token_recovery: float
+    prompt_token_recovery: float  # by the best attack, token by token
     generated_token_recovery: float
     chance: float  # 1 / vocabulary size: a blind guess
     prompt_tokens: int
     generated_tokens: int
+    permutation_chance_prompt: float = 0.0  # the best guesses against the shuffled truth
+    permutation_chance_generated: float = 0.0
+    attacks: dict[str, dict[str, float]] = field(default_factory=dict)  # attack -> {"prompt", "generated"} recovery
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -223,26 +234,102 @@ def score_generated_tokens(guesses: Sequence[int], generations: Sequence[Generat
     return sum(int(a == b) for a, b in zip(guesses, truth)), len(truth)
 
 
-def evaluate(shield: str, weights: PublicWeights, messages: Sequence[Recorded], generations: Sequence[Generation]) -> AuditResult:
-    """Run both attacks on one shield's recording and score them."""
-    prompt_hit, prompt_total = score_prompt_tokens(guess_prompt_tokens(weights, messages), read_token_ids(messages), generations)
-    gen_hit, gen_total = score_generated_tokens(guess_generated_tokens(weights, messages), generations)
-    return AuditResult(shield, prompt_hit / max(prompt_total, 1), gen_hit / max(gen_total, 1), 1 / weights.vocab_size,
-                       prompt_total, gen_total)  # fmt: skip
+def evaluate(shield: str, weights: PublicWeights, messages: Sequence[Recorded], generations: Sequence[Generation],
+             model: LoadedModel | None = None, noise_scale: float = NOISE_SCALE) -> AuditResult:  # fmt: skip
+    """Run every attack on one shield's recording and score them; `model` enables `noise-ml`."""
+    read_ids = read_token_ids(messages)
+    nearest = guess_prompt_tokens(weights, messages)
+    score_prompt_tokens(nearest, read_ids, generations)  # checks the recording against the generations
+    generated = guess_generated_tokens(weights, messages)
+    score_generated_tokens(generated, generations)
+    prompt_guesses = {"nearest": _prefills(nearest, read_ids, generations), "rank-one": _prefills(unmix_prefills(weights, messages), read_ids, generations)}
+    generated_guesses = {"nearest": np.asarray(generated)}
+    prompt_truth = np.concatenate([np.asarray(g.prompt_token_ids) for g in generations])
+    generated_truth = np.asarray([t for g in generations for t in g.token_ids])
+    everything = _share(_best(prompt_guesses, prompt_truth), prompt_truth) == 1 and _share(generated_guesses["nearest"], generated_truth) == 1
+    if model is not None and not everything:  # the slow attack, where the others left something to find
+        prompt_guesses["noise-ml"], generated_guesses["noise-ml"] = decode_noise_recording(model, messages, generations, generated, noise_scale)
+    attacks = {name: {"prompt": _share(guess, prompt_truth)} for name, guess in prompt_guesses.items()}
+    for name, guess in generated_guesses.items():
+        attacks.setdefault(name, {})["generated"] = _share(guess, generated_truth)
+    best_prompt = _best(prompt_guesses, prompt_truth)
+    best_generated = _best(generated_guesses, generated_truth)
+    return AuditResult(shield, _share(best_prompt, prompt_truth), _share(best_generated, generated_truth), 1 / weights.vocab_size,
+                       len(prompt_truth), len(generated_truth), permutation_chance(best_prompt, prompt_truth),
+                       permutation_chance(best_generated, generated_truth), attacks)  # fmt: skip
+
+
+def _share(guess: np.ndarray, truth: np.ndarray) -> float:
+    return float((guess == truth).mean()) if truth.size else 0.0
+
+
+def _best(guesses: dict[str, np.ndarray], truth: np.ndarray) -> np.ndarray:
+    """Per position, the truth where any attack got it, else the first attack's guess (a token counts when any attack got it)."""
+    first = next(iter(guesses.values()))
+    hit = np.zeros(truth.shape, dtype=bool)
+    for guess in guesses.values():
+        hit |= guess == truth
+    return np.where(hit, truth, first)
+
+
+def _prefills(guesses: Sequence[np.ndarray], read_ids: Sequence[np.ndarray], generations: Sequence[Generation]) -> np.ndarray:
+    """Every generation's prompt guesses in a row (each prefill's), read ids winning where the server embedded."""
+    out, first = [], 0
+    for g in generations:
+        guess = read_ids[first] if read_ids else guesses[first]
+        _hits(guess, np.asarray(g.prompt_token_ids))  # shapes agree
+        out.append(guess)
+        first += forwards_per_generation(g)
+    return np.concatenate(out)
+
+
+def unmix_prefills(weights: PublicWeights, messages: Iterable[Recorded]) -> list[np.ndarray]:
+    """`rank-one` on every layer-0 request, in order."""
+    references = layer0_references(weights)
+    return [unmix_rank_one(wire_rows(m), references) for m in messages if is_layer0_input(m)]
+
+
+def decode_noise_recording(model: LoadedModel, messages: Sequence[Recorded], generations: Sequence[Generation],
+                           lm_head_guesses: Sequence[int], scale: float) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+    """`noise-ml` over each generation: its prompt, then its generated tokens (each answer's last, never fed
+    back, from the lm_head guess)."""
+    forwards = _forwards(messages)
+    prompts, generated, first, head = [], [], 0, 0
+    for g in generations:
+        n = forwards_per_generation(g)
+        rows = {site: np.concatenate([f[site] for f in forwards[first : first + n]]) for site in forwards[first]}
+        tokens = decode_noise(model, rows, scale)
+        prompts.append(tokens[: len(g.prompt_token_ids)])
+        generated.append(np.append(tokens[len(g.prompt_token_ids) :], lm_head_guesses[head + len(g.token_ids) - 1])[: len(g.token_ids)])
+        first, head = first + n, head + len(g.token_ids)
+    return np.concatenate(prompts), np.concatenate(generated)
+
+
+def _forwards(messages: Iterable[Recorded]) -> list[dict[tuple[int, tuple[str, ...]], np.ndarray]]:
+    """The recorded LINEAR inputs grouped by forward (each starts with its layer-0 q|k|v request): site -> rows."""
+    forwards: list[dict[tuple[int, tuple[str, ...]], np.ndarray]] = []
+    for m in messages:
+        if m.op != "LINEAR":
+            continue
+        if is_layer0_input(m):
+            forwards.append({})
+        if forwards:
+            forwards[-1][(m.args["layer"], tuple(m.args["modules"]))] = wire_rows(m)
+    return forwards
 
 
 # --- running the shields -----------------------------------------------------------------------
 
 
 def record_shield(folder: Path, shield: str, prompts: Sequence[Prompt], new_tokens: int, record_dir: Path,
-                  device: str = "auto", dtype: str = "float32",
-                  on_generation: Callable[[int], None] | None = None) -> list[Generation]:  # fmt: skip
+                  device: str = "auto", dtype: str = "float32", on_generation: Callable[[int], None] | None = None,
+                  noise_scale: float = NOISE_SCALE) -> list[Generation]:  # fmt: skip
     """Greedy generations under `shield` through a private server recording into `record_dir`."""
     from tsqp.tee.private_server import PrivateServer
     from tsqp.tee.session import connect
 
     # verify off: the audit is about what the server sees, which checking does not change.
-    shielding = ShieldConfig(shield, verify=False, allow_broken=True)  # the audit is what shows them broken
+    shielding = ShieldConfig(shield, verify=False, noise_scale=noise_scale, allow_broken=True, precision=dtype)  # the audit is what shows them broken
     server = PrivateServer(folder, device, dtype, shielding, extra_args=["--record", str(record_dir)])
     generations = []
     with connect(None, folder, private_server=server, shield_config=shielding) as session:
@@ -254,28 +341,39 @@ def record_shield(folder: Path, shield: str, prompts: Sequence[Prompt], new_toke
 
 
 def recorded_attack_input(record_dir: Path) -> list[Recorded]:
-    """The recorded requests the attacks read (the other layers' traffic is dropped as it streams in)."""
-    return [m for m in read_recording(record_dir) if m.op in ("EMBED", "LM_HEAD") or is_layer0_input(m)]
+    """The recorded requests the attacks read: the first layers' and lm_head's (the rest is dropped as it streams in)."""
+    return [m for m in read_recording(record_dir) if m.op in ("EMBED", "LM_HEAD") or (m.op == "LINEAR" and m.args.get("layer", NOISE_LAYERS) < NOISE_LAYERS)]
+
+
+@dataclass
+class AuditReport:
+    """Both halves of an audit: what each shield lets the server learn, and what its --verify lets it change."""
+
+    privacy: list[AuditResult]
+    integrity: list[SteeringResult]
 
 
 def run_audit(model: str | os.PathLike[str], shields: Sequence[str] = SHIELDS, prompts: Sequence[Prompt] = PROMPTS[:4],
               new_tokens: int = 8, device: str = "auto", dtype: str = "float32", keep: Path | None = None,
-              progress: Callable[[str], None] | None = None) -> list[AuditResult]:  # fmt: skip
-    """Record and attack each shield in turn; `keep` keeps the recordings as keep/SHIELD."""
+              progress: Callable[[str], None] | None = None, privacy: bool = True, integrity: bool = True) -> AuditReport:  # fmt: skip
+    """Record and attack each shield in turn, then steer its --verify; `keep` keeps the recordings as keep/SHIELD."""
     from tsqp.model.loading import load, resolve
 
     folder = resolve(model)
-    weights = PublicWeights.of(load(folder, with_tokenizer=False))
-    results = []
+    loaded = load(folder)
+    weights = PublicWeights.of(loaded)
+    report = AuditReport([], [])
     say = progress or (lambda _: None)
-    for shield in shields:
+    for shield in shields if privacy else ():
         say(f"{shield}: starting a recording server")
         with _record_dir(keep, shield) as record_dir:
             generations = record_shield(folder, shield, prompts, new_tokens, Path(record_dir), device, dtype,
                                         on_generation=lambda i, s=shield: say(f"{s}: prompt {i}/{len(prompts)} done"))  # fmt: skip
             say(f"{shield}: attacking the recording")
-            results.append(evaluate(shield, weights, recorded_attack_input(Path(record_dir)), generations))
-    return results
+            report.privacy.append(evaluate(shield, weights, recorded_attack_input(Path(record_dir)), generations, loaded))
+    for shield in shields if integrity else ():
+        report.integrity += steer(loaded, shield, prompts, new_tokens, progress=say)
+    return report
 
 
 def _record_dir(keep: Path | None, shield: str) -> AbstractContextManager[str]:
