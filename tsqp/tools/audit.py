@@ -65,9 +65,9 @@ class AuditResult:
     chance: float  # 1 / vocabulary size: a blind guess
     prompt_tokens: int
     generated_tokens: int
-    permutation_chance_prompt: float = 0.0  # the best guesses against the shuffled truth
+    permutation_chance_prompt: float = 0.0  # the highest of the attacks' permutation baselines
     permutation_chance_generated: float = 0.0
-    attacks: dict[str, dict[str, float]] = field(default_factory=dict)  # attack -> {"prompt", "generated"} recovery
+    attacks: dict[str, dict[str, float]] = field(default_factory=dict)  # attack -> recovery and its permutation baseline, per part
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -249,14 +249,19 @@ def evaluate(shield: str, weights: PublicWeights, messages: Sequence[Recorded], 
     everything = _share(_best(prompt_guesses, prompt_truth), prompt_truth) == 1 and _share(generated_guesses["nearest"], generated_truth) == 1
     if model is not None and not everything:  # the slow attack, where the others left something to find
         prompt_guesses["noise-ml"], generated_guesses["noise-ml"] = decode_noise_recording(model, messages, generations, generated, noise_scale)
-    attacks = {name: {"prompt": _share(guess, prompt_truth)} for name, guess in prompt_guesses.items()}
-    for name, guess in generated_guesses.items():
-        attacks.setdefault(name, {})["generated"] = _share(guess, generated_truth)
+    attacks: dict[str, dict[str, float]] = {}
+    for part, guesses, truth in (("prompt", prompt_guesses, prompt_truth), ("generated", generated_guesses, generated_truth)):
+        for name, guess in guesses.items():  # each attack beside its own chance: a biased guesser matches frequent tokens
+            attacks.setdefault(name, {}).update({part: _share(guess, truth), f"{part}_chance": permutation_chance(guess, truth)})
     best_prompt = _best(prompt_guesses, prompt_truth)
     best_generated = _best(generated_guesses, generated_truth)
     return AuditResult(shield, _share(best_prompt, prompt_truth), _share(best_generated, generated_truth), 1 / weights.vocab_size,
-                       len(prompt_truth), len(generated_truth), permutation_chance(best_prompt, prompt_truth),
-                       permutation_chance(best_generated, generated_truth), attacks)  # fmt: skip
+                       len(prompt_truth), len(generated_truth), _chance(attacks, "prompt"), _chance(attacks, "generated"), attacks)  # fmt: skip
+
+
+def _chance(attacks: dict[str, dict[str, float]], part: str) -> float:
+    """The highest permutation baseline among the attacks: what the best-of score is read against."""
+    return max((a[f"{part}_chance"] for a in attacks.values() if f"{part}_chance" in a), default=0.0)
 
 
 def _share(guess: np.ndarray, truth: np.ndarray) -> float:
