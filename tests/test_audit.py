@@ -188,8 +188,9 @@ def test_json_is_one_object(tiny_chat_path: Path, tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_audit_on_the_default_model() -> None:
-    command = [sys.executable, "-m", "tsqp", "audit", "--json", "--shields", "plain,otp,seqmix", "--prompts", "4", "--new-tokens", "4"]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=400, env={**os.environ, "COLUMNS": "200"})
+    command = [sys.executable, "-m", "tsqp", "audit", "--json", "--no-integrity", "--shields", "plain,otp,seqmix", "--prompts", "4", "--new-tokens", "4"]
+    # noise-ml runs on otp's recording (nothing else found anything there): minutes on 2 cores
+    done = subprocess.run(command, capture_output=True, text=True, timeout=1800, env={**os.environ, "COLUMNS": "200"})
     assert done.returncode == 0, done.stderr[-2000:]
     results = {r["shield"]: r for r in json.loads(done.stdout)["results"]}
     assert list(results) == ["plain", "otp", "seqmix"]
@@ -201,6 +202,8 @@ def test_audit_on_the_default_model() -> None:
     assert seqmix["generated_tokens"] >= 16 and seqmix["generated_token_recovery"] >= 0.75
     # otp: at chance. Over 157 prompt tokens one lucky guess (0.6%) stays under 1%; a blind guesser
     # here hits ~0.02% of prompt tokens (measured on uniform random rows), so two are a ~1e-3 event.
-    assert otp["prompt_tokens"] >= 100 and otp["prompt_token_recovery"] <= 0.01
+    assert otp["prompt_tokens"] >= 100 and otp["attacks"]["nearest"]["prompt"] <= 0.01 and otp["attacks"]["rank-one"]["prompt"] <= 0.01
+    ml = otp["attacks"]["noise-ml"]  # its guesses match frequent tokens no more often than shuffled truth does
+    assert ml["prompt"] <= ml["prompt_chance"] + 0.05
     # 16 answer tokens cannot resolve 1%: at most one lucky guess (random rows hit ~1e-3 per token).
-    assert otp["generated_tokens"] >= 16 and otp["generated_token_recovery"] <= 1 / 16
+    assert otp["generated_tokens"] >= 16 and otp["attacks"]["nearest"]["generated"] <= 1 / 16
