@@ -17,6 +17,7 @@ from tsqp.cli.options import (
     LocalOpt,
     ModelOpt,
     RepetitionPenaltyOpt,
+    ResearchShieldsOpt,
     SeedOpt,
     ServerKeyOpt,
     ShieldOpt,
@@ -55,6 +56,7 @@ def chat(
     server_key: ServerKeyOpt = None,
     shield: ShieldOpt = DEFAULT_SHIELD,
     verify: VerifyOpt = None,
+    research_shields: ResearchShieldsOpt = False,
 ) -> None:
     """Chat with the model, turn after turn; each turn computes only its new tokens (the KV cache is kept).
 
@@ -62,7 +64,7 @@ def chat(
 
     Example: tsqp chat --system "You are a concise assistant."
     """
-    shielding = shield_config(shield, verify, 0, NOISE_SCALE, WEIGHT_BITS, ACTIVATION_BITS)
+    shielding = shield_config(shield, verify, 0, NOISE_SCALE, WEIGHT_BITS, ACTIVATION_BITS, research_shields, dtype.value)
     session = open_session(model, endpoint, local, timeout, shielding, device, dtype.value, curve_secret, server_key)
     from tsqp.tee.chat import Conversation
 

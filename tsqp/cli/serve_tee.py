@@ -23,6 +23,7 @@ from tsqp.cli.options import (
     EndpointOpt,
     ModelOpt,
     NoiseScaleOpt,
+    ResearchShieldsOpt,
     ServerKeyOpt,
     ShieldOpt,
     TimeoutOpt,
@@ -78,6 +79,7 @@ def serve_tee(
     noise_scale: NoiseScaleOpt = NOISE_SCALE,
     weight_bits: WeightBitsOpt = WEIGHT_BITS,
     activation_bits: ActivationBitsOpt = ACTIVATION_BITS,
+    research_shields: ResearchShieldsOpt = False,
 ) -> None:
     """Serve the model over HTTP with OpenAI's API: /v1/chat/completions, /v1/completions (SSE streaming or not), /v1/models, /health.
 
@@ -89,7 +91,7 @@ def serve_tee(
 
     Example: tsqp serve-tee -e tcp://gpu-host:5555 --curve-secret me.key_secret --server-key gpu.key --host 0.0.0.0 --ssl-certfile cert.pem --ssl-keyfile key.pem --api-key-file keys.txt
     """
-    shielding = shield_config(shield, verify, precompute, noise_scale, weight_bits, activation_bits)
+    shielding = shield_config(shield, verify, precompute, noise_scale, weight_bits, activation_bits, research_shields, dtype.value)
     tls = _tls_context(ssl_certfile, ssl_keyfile)
     api_keys = _api_keys(api_key_file) if api_key_file is not None else []
     if tls is None and not insecure_public and not is_local_endpoint(f"tcp://{f'[{host}]' if ':' in host else host}:{port}"):
