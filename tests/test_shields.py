@@ -247,7 +247,7 @@ def test_verification_is_on_by_default_with_otp_only() -> None:
 
 
 def test_plain_verified_is_exact_fixed_point_and_catches_an_error_of_one(tiny: LoadedModel, server: RunningServer) -> None:
-    session = shielded_session(tiny, server.endpoint, "plain")
+    session = shielded_session(tiny, server.endpoint, "plain", verify=True)
     shield = session.backend.shield
     assert isinstance(shield, ExactPlainShield) and shield.pool is None and shield.freivalds is None  # no pad, no float tolerance
     site = (0, ("o_proj",))
@@ -266,7 +266,7 @@ def test_plain_verified_is_exact_fixed_point_and_catches_an_error_of_one(tiny: L
 
 
 def test_float_checks_are_labelled_fault_detectors(tiny: LoadedModel, server: RunningServer) -> None:
-    session = shielded_session(tiny, server.endpoint, "seqmix")
+    session = shielded_session(tiny, server.endpoint, "seqmix", verify=True)
     assert describe(session.backend.shield)["check"].startswith("float fault detector, not a defence")
     session.close()
 
