@@ -60,6 +60,8 @@ def check_report(data: dict[str, Any], verify: bool | None = None, shields: tupl
         assert (r["offline_s_per_token"] > 0) is (r["mode"] in ("otp", "noise")), where  # the modes with a mask pool
         assert r["ratio_vs_local"] > 0
         assert r["peak_rss_mib"]["tee"] > 0
+        assert (r["pool_peak_mib"] > 0) is (r["mode"] in ("otp", "noise")), where
+        assert r["peak_rss_mib"]["tee_without_pool"] == pytest.approx(r["peak_rss_mib"]["tee"] - r["pool_peak_mib"]), where
         assert len(r["runs"]) == 2
         if split:
             # four LINEAR calls per layer and LM_HEAD; plain also sends the token ids to EMBED
@@ -83,10 +85,12 @@ def test_library_run_measures_every_mode_and_size(report: BenchReport) -> None:
 
 def test_cli_writes_json_and_prints_the_table(tiny_chat_path: Path, tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
-    result = runner.invoke(app, ["bench", "--model", str(tiny_chat_path), *TINY_RUN, "--shields", "plain,otp", "--verify", "--json", str(out)],
-                           env={"COLUMNS": "80"})  # fmt: skip
+    result = runner.invoke(app, ["bench", "--model", str(tiny_chat_path), *TINY_RUN, "--shields", "plain,otp", "--verify", "--json", str(out),
+                                 "--precompute", "--prefill-chunk", "5", "--pool-mib", "2"], env={"COLUMNS": "80"})  # fmt: skip
     assert result.exit_code == 0, result.output
-    check_report(json.loads(out.read_text()), verify=True, shields=("plain", "otp"))
+    data = json.loads(out.read_text())
+    check_report(data, verify=True, shields=("plain", "otp"))
+    assert (data["settings"]["precompute"], data["settings"]["prefill_chunk"], data["settings"]["pool_mib"]) == (True, 5, 2)
     for mode in ("hf-generate", "local", "plain", "otp"):
         assert mode in result.stdout
     assert "prefill s" in result.stdout and "wire" in result.stdout
@@ -120,7 +124,8 @@ def test_bad_prompt_tokens_is_an_error() -> None:
 def test_help_explains_every_option() -> None:
     result = runner.invoke(app, ["bench", "--help"], env={"COLUMNS": "200"})
     assert result.exit_code == 0
-    for option in ("--model", "--shields", "--verify", "--no-verify", "--prompt-tokens", "--new-tokens", "--repeat", "--json", "--endpoint", "--plot"):
+    for option in ("--model", "--shields", "--verify", "--no-verify", "--prompt-tokens", "--new-tokens", "--repeat", "--json", "--endpoint", "--plot",
+                   "--precompute", "--pool-mib", "--prefill-chunk"):  # fmt: skip
         assert option in result.output
     assert "Freivalds" in result.output and "Example" in result.output
 

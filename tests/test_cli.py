@@ -26,7 +26,7 @@ def tsqp(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
 
 
 @pytest.mark.parametrize("command, options", [
-    ("run-tee", ["--prompt", "--model", "--endpoint", "--max-new-tokens", "--temperature", "--top-p", "--top-k", "--repetition-penalty", "--stop", "--system", "--seed", "--json", "--no-chat", "--local", "--shield", "--verify", "--precompute", "--research-shields", "--accept-lower-precision"]),
+    ("run-tee", ["--prompt", "--model", "--endpoint", "--max-new-tokens", "--temperature", "--top-p", "--top-k", "--repetition-penalty", "--stop", "--system", "--seed", "--json", "--no-chat", "--local", "--shield", "--verify", "--precompute", "--research-shields", "--accept-lower-precision", "--pool-mib", "--prefill-chunk"]),
     ("chat", ["--model", "--endpoint", "--system", "--max-new-tokens", "--stop", "--top-k", "--shield"]),
     ("models", ["--json", "--fingerprints"]),
     ("ping", ["--timeout", "--json", "--curve-secret"]),

@@ -27,6 +27,31 @@ def test_product_mod_is_exact_for_extreme_inputs() -> None:
     assert got.tolist() == expected
 
 
+@pytest.mark.parametrize("dtype", [torch.int8, torch.int16], ids=str)
+def test_compact_weights_widened_block_by_block_give_the_same_products(dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The TEE's compact W_q, widened a few columns (or rows) at a time, gives float64 W_q's exact results."""
+    bits = 8 if dtype == torch.int8 else 12
+    assert fixedpoint.compact_dtype(bits) == dtype
+    gen = torch.Generator().manual_seed(3)
+    w, _, l1 = fixedpoint.quantize_matrix(torch.randn(37, 50, generator=gen), bits, dtype)  # (N, K)
+    assert w.dtype == dtype and l1 == fixedpoint.max_row_l1(w.t())
+    p, limb_bits = fixedpoint.previous_prime(1 << 40), 20
+    x = torch.randint(0, p, (3, 50), generator=gen, dtype=torch.int64)
+    r = fixedpoint.random_u64((37, 2)).numpy().view(np.uint64)
+    expected = fixedpoint.product_mod(x, w.t().double(), p, limb_bits), fixedpoint.matmul_mod_2_64(w.t().double(), r)
+    monkeypatch.setattr(fixedpoint, "BLOCK_BYTES", 8 * 50 * 4)  # 4 lines a block: 10 blocks, the last one short
+    assert torch.equal(fixedpoint.product_mod(x, w.t(), p, limb_bits), expected[0])
+    assert np.array_equal(fixedpoint.matmul_mod_2_64(w.t(), r), expected[1])
+
+
+def test_quantize_matrix_equals_quantize_rows_in_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
+    w = torch.randn(41, 16, generator=torch.Generator().manual_seed(4))
+    q, scale = fixedpoint.quantize_rows(w, 10)
+    monkeypatch.setattr(fixedpoint, "BLOCK_BYTES", 8 * 16 * 5)  # 5 rows a block
+    w_q, w_scale, l1 = fixedpoint.quantize_matrix(w, 10, torch.int16)
+    assert torch.equal(w_q.double(), q) and torch.equal(w_scale, scale) and l1 == int(q.abs().sum(dim=1).max())
+
+
 def test_field_holds_every_honest_result_and_refuses_what_cannot_be_exact() -> None:
     f = fixedpoint.choose_field(l1=933_541, weight_bits=12, activation_bits=16)  # SmolLM2's widest row at 12 bits
     assert f.p > 2 * f.bound and fixedpoint._is_prime(f.p)

@@ -185,3 +185,16 @@ def test_stop_strings_end_the_text_and_are_never_streamed() -> None:
     assert stream.finish() == "Hello ENough. Bye "
     assert "".join(deltas) == "Hello ENough. Bye "  # "EN" was held back, then released when "o" came
     assert all("END" not in d for d in deltas)
+
+
+@pytest.mark.parametrize("chunk", [1, 5, 24, 100])
+def test_a_chunked_prefill_gives_the_whole_prompts_tokens_and_logits(tiny: LoadedModel, chunk: int) -> None:
+    from tsqp.tee.generation import prefill
+
+    llama, prompt = local_llama(tiny), list(range(3, 27))
+    whole, chunked = llama.new_cache(40), llama.new_cache(40)
+    expected = prefill(llama, prompt, whole)
+    assert torch.allclose(prefill(llama, prompt, chunked, chunk), expected, atol=1e-5, rtol=1e-4)
+    assert chunked.length == whole.length == len(prompt)
+    assert torch.allclose(chunked.k[0][:, :, :24], whole.k[0][:, :, :24], atol=1e-5, rtol=1e-4)
+    assert generate(llama, prompt, 8, prefill_chunk=chunk).token_ids == generate(llama, prompt, 8).token_ids

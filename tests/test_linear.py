@@ -182,6 +182,23 @@ def test_quantized_product_mod_is_the_exact_integer_product(quantized: Quantized
     assert torch.cat(ys, dim=-1).tolist() == exact
 
 
+def test_the_tees_compact_weights_hold_the_same_integers_in_a_quarter_of_the_bytes(quantized: QuantizedWeights, tiny: LoadedModel) -> None:
+    compact = QuantizedWeights(tiny.weights, tiny.config.n_layers, bits=10, dtype=fixedpoint.compact_dtype(10))
+    assert compact.l1 == quantized.l1 and compact.nbytes * 4 == quantized.nbytes
+    for key, (w_q_t, scale, _) in quantized.groups.items():
+        c_w, c_scale, _ = compact.groups[key]
+        assert c_w.dtype == torch.int16 and torch.equal(c_w.double(), w_q_t) and torch.equal(c_scale, scale)
+
+
 def test_quantized_product_refuses_wrong_feature_sizes(quantized: QuantizedWeights) -> None:
     with pytest.raises(ProtocolError, match="input has 64 features"):
         quantized.product_mod((0, ("down_proj",)), torch.zeros(2, 64, dtype=torch.int64), 1_000_003, 8)
+
+
+def test_released_weight_pages_read_back_unchanged(tiny: LoadedModel) -> None:
+    from tsqp.model.pages import _clean_file_mappings, release_file_pages
+
+    before = {name: w.clone() for name, w in tiny.weights.items()}
+    assert _clean_file_mappings(".safetensors")  # the weights are read-only file pages here
+    assert release_file_pages() > 0
+    assert all(torch.equal(tiny.weights[name], w) for name, w in before.items())  # faulted in again from the file

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import hashlib
 import math
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -25,7 +27,8 @@ from tsqp.shields.plain_exact import ExactPlainShield
 from tsqp.shields.sites import site_weights
 from tsqp.tee.generation import generate
 from tsqp.tee.llama import Llama
-from tsqp.tee.session import shielded
+from tsqp.tee.session import Session, shielded
+from tsqp.wire.client import RemoteBackend
 
 PROMPT = list(range(5, 29))
 
@@ -106,6 +109,29 @@ def test_a_mask_is_never_reused(shield: str, tiny: LoadedModel, server: RunningS
     assert len(seen) == handed_out  # every row ever handed out is distinct
     assert session.backend.shield.times.masked_rows == handed_out
     session.close()
+
+
+def test_the_pool_never_holds_more_than_its_budget(tmp_path: Path) -> None:
+    """A small random model whose masks for one token take ~0.1 MiB: a 1 MiB pool holds about 9
+    tokens' worth, so its background worker stops at the budget during the chunked prefill and
+    decode, and a call that finds its site short makes its own rows."""
+    model = load(make_tiny_model(tmp_path, hidden_size=256, intermediate_size=1024, vocab_size=4096, num_hidden_layers=2), with_tokenizer=False)
+    running = start_server(model)
+    try:
+        remote = RemoteBackend(running.endpoint, timeout_s=30)
+        remote.hello(model.fingerprint)
+        config = ShieldConfig("otp", pool_mib=1, prefill_chunk=16)
+        session = Session(model, shielded(remote, model, config), prefill_chunk=config.prefill_chunk)
+        shield = session.backend.shield
+        prompt = list(range(5, 53))
+        assert session.generate(prompt, 24).token_ids == local_tokens(model, prompt, 24)  # exact: chunked, masks made beside the calls
+        pool, budget = shield.pool, 1 << 20
+        assert budget / 2 < pool.peak_bytes <= budget  # the worker filled it, never beyond
+        assert sum(16 * pool.row_bytes[site] for site in pool.sites) > budget  # one chunk's masks would not have fitted
+        assert shield.times.offline_rows >= shield.times.masked_rows
+        session.close()
+    finally:
+        running.close()
 
 
 # --- integrity -------------------------------------------------------------------------------
@@ -291,3 +317,29 @@ def test_precision_is_the_runners_policy() -> None:
     assert ShieldConfig("otp", precision="bfloat16").server_precision("bfloat16") == "bfloat16"  # what the user asked for
     assert ShieldConfig("otp", accept_lower_precision=True).server_precision("bfloat16") == "bfloat16"  # an explicit opt-in
     assert ShieldConfig("otp", precision="bfloat16").server_precision("float32") == "bfloat16"  # never tighter than asked
+
+
+def test_the_pools_worker_makes_the_next_calls_masks_beside_the_current_one() -> None:
+    """After a call takes its rows, the worker stocks the following sites in forward order, so the
+    next calls find their masks made and make none themselves."""
+    from tsqp.shields.pool import MaskPool, ShieldTimes
+
+    sites = [(layer, group) for layer in range(2) for group in (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("o_proj",), ("down_proj",))]
+    made_by: list[tuple[object, str]] = []
+
+    def make(site: object, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+        made_by.append((site, threading.current_thread().name))
+        return torch.randn(rows, 4), torch.randn(rows, 2)
+
+    pool = MaskPool(make, sites, ShieldTimes(), dict.fromkeys(sites, 48), budget_bytes=1 << 20)
+    assert pool.sites[1] == (0, ("o_proj",))  # forward order, not the order given
+    pool.take(pool.sites[0], 5)  # nothing made yet: this call makes its own
+    deadline = time.monotonic() + 10
+    while any(pool.available(s) < 5 for s in pool.sites[1:]) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    by_worker = [site for site, thread in made_by if thread == "tsqp-mask-pool"]
+    assert by_worker[:7] == pool.sites[1:]  # in the order the forward pass will call them
+    for site in pool.sites[1:]:
+        assert pool.take(site, 5)[0].shape == (5, 4)
+    assert [site for site, thread in made_by if thread != "tsqp-mask-pool"] == [pool.sites[0]]  # no later call made its own
+    pool.close()

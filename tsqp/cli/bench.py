@@ -18,6 +18,8 @@ from tsqp.cli.options import (
     DtypeOpt,
     EndpointOpt,
     ModelOpt,
+    PoolMibOpt,
+    PrefillChunkOpt,
     ServerKeyOpt,
     ShieldsOpt,
     SpinOpt,
@@ -29,6 +31,7 @@ from tsqp.cli.options import (
     shield_names,
 )
 from tsqp.errors import TsqpError
+from tsqp.shields.config import POOL_MIB, PREFILL_CHUNK
 from tsqp.wire.shm import DEFAULT_SPIN_US
 
 
@@ -80,6 +83,15 @@ def bench(
             help="Instead: time one decode step's calls one at a time over zmq and shm (round trip, server compute, overhead per call, in µs).",
         ),
     ] = False,
+    precompute: Annotated[
+        bool,
+        typer.Option(
+            "--precompute/--no-precompute",
+            help="Fill the mask pool for the whole run (prompt and answer) before each timed run, whatever --pool-mib says; by default masks are made during it.",
+        ),
+    ] = False,
+    pool_mib: PoolMibOpt = POOL_MIB,
+    prefill_chunk: PrefillChunkOpt = PREFILL_CHUNK,
 ) -> None:
     """Measure prefill latency, decode speed and where each decoded token's time goes, per mode and prompt length.
 
@@ -101,7 +113,8 @@ def bench(
                          str(curve_secret) if curve_secret else None, str(server_key) if server_key else None,
                          counts(clients, "--clients", "client counts", "1,2,4,8") if clients is not None else [],
                          counts(http_clients, "--http-clients", "client counts", "1,4,8") if http_clients is not None else [], batch=batch,
-                         device=device.value, dtype=dtype.value, transport=transport.value, spin_us=spin_us)  # fmt: skip
+                         device=device.value, dtype=dtype.value, transport=transport.value, spin_us=spin_us,
+                         precompute=precompute, pool_mib=pool_mib, prefill_chunk=prefill_chunk)  # fmt: skip
     if plot is not None:
         try:
             require_matplotlib()

@@ -13,7 +13,7 @@ import typer
 
 from tsqp.cli.console import fail
 from tsqp.model.config import ACTIVATION_BITS_RANGE, WEIGHT_BITS_RANGE
-from tsqp.shields.config import SHIELDS, ShieldConfig
+from tsqp.shields.config import POOL_MIB, PREFILL_CHUNK, SHIELDS, ShieldConfig
 
 
 class Device(str, Enum):
@@ -119,7 +119,19 @@ AcceptLowerPrecisionOpt = Annotated[
 PrecomputeOpt = Annotated[
     int,
     typer.Option(
-        "--precompute", min=0, help="Precompute masks for this many tokens before the first request (the offline phase); more are made ahead of need in chunks."
+        "--precompute",
+        min=0,
+        help="Precompute masks for this many tokens before the first request (the offline phase; held whatever --pool-mib says); more are made ahead of need by a background worker.",
+    ),
+]
+PoolMibOpt = Annotated[
+    int,
+    typer.Option("--pool-mib", min=1, help="otp, noise: the most memory (MiB) the mask pool holds made ahead; a call that finds it short makes its own masks."),
+]
+PrefillChunkOpt = Annotated[
+    int,
+    typer.Option(
+        "--prefill-chunk", min=0, help="Tokens per prefill forward, every shield: bounds each call's buffers on both sides; 0: the whole prompt at once."
     ),
 ]
 NoiseScaleOpt = Annotated[float, typer.Option("--noise-scale", min=0.0, help="noise shield: mask standard deviation relative to each row's RMS.")]
@@ -158,11 +170,13 @@ def check_device(device: Device) -> None:
 
 
 def shield_config(name: str, verify: bool | None, precompute: int, noise_scale: float, weight_bits: int, activation_bits: int,
-                  research: bool = False, precision: str = "float32", accept_lower_precision: bool = False) -> ShieldConfig:  # fmt: skip
+                  research: bool = False, precision: str = "float32", accept_lower_precision: bool = False,
+                  pool_mib: int = POOL_MIB, prefill_chunk: int = PREFILL_CHUNK) -> ShieldConfig:  # fmt: skip
     """The shield settings of run-tee's options, checked before anything loads."""
     if name not in SHIELDS:
         fail(f"--shield {name!r} is not one of {', '.join(SHIELDS)}")
-    return ShieldConfig(name, verify, precompute, noise_scale, weight_bits, activation_bits, research, precision, accept_lower_precision).validate()
+    return ShieldConfig(name, verify, precompute, noise_scale, weight_bits, activation_bits, allow_broken=research, precision=precision,
+                        accept_lower_precision=accept_lower_precision, pool_mib=pool_mib, prefill_chunk=prefill_chunk).validate()  # fmt: skip
 
 
 def shield_names(text: str, option: str = "--shields") -> list[str]:

@@ -22,7 +22,9 @@ from tsqp.cli.options import (
     LocalOpt,
     ModelOpt,
     NoiseScaleOpt,
+    PoolMibOpt,
     PrecomputeOpt,
+    PrefillChunkOpt,
     RepetitionPenaltyOpt,
     ResearchShieldsOpt,
     SeedOpt,
@@ -42,7 +44,7 @@ from tsqp.cli.options import (
     shield_config,
 )
 from tsqp.cli.sessions import open_session, read_prompt
-from tsqp.shields.config import ACTIVATION_BITS, DEFAULT_SHIELD, NOISE_SCALE, WEIGHT_BITS
+from tsqp.shields.config import ACTIVATION_BITS, DEFAULT_SHIELD, NOISE_SCALE, POOL_MIB, PREFILL_CHUNK, WEIGHT_BITS
 from tsqp.wire.endpoints import CONNECT_TIMEOUT_S
 from tsqp.wire.shm import DEFAULT_SPIN_US
 
@@ -88,6 +90,8 @@ def run_tee(
     spin_us: SpinOpt = DEFAULT_SPIN_US,
     research_shields: ResearchShieldsOpt = False,
     accept_lower_precision: AcceptLowerPrecisionOpt = False,
+    pool_mib: PoolMibOpt = POOL_MIB,
+    prefill_chunk: PrefillChunkOpt = PREFILL_CHUNK,
 ) -> None:
     """Generate an answer; every linear op runs on the server, masked by the shield (otp by default), the rest here.
 
@@ -97,7 +101,8 @@ def run_tee(
 
     Example: echo "Summarize: ..." | tsqp run-tee -p - --system "Answer in one line." --stop "\\n\\n"
     """
-    shielding = shield_config(shield, verify, precompute, noise_scale, weight_bits, activation_bits, research_shields, dtype.value, accept_lower_precision)
+    shielding = shield_config(shield, verify, precompute, noise_scale, weight_bits, activation_bits, research_shields, dtype.value,
+                              accept_lower_precision, pool_mib, prefill_chunk)  # fmt: skip
     prompt = read_prompt(prompt)
     session = open_session(model, endpoint, local, timeout, shielding, device, dtype.value, curve_secret, server_key, offload_attention_from, connect_timeout,
                            transport.value, spin_us)  # fmt: skip

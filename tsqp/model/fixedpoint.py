@@ -30,6 +30,9 @@ from tsqp.model.config import ACTIVATION_BITS_RANGE, WEIGHT_BITS_RANGE
 FLOAT64_EXACT = 1 << 53  # float64 holds every integer below this exactly
 INT64_LIMIT = 1 << 63
 MAX_LIMBS = 4
+# The most bytes of float64 one step of a product widens or makes at once: compact weights are
+# widened block by block, so the TEE's working memory stays this size whatever the model.
+BLOCK_BYTES = 4 << 20
 
 
 @dataclass(frozen=True)
@@ -61,6 +64,27 @@ def quantize_rows(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tenso
     scale = torch.linalg.vector_norm(x, ord=math.inf, dim=-1, keepdim=True) / top  # max |x| per row
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # an all-zero row stays zero
     return x.div_(scale).round_().clamp_(-top, top), scale
+
+
+def compact_dtype(bits: int) -> torch.dtype:
+    """The narrowest integer type that holds `bits`-bit quantized weights (|w| <= 2^(bits-1) - 1)."""
+    return torch.int8 if bits <= 8 else torch.int16 if bits <= 16 else torch.int32
+
+
+def quantize_matrix(w: torch.Tensor, bits: int, dtype: torch.dtype, device: str | torch.device = "cpu") -> tuple[torch.Tensor, torch.Tensor, int]:
+    """`quantize_rows` of w (N, K), stored as `dtype` on `device`, a block of rows at a time
+    (no float64 copy of the whole matrix): (W_q (N, K), scale (N, 1) float64, max row L1)."""
+    w_q = torch.empty(w.shape, dtype=dtype, device=device)
+    scale = torch.empty(w.shape[0], 1, dtype=torch.float64)
+    rows = max(1, BLOCK_BYTES // (8 * max(w.shape[1], 1)))
+    l1 = 0
+    for start in range(0, w.shape[0], rows):
+        q, s = quantize_rows(w[start : start + rows], bits)
+        w_q[start : start + rows] = q.to(dtype)
+        scale[start : start + rows] = s
+        if q.numel():
+            l1 = max(l1, int(q.abs().sum(dim=1).max()))
+    return w_q, scale, l1
 
 
 def max_row_l1(w_q: torch.Tensor) -> int:
@@ -100,42 +124,55 @@ def check_product_exact(l1: int, p: int, limb_bits: int) -> None:
 
 
 def product_mod(x: torch.Tensor, w_q: torch.Tensor, p: int, limb_bits: int) -> torch.Tensor:
-    """x (T, K) int64 in [0, p) @ w_q (K, N) float64 integers -> (T, N) int64 in [0, p), exactly.
+    """x (T, K) int64 in [0, p) @ w_q (K, N) integers -> (T, N) int64 in [0, p), exactly.
 
     Runs on w_q's device. The limbs are stacked into one product, so the weights are read
     once (decode is memory-bound); then combined by Horner's rule from the most significant.
+    w_q may be float64 (the server's: sliced without a copy) or a compact integer type (the
+    TEE's), widened to float64 one block of columns at a time.
     """
     x = x.to(w_q.device)
-    w_q = w_q.to(torch.float64)  # no copy on the server, which keeps float64
     n_limbs = -(-p.bit_length() // limb_bits)
     low = (1 << limb_bits) - 1
-    limbs = torch.cat([(x >> (j * limb_bits)) & low for j in range(n_limbs)])  # (n_limbs·T, K), least significant first
-    parts = torch.remainder((limbs.to(torch.float64) @ w_q).to(torch.int64), p).view(n_limbs, x.shape[0], -1)
-    acc = parts[-1]
-    for j in reversed(range(n_limbs - 1)):
-        acc = torch.remainder(acc * (1 << limb_bits) + parts[j], p)
-    return acc
+    limbs = torch.cat([(x >> (j * limb_bits)) & low for j in range(n_limbs)]).to(torch.float64)  # (n_limbs·T, K), least significant first
+    out = torch.empty(x.shape[0], w_q.shape[1], dtype=torch.int64, device=w_q.device)
+    for start, end in block_ranges(w_q.shape[1], max(w_q.shape[0], limbs.shape[0])):
+        w = w_q[:, start:end].to(torch.float64)  # a view when w_q is float64 already
+        parts = torch.remainder((limbs @ w).to(torch.int64), p).view(n_limbs, x.shape[0], -1)
+        acc = parts[-1]
+        for j in reversed(range(n_limbs - 1)):
+            acc = torch.remainder(acc * (1 << limb_bits) + parts[j], p)
+        out[:, start:end] = acc
+    return out
+
+
+def block_ranges(n: int, width: int) -> list[tuple[int, int]]:
+    """Ranges over n lines (rows or columns) of a float64 matrix `width` wide, each at most `BLOCK_BYTES` (at least one line)."""
+    step = max(1, BLOCK_BYTES // (8 * max(width, 1)))
+    return [(start, min(start + step, n)) for start in range(0, n, step)] or [(0, 0)]
 
 
 def matmul_mod_2_64(w: torch.Tensor, r: np.ndarray) -> np.ndarray:
-    """w (K, N) float64 integers @ r (N, C) uint64 -> (K, C) uint64, exactly mod 2⁶⁴.
+    """w (K, N) integers (float64 or compact) @ r (N, C) uint64 -> (K, C) uint64, exactly mod 2⁶⁴.
 
     int64 matrix products have no BLAS (far slower); instead r is split into limbs narrow
     enough that every float64 partial sum stays exact, and the limb products are shifted back
-    and added in uint64, which wraps mod 2⁶⁴ by definition.
+    and added in uint64, which wraps mod 2⁶⁴ by definition. w is widened a block of rows at a time.
     """
-    l1 = int(w.abs().sum(dim=1).max()) if w.numel() else 0
+    blocks = block_ranges(w.shape[0], w.shape[1])  # row blocks of w: columns of its transpose
+    l1 = max((int(w[a:b].abs().sum(dim=1, dtype=torch.float64).max()) for a, b in blocks if b > a), default=0)
     bits = min(16, 52 - l1.bit_length())
     if bits < 1:
         raise ShieldError(f"weights too large for exact checks (row L1 {l1})")
     n_limbs = -(-64 // bits)
     low = np.uint64((1 << bits) - 1)
-    limbs = np.concatenate([(r >> np.uint64(bits * j)) & low for j in range(n_limbs)], axis=1).astype(np.float64)  # (N, C·L)
-    products = (w @ torch.from_numpy(limbs).to(w.device)).detach().cpu().numpy().astype(np.int64).view(np.uint64)  # (K, C·L)
+    limbs = torch.from_numpy(np.concatenate([(r >> np.uint64(bits * j)) & low for j in range(n_limbs)], axis=1).astype(np.float64)).to(w.device)  # (N, C·L)
     c = r.shape[1]
     out = np.zeros((w.shape[0], c), dtype=np.uint64)
-    for j in range(n_limbs):
-        out += products[:, j * c : (j + 1) * c] << np.uint64(bits * j)
+    for a, b in blocks:
+        products = (w[a:b].to(torch.float64) @ limbs).detach().cpu().numpy().astype(np.int64).view(np.uint64)  # (rows, C·L)
+        for j in range(n_limbs):
+            out[a:b] += products[:, j * c : (j + 1) * c] << np.uint64(bits * j)
     return out
 
 

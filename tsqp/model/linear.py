@@ -135,20 +135,26 @@ class LinearWeights:
 class QuantizedWeights:
     """The same matrices as integers, quantized per output row (`otp`): W_q (K, N) and its scales.
 
-    Kept in float64 (on the server's device, or in the TEE for its offline R·W_qᵀ products):
-    the exact products run in float64, and converting per call would cost a weight pass.
+    The server keeps them in float64 on its device: its exact products run in float64, and
+    converting per call would cost a weight pass. The TEE keeps them compact (`dtype` int8 or
+    int16, `fixedpoint.compact_dtype`): its offline products widen a block at a time.
     """
 
     def __init__(self, weights: Mapping[str, torch.Tensor], n_layers: int, bits: int,
                  device: str | torch.device = "cpu", dtype: torch.dtype = torch.float64) -> None:  # fmt: skip
         self.bits = bits
         self.groups: dict[GroupKey | str, tuple[torch.Tensor, torch.Tensor, list[int]]] = {}  # -> (W_q_t, scale (1, N), sizes)
+        self.l1 = 0
         for key, w_t, sizes in product_sites(weights, n_layers):
             # Per output row of W (N, K), kept in that layout: W_q_t is its transposed view, which BLAS
             # reads as it is (a contiguous (K, N) copy would cost a second pass over the weights).
-            w_q, scale = fixedpoint.quantize_rows(w_t.t(), bits)  # (N, K), scale (N, 1)
-            self.groups[key] = (w_q.to(device=device, dtype=dtype).t(), scale.t(), sizes)
-        self.l1 = max(fixedpoint.max_row_l1(w_q) for w_q, _, _ in self.groups.values())
+            w_q, scale, l1 = fixedpoint.quantize_matrix(w_t.t(), bits, dtype, device)  # (N, K), scale (N, 1)
+            self.groups[key] = (w_q.t(), scale.t(), sizes)
+            self.l1 = max(self.l1, l1)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(w_q.nbytes for w_q, _, _ in self.groups.values())
 
     def product_mod(self, key: GroupKey | str, x: torch.Tensor, p: int, limb_bits: int) -> list[torch.Tensor]:
         """x (T, K) int64 in [0, p) -> one (T, N_i) int64 tensor per module: x·W_qᵀ mod p, exactly."""

@@ -11,7 +11,9 @@ from typing import Any
 import torch
 
 from tsqp.errors import IntegrityError, MalformedReply, ShieldError
+from tsqp.model import fixedpoint
 from tsqp.model.linear import QuantizedWeights
+from tsqp.model.pages import release_file_pages
 from tsqp.shields.base import Shield
 from tsqp.shields.config import ShieldConfig
 from tsqp.shields.noise import NoiseShield
@@ -25,16 +27,20 @@ from tsqp.shields.sites import Site, integrity_message, module_names, site_weigh
 def make_shield(config: ShieldConfig, weights: Mapping[str, torch.Tensor], n_layers: int, server_dtype: str = "float32") -> Shield:
     """The TEE's side of the configured shield for a model's weights (the TEE holds them: only masked products leave)."""
     config.validate()
-    sites = site_weights(weights, n_layers)
     verify = config.verifies
+    if config.exact:  # otp, and plain when verified: fixed point, checked exactly
+        quantized = QuantizedWeights(weights, n_layers, config.weight_bits, dtype=fixedpoint.compact_dtype(config.weight_bits))
+        # Their sites are the compact W_q: the fused float32 copies the other shields keep are never made.
+        sites = {site: (w_q, sizes) for site, (w_q, _, sizes) in quantized.groups.items()}
+        release_file_pages()  # the float32 pages just read to quantize: only W_q is needed from here on
+        if config.name == "plain":
+            return ExactPlainShield(sites, verify, server_dtype, quantized, config.activation_bits)
+        return OtpShield(sites, verify, server_dtype, quantized, config.activation_bits, config.pool_mib << 20)
+    sites = site_weights(weights, n_layers)
     if config.name == "noise":
-        return NoiseShield(sites, verify, server_dtype, config.noise_scale)
+        return NoiseShield(sites, verify, server_dtype, config.noise_scale, config.pool_mib << 20)
     if config.name == "seqmix":
         return SeqmixShield(sites, verify, server_dtype)
-    if config.exact:  # otp, and plain when verified: fixed point, checked exactly
-        quantized = QuantizedWeights(weights, n_layers, config.weight_bits)  # float64: no conversion per pool refill
-        kind = OtpShield if config.name == "otp" else ExactPlainShield
-        return kind(sites, verify, server_dtype, quantized, config.activation_bits)
     return Shield(sites, verify, server_dtype)
 
 
@@ -86,7 +92,7 @@ class ShieldedBackend:
         sizes = self.shield.sites[site][1]
         lead = x.shape[:-1]
         times = self.shield.times
-        offline_before = times.offline_s  # a pool refill inside `mask` is offline work, counted apart
+        stall_before = times.stall_s  # masks made for this call, or waited for, inside `mask`: counted apart
         t0 = time.perf_counter()
         rows = x.reshape(-1, x.shape[-1])
         # A shield that mixes rows masks each sequence apart (one call still carries them all);
@@ -105,7 +111,7 @@ class ShieldedBackend:
         t3 = time.perf_counter()
         y = _unmask_per_group(self.shield, site, z, state, groups) if per_sequence else self.shield.unmask(site, z, state)
         t4 = time.perf_counter()
-        times.mask_s += (t1 - t0) - (times.offline_s - offline_before)
+        times.mask_s += (t1 - t0) - (times.stall_s - stall_before)
         times.verify_s += (t3 - t2) if self.verify else 0.0
         times.unmask_s += t4 - t3
         y = y.reshape(*lead, y.shape[-1])
@@ -122,6 +128,7 @@ class ShieldedBackend:
             raise IntegrityError(f"integrity check failed: {e}; generation stopped") from None
 
     def close(self) -> None:
+        self.shield.close()
         self.remote.close()
 
 

@@ -32,6 +32,11 @@ class Shield:
         if self.pool is not None:
             self.pool.prepare(rows)
 
+    def close(self) -> None:
+        """Stop the pool's background worker."""
+        if self.pool is not None:
+            self.pool.close()
+
     def wire_args(self) -> dict[str, Any]:
         return {}
 

@@ -24,6 +24,8 @@ WEIGHT_BITS = 12  # otp: bits per quantized weight (per output row); kept 8/8 te
 ACTIVATION_BITS = 16  # otp: bits per fixed-point activation (per row)
 # Unit roundoff of a server's product dtype: the float fault detector's tolerance scales with it.
 UNIT_ROUNDOFF = {"float64": 2.0**-53, "float32": 2.0**-24, "float16": 2.0**-11, "bfloat16": 2.0**-8}
+POOL_MIB = 64  # otp, noise: the most memory the mask pool holds made ahead (docs/benchmarks.md)
+PREFILL_CHUNK = 128  # tokens per prefill forward: bounds every per-call buffer on both sides
 
 
 @dataclass(frozen=True)
@@ -39,6 +41,8 @@ class ShieldConfig:
     # assumes; a server announcing a lower precision is refused unless this is set.
     precision: str = "float32"
     accept_lower_precision: bool = False
+    pool_mib: int = POOL_MIB
+    prefill_chunk: int = PREFILL_CHUNK  # 0: the whole prompt in one forward
 
     @property
     def verifies(self) -> bool:
@@ -75,6 +79,10 @@ class ShieldConfig:
             raise ShieldError(f"unknown precision {self.precision!r}; choose one of {', '.join(UNIT_ROUNDOFF)}")
         if self.precompute < 0:
             raise ShieldError(f"precompute must be at least 0 tokens, got {self.precompute}")
+        if self.pool_mib < 1:
+            raise ShieldError(f"the mask pool needs at least 1 MiB, got {self.pool_mib}")
+        if self.prefill_chunk < 0:
+            raise ShieldError(f"prefill chunk must be at least 1 token (0: the whole prompt), got {self.prefill_chunk}")
         if not self.noise_scale > 0:
             raise ShieldError(f"noise scale must be positive, got {self.noise_scale}")
         for what, bits, (low, high) in (("weight", self.weight_bits, WEIGHT_BITS_RANGE), ("activation", self.activation_bits, ACTIVATION_BITS_RANGE)):

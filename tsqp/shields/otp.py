@@ -13,7 +13,7 @@ from tsqp.errors import IntegrityError
 from tsqp.model import fixedpoint
 from tsqp.model.linear import QuantizedWeights
 from tsqp.shields.base import Shield
-from tsqp.shields.config import ACTIVATION_BITS
+from tsqp.shields.config import ACTIVATION_BITS, POOL_MIB
 from tsqp.shields.freivalds import block_diagonal
 from tsqp.shields.pool import MaskPool
 from tsqp.shields.sites import Site, integrity_message, module_names
@@ -43,11 +43,13 @@ class OtpShield(Shield):
     FREIVALDS_VECTORS = 2
 
     def __init__(self, sites: Mapping[Site, tuple[torch.Tensor, list[int]]], verify: bool, server_dtype: str,
-                 quantized: QuantizedWeights, activation_bits: int = ACTIVATION_BITS, masked: bool = True) -> None:  # fmt: skip
+                 quantized: QuantizedWeights, activation_bits: int = ACTIVATION_BITS, pool_bytes: int = POOL_MIB << 20,
+                 masked: bool = True) -> None:  # fmt: skip
         super().__init__(sites, verify, server_dtype)
         self.quantized = quantized
         self.field = fixedpoint.choose_field(quantized.l1, quantized.bits, activation_bits)
-        self.pool = MaskPool(self._make, list(sites), self.times) if masked else None  # unmasked: exact plain
+        row_bytes = {site: 8 * sum(w_q.shape) for site, (w_q, _) in sites.items()}  # R (K) and R·W_qᵀ (N), int64
+        self.pool = MaskPool(self._make, list(sites), self.times, row_bytes, pool_bytes) if masked else None  # unmasked: exact plain
         self.checks = self._freivalds_vectors() if verify else None
         self._w_scales = {site: scale.detach().numpy() for site, (_, scale, _) in quantized.groups.items()}  # (1, N) float64
 
@@ -81,14 +83,20 @@ class OtpShield(Shield):
         if self.pool is None:  # exact plain: the same integers and checks, with R = 0
             return torch.from_numpy(x_q % self.field.p), _OtpCall(x_q, x_scale, np.zeros((1, 1), dtype=np.int64))
         r, rw = self.pool.take(site, x.shape[0])
-        wire = (x_q + r.detach().numpy()) % self.field.p
+        wire = x_q + r.detach().numpy()  # in [-top, p + top): one correction either way is the residue mod p
+        wire += self.field.p * (wire < 0)
+        wire -= self.field.p * (wire >= self.field.p)
         return torch.from_numpy(wire), _OtpCall(x_q, x_scale, rw.detach().numpy())
 
     def _integers(self, z: torch.Tensor, call: _OtpCall) -> np.ndarray:
         if call.y is None:
-            p = self.field.p
-            y = (z.detach().numpy() - call.mask_product) % p
-            y[y > p // 2] -= p  # the centred representative
+            p, z = self.field.p, z.detach().numpy()
+            y = z - call.mask_product
+            if z.size and (int(z.min()) < 0 or int(z.max()) >= p):
+                y %= p  # outside the field (a dishonest server): reduce, as every honest value is
+            # y in (-p, p): the centred representative by one correction either way (no division).
+            y[y > p // 2] -= p
+            y[y < -(p // 2)] += p
             call.y = y
         return call.y
 

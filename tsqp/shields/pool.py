@@ -1,14 +1,29 @@
-"""The offline phase: masks and their products with the weights, made ahead of need and each handed out once."""
+"""The offline phase: masks and their products with the weights, made ahead of need and each handed out once.
+
+The pool holds at most its budget of masks made ahead. A background worker keeps it stocked,
+walking the call sites in the order a forward pass calls them, from the one just used: while
+the server computes one call (or one prefill chunk), the masks of the next calls are made.
+A call that finds its site short makes the rest itself (counted as a stall); those rows go
+straight to the call, as its own working memory, and never sit in the pool.
+"""
 
 from __future__ import annotations
 
+import threading
 import time
-from collections.abc import Callable, Sequence
+import weakref
+from collections import deque
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
-from tsqp.shields.sites import Site
+from tsqp.shields.config import POOL_MIB
+from tsqp.shields.sites import Site, call_rows, forward_order
+
+REFILL_ROWS = 16  # rows made at once for a decode site: one pass over its weights serves 16 tokens
+WORKER_IDLE_S = 0.5  # how often an idle worker looks whether its pool still exists
 
 
 @dataclass
@@ -18,58 +33,189 @@ class ShieldTimes:
     mask_s: float = 0.0
     unmask_s: float = 0.0
     verify_s: float = 0.0
-    offline_s: float = 0.0  # mask pool: drawing masks and their products with the weights
-    offline_rows: int = 0  # mask rows precomputed, summed over call sites
+    offline_s: float = 0.0  # mask pool: drawing masks and their products with the weights, wherever made
+    offline_rows: int = 0  # mask rows made, summed over call sites
     masked_rows: int = 0  # mask rows used, summed over call sites
+    stall_s: float = 0.0  # online time spent waiting for masks: a call that found its site short
+
+
+Make = Callable[[Site, int], tuple[torch.Tensor, torch.Tensor]]
 
 
 class MaskPool:
-    """Per call site, precomputed mask rows and their products with the weights; each row is handed out once."""
+    """Per call site, precomputed mask rows and their products with the weights; each row is handed out once.
 
-    def __init__(self, make: Callable[[Site, int], tuple[torch.Tensor, torch.Tensor]], sites: Sequence[Site],
-                 times: ShieldTimes, chunk: int = 32) -> None:  # fmt: skip
-        self.make, self.sites, self.times, self.chunk = make, list(sites), times, chunk
-        self._blocks: dict[Site, list[tuple[torch.Tensor, torch.Tensor]]] = {s: [] for s in self.sites}
+    `row_bytes[site]` is what one row of a site's mask and product take; `budget_bytes` bounds
+    what the pool holds (made ahead, or being made), except what `prepare` is asked for.
+    """
+
+    def __init__(self, make: Make, sites: Sequence[Site], times: ShieldTimes, row_bytes: Mapping[Site, int],
+                 budget_bytes: int = POOL_MIB << 20, background: bool = True) -> None:  # fmt: skip
+        self.make, self.times, self.row_bytes = make, times, dict(row_bytes)
+        self.sites = sorted(sites, key=forward_order)
+        self._index = {site: i for i, site in enumerate(self.sites)}
+        self.budget_bytes = budget_bytes
+        self.background = background
+        # Per site, blocks as made: [masks, products, rows made]; a block's memory goes when its last row is used.
+        self._blocks: dict[Site, deque[list[Any]]] = {s: deque() for s in self.sites}
+        self._rows = dict.fromkeys(self.sites, 0)  # unused rows held per site
+        self._tokens = 0  # tokens of the last call: what the next calls likely take (a forward pass sends the same everywhere)
+        self._cursor = -1  # index in `sites` of the last site taken from
+        self._held = 0  # bytes of the blocks held, plus those being made
+        self._making: Site | None = None
+        self._lock = threading.Condition()
+        self._worker: threading.Thread | None = None
+        self._closed = False
         self.on_take: Callable[[Site, torch.Tensor], None] | None = None  # tests fingerprint every mask handed out
         self.peak_bytes = 0  # the offline phase's memory: the most the pool held at once
 
     def available(self, site: Site) -> int:
-        return sum(r.shape[0] for r, _ in self._blocks[site])
+        return self._rows[site]
+
+    def nbytes(self) -> int:
+        return self._held
 
     def prepare(self, rows: int) -> None:
-        """Offline: make sure every site holds at least `rows` unused rows."""
+        """Offline, before a request: make sure every site holds at least `rows` unused rows.
+
+        What is asked for here is held whatever the budget (which grows to hold it); the budget
+        bounds what the pool makes ahead on its own. A pool prepared this way is its caller's to
+        keep stocked (`--precompute`, serve-tee's idle top-up): its worker stays off.
+        """
+        if rows > 0:
+            self.background = False
         for site in self.sites:
-            self._refill(site, rows - self.available(site))
+            with self._lock:
+                self._wait_while_making(site)
+                short = rows - self._rows[site]
+                if short <= 0:
+                    continue
+                self.budget_bytes = max(self.budget_bytes, self._held + short * self.row_bytes[site])
+                self._held += short * self.row_bytes[site]
+                self._making = site
+            self._store(site, short)
 
     def take(self, site: Site, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
-        short = rows - self.available(site)
+        """`rows` unused mask rows of `site` and their products, from the pool or made now (a stall)."""
+        started = time.perf_counter()
+        with self._lock:
+            waited = self._making == site
+            self._wait_while_making(site)
+            parts = self._pop(site, rows)
+            if site != "lm_head":
+                self._tokens = rows
+            self._cursor = self._index[site]
+            self._start_worker()
+            if rows > 1 or self._rows[site] < REFILL_ROWS // 2:
+                self._lock.notify_all()  # work for the worker (a decode step that leaves its site stocked wakes nobody)
+        short = rows - sum(r.shape[0] for r, _ in parts)
         if short > 0:
-            self._refill(site, max(short, self.chunk))  # ahead of need, in chunks
-        masks, products = [], []
-        blocks = self._blocks[site]
-        while rows:
-            r, rw = blocks[0]
-            n = min(rows, r.shape[0])
-            masks.append(r[:n])
-            products.append(rw[:n])
-            blocks[0] = (r[n:], rw[n:])
-            if n == r.shape[0]:
-                blocks.pop(0)  # spent: nothing keeps a used mask
-            rows -= n
-        mask = masks[0] if len(masks) == 1 else torch.cat(masks)
+            parts.append(self._timed_make(site, short))  # the call's own rows: never held by the pool
+        if waited or short > 0:
+            self.times.stall_s += time.perf_counter() - started
+        mask = parts[0][0] if len(parts) == 1 else torch.cat([r for r, _ in parts])
+        product = parts[0][1] if len(parts) == 1 else torch.cat([rw for _, rw in parts])
         if self.on_take is not None:
             self.on_take(site, mask)
         self.times.masked_rows += mask.shape[0]
-        return mask, products[0] if len(products) == 1 else torch.cat(products)
+        return mask, product
 
-    def _refill(self, site: Site, rows: int) -> None:
-        if rows <= 0:
-            return
+    def close(self) -> None:
+        """Stop the worker and wait for the block it is making (a thread inside torch at exit aborts the process)."""
+        with self._lock:
+            self._closed = True
+            self._lock.notify_all()
+        if self._worker is not None and self._worker is not threading.current_thread():
+            self._worker.join(60)
+
+    # --- under the lock -----------------------------------------------------------------------
+
+    def _wait_while_making(self, site: Site) -> None:
+        while self._making == site:
+            self._lock.wait()
+
+    def _pop(self, site: Site, rows: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        parts, blocks = [], self._blocks[site]
+        while rows and blocks:
+            r, rw, made = blocks[0]
+            n = min(rows, r.shape[0])
+            parts.append((r[:n], rw[:n]))
+            blocks[0][:2] = r[n:], rw[n:]  # views: the pool hands out each row once
+            if n == r.shape[0]:
+                blocks.popleft()  # spent: the pool keeps nothing of it
+                self._held -= made * self.row_bytes[site]
+            self._rows[site] -= n
+            rows -= n
+        return parts
+
+    def _next_job(self) -> tuple[Site, int] | None:
+        """The first site after the last one used whose next call is not covered, and the rows that fit."""
+        if not self.background:  # switched off since the worker started
+            return None
+        n_sites = len(self.sites)
+        for step in range(1, n_sites + 1):
+            site = self.sites[(self._cursor + step) % n_sites]
+            want = call_rows(site, self._tokens)
+            # Decode (one row a call): refilled a batch at a time, before it runs dry, so that one
+            # pass over the weights serves many tokens and no step finds its site empty.
+            low, target = (REFILL_ROWS // 2, REFILL_ROWS) if want == 1 else (want, want)
+            if self._rows[site] >= low:
+                continue
+            fits = (self.budget_bytes - self._held) // self.row_bytes[site]
+            rows = min(target - self._rows[site], fits)
+            return (site, rows) if rows > 0 else None  # the budget is full: wait for calls to use some
+        return None
+
+    def _start_worker(self) -> None:
+        if self.background and self._worker is None and self._tokens:
+            self._worker = threading.Thread(target=_work, args=(weakref.ref(self),), name="tsqp-mask-pool", daemon=True)
+            self._worker.start()
+
+    # --- outside the lock ---------------------------------------------------------------------
+
+    def _timed_make(self, site: Site, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
         started = time.perf_counter()
-        self._blocks[site].append(self.make(site, rows))
-        self.times.offline_s += time.perf_counter() - started
-        self.times.offline_rows += rows
-        self.peak_bytes = max(self.peak_bytes, self.nbytes())
+        made = self.make(site, rows)
+        with self._lock:
+            self.times.offline_s += time.perf_counter() - started
+            self.times.offline_rows += rows
+        return made
 
-    def nbytes(self) -> int:
-        return sum(r.nbytes + rw.nbytes for blocks in self._blocks.values() for r, rw in blocks)
+    def _store(self, site: Site, rows: int) -> None:
+        """Make `rows` for `site` (already counted in `_held`, `_making` set) and keep them."""
+        block = None
+        try:
+            block = self._timed_make(site, rows)
+        finally:
+            with self._lock:
+                if block is None:
+                    self._held -= rows * self.row_bytes[site]  # failed: nothing to keep
+                else:
+                    self._blocks[site].append([*block, rows])
+                    self._rows[site] += rows
+                self._making = None
+                self.peak_bytes = max(self.peak_bytes, self._held)
+                self._lock.notify_all()
+
+    def _work_once(self) -> bool:
+        """One job of the worker: False when the pool is closed."""
+        with self._lock:
+            job = None if self._closed else self._next_job()
+            if job is None:
+                if not self._closed:
+                    self._lock.wait(WORKER_IDLE_S)
+                return not self._closed
+            site, rows = job
+            self._held += rows * self.row_bytes[site]
+            self.peak_bytes = max(self.peak_bytes, self._held)
+            self._making = site
+        self._store(site, rows)
+        return True
+
+
+def _work(pool_ref: weakref.ReferenceType[MaskPool]) -> None:
+    """The background worker: keeps its pool stocked until the pool is closed or gone."""
+    while (pool := pool_ref()) is not None:
+        if not pool._work_once():
+            return
+        del pool  # hold no reference while idle: the pool goes when its shield goes

@@ -16,6 +16,20 @@ def site_weights(weights: Mapping[str, torch.Tensor], n_layers: int) -> dict[Sit
     return {key: (w_t, sizes) for key, w_t, sizes in product_sites(weights, n_layers)}
 
 
+# Where each call group comes in a layer's forward pass (attention, then the MLP).
+_FORWARD_POSITION = {"q_proj": 0, "o_proj": 1, "gate_proj": 2, "down_proj": 3}
+
+
+def forward_order(site: Site) -> tuple[int, int]:
+    """Sort key: the order in which one forward pass calls the sites, lm_head last."""
+    return (1 << 30, 0) if site == "lm_head" else (site[0], _FORWARD_POSITION[site[1][0]])
+
+
+def call_rows(site: Site, tokens: int) -> int:
+    """Rows a forward pass over `tokens` tokens sends to `site`: lm_head sees only the last position."""
+    return min(tokens, 1) if site == "lm_head" else tokens
+
+
 def module_names(site: Site) -> tuple[str, ...]:
     return ("lm_head",) if site == "lm_head" else site[1]
 

@@ -118,6 +118,15 @@ def check_fits(llama: Llama, prompt_ids: Sequence[int], max_new_tokens: int, cac
                              "shorten the prompt or ask for fewer new tokens")  # fmt: skip
 
 
+def prefill(llama: Llama, prompt_ids: list[int], cache: KVCache, chunk: int = 0) -> torch.Tensor:
+    """The prompt's forward passes, `chunk` tokens each (0: one pass): every per-call buffer, on both
+    sides of a split, is bounded by the chunk and not by the prompt. The last chunk's logits."""
+    step = chunk or len(prompt_ids)
+    for start in range(0, len(prompt_ids), step):
+        logits = llama.forward(torch.tensor([prompt_ids[start : start + step]]), cache)
+    return logits
+
+
 def generate(
     llama: Llama,
     prompt_ids: list[int],
@@ -130,8 +139,9 @@ def generate(
     top_k: int = 0,
     repetition_penalty: float = 1.0,
     cache: KVCache | None = None,
+    prefill_chunk: int = 0,
 ) -> Generation:
-    """Prefill the prompt, then decode one token at a time with the KV cache.
+    """Prefill the prompt, `prefill_chunk` tokens a forward (0: all at once), then decode one token at a time with the KV cache.
 
     With `cache`, the prompt continues what that cache holds (a chat's next turn); the last
     token generated is not in the cache when this returns.
@@ -141,7 +151,7 @@ def generate(
     decoder = Decoder(prompt_ids, sampling, eos_ids, on_token)
     cache = cache if cache is not None else llama.new_cache(len(prompt_ids) + max_new_tokens)
     started = time.perf_counter()
-    logits = llama.forward(torch.tensor([prompt_ids]), cache)
+    logits = prefill(llama, prompt_ids, cache, prefill_chunk)
     prefill_s = time.perf_counter() - started
     while True:
         token = decoder.next(logits[0, -1])

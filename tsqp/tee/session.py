@@ -37,10 +37,11 @@ class Session:
     """A loaded model (tokenizer and norms stay here) plus a backend for its linear ops."""
 
     def __init__(self, model: LoadedModel, backend: Any, private_server: PrivateServer | None = None,
-                 offload_attention_from: int | None = None) -> None:  # fmt: skip
+                 offload_attention_from: int | None = None, prefill_chunk: int = 0) -> None:  # fmt: skip
         self.model = model
         self.backend = backend
         self.private_server = private_server
+        self.prefill_chunk = prefill_chunk
         self.llama = Llama(model.config, model.hf_config, model.norms(), backend, offload_attention_from)
 
     def prompt_ids(self, prompt: str, chat: bool = True, system: str | None = None) -> list[int]:
@@ -88,7 +89,8 @@ class Session:
         streamer = TextStream(self.model.tokenizer, on_text, stop)
         before = self.wire_snapshot()
         result = generate(self.llama, ids, max_new_tokens, self.model.eos_token_ids(), temperature, top_p, seed,
-                          on_token=streamer.push, top_k=top_k, repetition_penalty=repetition_penalty, cache=cache)  # fmt: skip
+                          on_token=streamer.push, top_k=top_k, repetition_penalty=repetition_penalty, cache=cache,
+                          prefill_chunk=self.prefill_chunk)  # fmt: skip
         result.text = streamer.finish()
         result.timings.update(self._wire_delta(before))
         result.timings["first_token_s_since_start"] = streamer.first_token_at - PROCESS_STARTED if streamer.first_token_at else 0.0
@@ -252,7 +254,8 @@ def connect(
     (default: on with otp); `precompute` fills the mask pool for that many tokens before the
     first request. `allow_broken` permits a shield the audit breaks (noise, seqmix), for research only.
     `dtype` is also the precision the runner expects: a server announcing a lower one is refused
-    unless `accept_lower_precision`. `shield_config`, when given, replaces those settings. `private_server`
+    unless `accept_lower_precision`. `shield_config`, when given, replaces those settings (and adds the
+    pool's budget and the prefill chunk). `private_server`
     hands over one already started (the CLI starts it before importing torch). `transport`
     (auto, zmq, shm) and `spin_us` choose how the hot ops travel (`RemoteBackend`).
     """
@@ -271,7 +274,7 @@ def connect(
     if local:
         loaded = load(folder)
         backend: Any = LinearWeights(loaded.weights, loaded.config.n_layers)
-        return Session(loaded, backend, offload_attention_from=offload_attention_from)
+        return Session(loaded, backend, offload_attention_from=offload_attention_from, prefill_chunk=shielding.prefill_chunk)
     server = private_server or (PrivateServer(folder, device, dtype, shielding, spin_us=spin_us) if endpoint is None else None)
     with closed_on_failure(server):
         if server is None:
@@ -290,7 +293,7 @@ def connect(
         except BaseException:
             remote.close()
             raise
-    return Session(loaded, backend, server, offload_attention_from)
+    return Session(loaded, backend, server, offload_attention_from, shielding.prefill_chunk)
 
 
 def _check_reachable(endpoint: str, timeout_s: float, curve_secret: Any, server_key: Any) -> None:

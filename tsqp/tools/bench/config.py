@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tsqp.shields.config import SHIELDS, ShieldConfig
+from tsqp.shields.config import POOL_MIB, PREFILL_CHUNK, SHIELDS, ShieldConfig
 from tsqp.wire.shm import DEFAULT_SPIN_US
 
 if TYPE_CHECKING:
@@ -43,6 +43,9 @@ class BenchConfig:
     dtype: str = "float32"
     transport: str = "auto"  # how the split modes' hot ops travel (RemoteBackend); the private server offers shm
     spin_us: float = DEFAULT_SPIN_US
+    precompute: bool = False  # fill the mask pool for the whole run before it starts; else masks are made during it
+    pool_mib: int = POOL_MIB
+    prefill_chunk: int = PREFILL_CHUNK  # every mode, local included
 
     @property
     def modes(self) -> list[str]:
@@ -50,7 +53,8 @@ class BenchConfig:
 
     def shield(self, mode: str) -> ShieldConfig:
         """The settings a split mode runs with (checked where the shield is made)."""
-        return ShieldConfig(mode, self.verify, allow_broken=True, precision=self.dtype)  # bench compares every shield, broken ones included
+        # bench compares every shield, broken ones included
+        return ShieldConfig(mode, self.verify, allow_broken=True, precision=self.dtype, pool_mib=self.pool_mib, prefill_chunk=self.prefill_chunk)
 
 
 Progress = Callable[[str, int, int], None]  # (description, runs done, runs in all)

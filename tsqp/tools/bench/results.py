@@ -22,7 +22,8 @@ class Run:
     bytes: float = 0.0
     mask_unmask_s: float = 0.0
     verify_s: float = 0.0
-    offline_s: float = 0.0  # mask pool for the whole run (prefill and decode), made before it starts
+    offline_s: float = 0.0  # mask pool for the whole run (prefill and decode), made before it or beside it
+    stall_s: float = 0.0  # online time the run's calls waited for masks (made them, or waited for the worker)
 
 
 @dataclass
@@ -52,6 +53,7 @@ class Result:
     bytes_per_token: float
     peak_rss_mib: dict[str, float | None]
     offline_s_per_token: float = 0.0  # mask pool precomputation (otp, noise), per token of prompt and answer
+    pool_peak_mib: float = 0.0  # the most the mask pool held at once (otp, noise)
     ratio_vs_local: float | None = None
     runs: list[Run] = field(default_factory=list)
 
@@ -106,7 +108,7 @@ class HttpLoadResult:
     offline_s: float = 0.0  # mask pool work during the round (masks made beforehand are not in it)
 
 
-def aggregate(mode: str, verify: bool, n: int, new_tokens: int, runs: list[Run], peak: dict[str, float | None]) -> Result:
+def aggregate(mode: str, verify: bool, n: int, new_tokens: int, runs: list[Run], peak: dict[str, float | None], pool_peak_mib: float = 0.0) -> Result:
     """Medians over runs; the breakdown is the median run's, scaled to add up to 1000 / median tokens/s.
 
     Medians of parts taken run by run need not add up to the median step on a noisy machine;
@@ -135,6 +137,7 @@ def aggregate(mode: str, verify: bool, n: int, new_tokens: int, runs: list[Run],
         bytes_per_token=statistics.median(r.bytes for r in runs),
         peak_rss_mib=peak,
         offline_s_per_token=statistics.median(r.offline_s for r in runs) / (n + new_tokens),
+        pool_peak_mib=pool_peak_mib,
         runs=runs,
     )
 

@@ -81,7 +81,8 @@ def _bench_local(config: BenchConfig, folder: Path, counter: ProgressCounter) ->
         if too_long > 0:
             raise TsqpError(f"prompt + new tokens exceed the model's {session.model.config.max_seq_len} positions by {too_long}")
         prompts = {n: prompt_ids(session.model.tokenizer, n, session.model.config.vocab_size) for n in config.prompt_tokens}
-        results = [_measure(config, "local", n, _tsqp_run(session, prompts[n]), counter) for n in config.prompt_tokens]
+        session.prefill_chunk = config.prefill_chunk
+        results = [_measure(config, "local", n, _tsqp_run(session, prompts[n], config.precompute), counter) for n in config.prompt_tokens]
     del session
     gc.collect()
     return results, prompts
@@ -100,9 +101,14 @@ def _bench_split(config: BenchConfig, folder: Path, prompts: dict[int, list[int]
         pid = server.process.pid if server is not None else None  # a remote server's memory is out of reach
         results = []
         for mode in config.shields:  # one connection; each shield wraps it in turn
-            shielded_session = Session(session.model, shielded(session.backend, session.model, config.shield(mode)))
-            results += [_measure(config, mode, n, _tsqp_run(shielded_session, prompts[n]), counter, server_pid=pid)
+            shielding = config.shield(mode)
+            backend = shielded(session.backend, session.model, shielding)
+            shielded_session = Session(session.model, backend, prefill_chunk=shielding.prefill_chunk)
+            results += [_measure(config, mode, n, _tsqp_run(shielded_session, prompts[n], config.precompute), counter, server_pid=pid,
+                                 pool=getattr(getattr(backend, "shield", None), "pool", None))
                         for n in config.prompt_tokens]  # fmt: skip
+            if backend is not session.backend:
+                backend.shield.close()  # its pool's worker; the connection stays for the next mode
     del session
     gc.collect()
     return results
@@ -125,11 +131,14 @@ def _bench_hf(config: BenchConfig, folder: Path, prompts: dict[int, list[int]], 
     return results
 
 
-def _measure(config: BenchConfig, mode: str, n: int, once: Callable[[int], Run], counter: ProgressCounter, server_pid: int | None = None) -> Result:
+def _measure(config: BenchConfig, mode: str, n: int, once: Callable[[int], Run], counter: ProgressCounter, server_pid: int | None = None,
+             pool: Any = None) -> Result:  # fmt: skip
     """Warm up, then `config.repeat` timed runs of one configuration."""
     for pid in ("self", server_pid):
         if pid is not None:
             reset_peak_rss(pid)
+    if pool is not None:
+        pool.peak_bytes = pool.nbytes()
     counter.show(f"{mode} · {n} prompt tokens · warm-up")
     once(2)  # first calls allocate caches and buffers; keep that out of the numbers
     runs = []
@@ -138,15 +147,20 @@ def _measure(config: BenchConfig, mode: str, n: int, once: Callable[[int], Run],
         runs.append(once(config.new_tokens))
         counter.done += 1
     peak = {"tee": peak_rss_mib("self"), "server": peak_rss_mib(server_pid) if server_pid is not None else None}
+    pool_mib = pool.peak_bytes / 2**20 if pool is not None else 0.0
+    if peak["tee"] is not None:
+        peak["tee_without_pool"] = peak["tee"] - pool_mib  # the pool's peak bytes taken out of the process's peak
     verify = config.shield(mode).verifies if mode in config.shields else False
-    return aggregate(mode, verify, n, config.new_tokens, runs, peak)
+    return aggregate(mode, verify, n, config.new_tokens, runs, peak, pool_mib)
 
 
-def _tsqp_run(session: Any, ids: list[int]) -> Callable[[int], Run]:
+def _tsqp_run(session: Any, ids: list[int], precompute: bool = False) -> Callable[[int], Run]:
     """One generation through the shared `generate` loop, wire counters split at the first token.
 
-    A shield's mask pool is filled for the whole run before it starts (the offline phase),
-    so the timed generation is the online phase alone.
+    A shield's masks are made during the run (by the pool's worker beside the calls, or by a
+    call that finds the pool short: online time), or with `precompute` the pool is filled for
+    the whole run (prompt and answer) before it starts, as every run was measured before the
+    pool had a worker. Offline time is what making them took, wherever.
     """
     from tsqp.tee.generation import generate
 
@@ -154,18 +168,18 @@ def _tsqp_run(session: Any, ids: list[int]) -> Callable[[int], Run]:
     shield = getattr(session.backend, "shield", None)
 
     def once(new_tokens: int) -> Run:
-        offline = 0.0
+        offline_before = stall_before = 0.0
         if shield is not None:
-            before = shield.times.offline_s
-            shield.prepare(len(ids) + new_tokens)
-            offline = shield.times.offline_s - before
+            offline_before, stall_before = shield.times.offline_s, shield.times.stall_s
+            if precompute:
+                shield.prepare(len(ids) + new_tokens)
         marks: list[dict[str, float]] = []
 
         def on_token(_: int) -> None:
             if not marks:  # the first token: the prefill is done, no decode forward yet
                 marks.append(_wire(stats))
 
-        result = generate(session.llama, ids, new_tokens, eos_ids=(), on_token=on_token)
+        result = generate(session.llama, ids, new_tokens, eos_ids=(), on_token=on_token, prefill_chunk=session.prefill_chunk)
         t, after = result.timings, _wire(stats)
         steps = t["decode_steps"]
         d = {k: (after[k] - marks[0][k]) / steps for k in after}
@@ -179,7 +193,8 @@ def _tsqp_run(session: Any, ids: list[int]) -> Callable[[int], Run]:
             bytes=d["bytes_sent"] + d["bytes_received"],
             mask_unmask_s=d["mask_s"] + d["unmask_s"],
             verify_s=d["verify_s"],
-            offline_s=offline,
+            offline_s=shield.times.offline_s - offline_before if shield is not None else 0.0,
+            stall_s=shield.times.stall_s - stall_before if shield is not None else 0.0,
         )
 
     return once
