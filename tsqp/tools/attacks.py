@@ -93,11 +93,11 @@ class _CapturingBackend:
     def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
         return self.weights.embed(token_ids)
 
-    def linear(self, layer: int, modules: Sequence[str], x: torch.Tensor) -> list[torch.Tensor]:
-        self.inputs[(layer, tuple(modules))] = x[:, -1]  # (C, K)
+    def linear(self, layer: int, modules: Sequence[str], x: torch.Tensor, groups: Sequence[int] | None = None) -> list[torch.Tensor]:
+        self.inputs[(layer, tuple(modules))] = x.reshape(-1, x.shape[-1])  # (C, K): each candidate feeds one token
         return self.weights.linear(layer, modules, x)
 
-    def lm_head(self, x: torch.Tensor) -> torch.Tensor:
+    def lm_head(self, x: torch.Tensor, groups: Sequence[int] | None = None) -> torch.Tensor:
         raise _Truncated
 
     def matmul(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
