@@ -192,7 +192,9 @@ def test_a_signal_to_run_tee_stops_its_server_and_removes_its_folder(sig: int, s
             time.sleep(0.02)
         assert servers, "run-tee started no private server"
         runner.send_signal(sig)
-        assert runner.wait(30) == status, runner.communicate()[1]  # unwound by its handler, not finished nor killed
+        # Unwound by its handler (130/143); for SIGINT a runner caught before Python's handler is in place
+        # (or after it is gone, at exit) dies by the signal itself, which shells report as 130 too.
+        assert runner.wait(30) in (status, -sig if sig == signal.SIGINT else status), runner.communicate()[1]
         assert all(wait_gone(pid, 10.0) for pid in servers)
         assert not list(tmp_path.glob("tsqp-*")), "the private server's temporary folder was left behind"
     finally:
