@@ -79,9 +79,10 @@ class Rotary:
             self.inv_freq, self.scaling = ROPE_INIT_FUNCTIONS[rope_type](hf_config)
 
     def __call__(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        freqs = positions[..., None].float() * self.inv_freq  # (B, T, hd/2)
-        emb = torch.cat((freqs, freqs), dim=-1)  # (B, T, hd)
-        return emb.cos() * self.scaling, emb.sin() * self.scaling
+        """positions (B, T) -> cos and signed sin (B, 1, T, hd), ready for `apply_rope` on every head."""
+        freqs = positions[..., None, :, None].float() * self.inv_freq  # (B, 1, T, hd/2)
+        cos, sin = freqs.cos() * self.scaling, freqs.sin() * self.scaling
+        return torch.cat((cos, cos), dim=-1), torch.cat((-sin, sin), dim=-1)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -90,14 +91,11 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return F.rms_norm(x, (x.shape[-1],), weight, eps)
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # x (B, H, T, hd); cos/sin (B, T, hd) -> broadcast over heads
-    return x * cos.unsqueeze(1) + rotate_half(x) * sin.unsqueeze(1)
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """transformers' x·cos + rotate_half(x)·sin, bit for bit, in 4 ops instead of 8 (each costs µs per decode call):
+    rotate_half(x) = (-x2, x1) and signed_sin = (-sin, sin), so rotate_half(x)·sin = roll(x)·signed_sin,
+    a sign moved between exact factors. x (B, H, T, hd); cos, signed_sin (B, 1, T, hd)."""
+    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * signed_sin
 
 
 def causal_mask(q_len: int, kv_len: int) -> torch.Tensor:
