@@ -28,7 +28,7 @@ from tsqp.tee.session import Session, shielded
 from tsqp.wire import protocol
 from tsqp.wire.client import RemoteBackend
 from tsqp.wire.protocol import Message
-from tsqp.wire.shm import Channel
+from tsqp.wire.shm import Channel, Spinner
 
 # --- tiny models ---------------------------------------------------------------------------
 
@@ -132,7 +132,7 @@ class ShmDealer:
             return
         channel.seq += 1
         channel.post(frames, channel.seq)
-        channel.wait(channel.seq, 0.0, time.monotonic() + REPLY_TIMEOUT_MS / 1000, lambda: None)
+        channel.wait(channel.seq, Spinner(0.0), time.monotonic() + REPLY_TIMEOUT_MS / 1000, lambda: None)
         frames = channel.read()
         if frames is not None:
             self.replies.append([bytes(f) for f in frames])  # the next request reuses the area
@@ -179,7 +179,7 @@ def call(sock: zmq.Socket, op: str, id: int, args: dict[str, Any] | None = None,
 
 
 def raw_header(op: str = "LINEAR", id: int = 5, args: dict[str, Any] | None = None, tensors: list[Any] | None = None) -> bytes:
-    return msgpack.packb({"v": [1, 0], "op": op, "id": id, "args": args or {}, "tensors": tensors or []}, use_bin_type=True)
+    return msgpack.packb({"v": list(protocol.VERSION), "op": op, "id": id, "args": args or {}, "tensors": tensors or []}, use_bin_type=True)
 
 
 def x_input(rows: int = 2, features: int = 64, seed: int = 0, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -192,8 +192,8 @@ def assert_valid_linear_works(sock: zmq.Socket, tiny: LoadedModel, id: int = 999
     r = call(sock, "LINEAR", id, {"layer": layer, "modules": ["q_proj", "k_proj", "v_proj"]}, [x])
     assert r.ok, r.error
     assert r.id == id
-    assert len(r.tensors) == 3
-    for name, y in zip(("q_proj", "k_proj", "v_proj"), r.tensors):
+    assert len(r.tensors) == 1
+    for name, y in zip(("q_proj", "k_proj", "v_proj"), r.tensors[0].split([64, 32, 32], dim=-1)):
         close(y, x @ tiny.weights[f"layers.{layer}.{name}"].T)
 
 

@@ -105,7 +105,7 @@ def hostile(rng: random.Random, id: int) -> tuple[list[Any], int | None]:
         try:
             packed = msgpack.packb(h, use_bin_type=True)
         except (OverflowError, TypeError):
-            packed = msgpack.packb({"v": [1, 0], "id": id}, use_bin_type=True)
+            packed = msgpack.packb({"v": list(protocol.VERSION), "id": id}, use_bin_type=True)
         return [packed, rng.randbytes(rng.randint(0, 8))], None
     if kind == 10:  # garbage token ids and operands
         if rng.random() < 0.5:

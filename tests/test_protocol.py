@@ -26,7 +26,7 @@ def make_tensor(dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
 
 
 def header(**fields: object) -> bytes:
-    base: dict[str, object] = {"v": [1, 0], "op": "LINEAR", "id": 7, "args": {}, "tensors": []}
+    base: dict[str, object] = {"v": list(protocol.VERSION), "op": "LINEAR", "id": 7, "args": {}, "tensors": []}
     base.update(fields)
     return msgpack.packb({k: v for k, v in base.items() if v is not _MISSING}, use_bin_type=True)
 
@@ -139,7 +139,8 @@ ONE_FLOAT = np.zeros(1, dtype=np.float32).tobytes()
         pytest.param([b""], Limits(), "msgpack", id="header-empty-bytes"),
         pytest.param([msgpack.packb([1, 2, 3])], Limits(), "map", id="header-a-list"),
         pytest.param([msgpack.packb("LINEAR")], Limits(), "map", id="header-a-string"),
-        pytest.param([header(v=[2, 0])], Limits(), "version", id="major-version-2"),
+        pytest.param([header(v=[protocol.VERSION[0] + 1, 0])], Limits(), "version", id="next-major-version"),
+        pytest.param([header(v=[1, 0])], Limits(), "version", id="major-version-1"),
         pytest.param([header(v=[0, 9])], Limits(), "version", id="major-version-0"),
         pytest.param([header(v=_MISSING)], Limits(), "version", id="version-missing"),
         pytest.param([header(v="1.0")], Limits(), "version", id="version-a-string"),
@@ -294,7 +295,7 @@ def test_header_is_msgpack() -> None:
 @pytest.mark.parametrize("proto", [0, 2, pickle.HIGHEST_PROTOCOL])
 def test_pickle_header_is_refused_and_never_run(proto: int) -> None:
     PICKLE_RAN.clear()
-    evil = pickle.dumps({"v": [1, 0], "op": "HELLO", "id": 1, "x": _Payload()}, protocol=proto)
+    evil = pickle.dumps({"v": list(protocol.VERSION), "op": "HELLO", "id": 1, "x": _Payload()}, protocol=proto)
     with pytest.raises(ProtocolError):
         decode([evil])
     with pytest.raises(ProtocolError):

@@ -38,9 +38,9 @@ def test_linear_qkv_fused(dealer: zmq.Socket, tiny: LoadedModel, layer: int) -> 
     r = call(dealer, "LINEAR", 1, {"layer": layer, "modules": ["q_proj", "k_proj", "v_proj"]}, [x])
     assert r.ok, r.error
     assert r.id == 1
-    assert [tuple(t.shape) for t in r.tensors] == [(5, 64), (5, 32), (5, 32)]
-    for name, y in zip(("q_proj", "k_proj", "v_proj"), r.tensors):
-        assert y.dtype == torch.float32
+    assert [tuple(t.shape) for t in r.tensors] == [(5, 128)]  # one tensor: q, k and v side by side
+    assert r.tensors[0].dtype == torch.float32
+    for name, y in zip(("q_proj", "k_proj", "v_proj"), r.tensors[0].split([64, 32, 32], dim=-1)):
         close(y, x @ tiny.weights[f"layers.{layer}.{name}"].T)
     assert isinstance(r.args.get("compute_s"), float)
 
@@ -49,10 +49,11 @@ def test_linear_gate_up_fused(dealer: zmq.Socket, tiny: LoadedModel) -> None:
     x = x_input(rows=3, seed=11)
     r = call(dealer, "LINEAR", 2, {"layer": 1, "modules": ["gate_proj", "up_proj"]}, [x])
     assert r.ok, r.error
-    assert len(r.tensors) == 2
-    close(r.tensors[0], x @ tiny.weights["layers.1.gate_proj"].T)
-    close(r.tensors[1], x @ tiny.weights["layers.1.up_proj"].T)
-    assert r.tensors[0].shape == (3, 160)
+    assert len(r.tensors) == 1
+    assert r.tensors[0].shape == (3, 320)
+    gate, up = r.tensors[0].split(160, dim=-1)
+    close(gate, x @ tiny.weights["layers.1.gate_proj"].T)
+    close(up, x @ tiny.weights["layers.1.up_proj"].T)
 
 
 @pytest.mark.parametrize(("module", "features"), [("o_proj", 64), ("down_proj", 160)])
@@ -166,7 +167,7 @@ def test_stats_count_calls_errors_and_malformed(dealer: zmq.Socket, tiny: Loaded
 
 BAD_REQUESTS: list[Any] = [
     pytest.param(lambda: [b"\x00\xc1\xff garbage \x93"], "msgpack", -1, id="garbage-header"),
-    pytest.param(lambda: [pickle.dumps({"v": [1, 0], "op": "HELLO", "id": 5})], "msgpack", -1, id="pickle-header"),
+    pytest.param(lambda: [pickle.dumps({"v": list(protocol.VERSION), "op": "HELLO", "id": 5})], "msgpack", -1, id="pickle-header"),
     pytest.param(lambda: [msgpack.packb(["LINEAR", 5])], "map", -1, id="header-not-map"),
     pytest.param(lambda: [msgpack.packb({"v": [9, 0], "op": "HELLO", "id": 5})], "version", 5, id="wrong-version"),
     pytest.param(lambda: [raw_header(op="SHUTDOWN")], "unknown op", 5, id="unknown-op"),

@@ -30,7 +30,7 @@ from tsqp.tee.private_server import PrivateServer
 from tsqp.tee.session import shielded
 from tsqp.wire import protocol
 from tsqp.wire.client import RemoteBackend
-from tsqp.wire.shm import MAX_FRAMES, Channel, check_private_folder
+from tsqp.wire.shm import MAX_FRAMES, Channel, Spinner, check_private_folder
 
 DEATH_REPORTED_WITHIN_S = 1.0  # the bound; both sides look every 0.2-0.25 s
 
@@ -121,7 +121,7 @@ def test_a_broken_frame_table_gets_an_error_reply_and_the_server_keeps_serving(t
         struct.pack_into(f"<II{MAX_FRAMES}Q", channel.buf, channel.request_area, *table)
         channel.seq += 1
         channel.post_seq(channel.seq)
-        channel.wait(channel.seq, 0.0, time.monotonic() + 5, lambda: None)
+        channel.wait(channel.seq, Spinner(0.0), time.monotonic() + 5, lambda: None)
         reply = protocol.decode(channel.read(), expect_reply=True)  # type: ignore[arg-type]
         assert not reply.ok and reply.id == -1
         assert str(reply.error).startswith("bad request: shared-memory message")

@@ -54,6 +54,11 @@ def max_reply_bytes(weights: Mapping[str, torch.Tensor], max_rows: int) -> int:
     return max_rows * max(w for name, w in widths.items() if name != "lm_head") * 8 + max(widths["lm_head"] * 8 * 64, 1 << 20)
 
 
+def split_modules(y: torch.Tensor, sizes: Sequence[int]) -> list[torch.Tensor]:
+    """A fused product (..., sum N_i) -> one (..., N_i) view per module."""
+    return list(y.split(list(sizes), dim=-1)) if len(sizes) > 1 else [y]
+
+
 class LinearWeights:
     """Embedding, projections and lm_head of one model, ready for products on one device."""
 
@@ -97,15 +102,15 @@ class LinearWeights:
 
     def linear(self, layer: int, modules: Sequence[str], x: torch.Tensor, groups: Sequence[int] | None = None) -> list[torch.Tensor]:
         """x (..., K) -> one (..., N_i) tensor per module, from a single fused product (rows are independent: `groups` changes nothing)."""
-        return self.group_product(self.check_linear(layer, modules), x)
+        key = self.check_linear(layer, modules)
+        return split_modules(self.group_product(key, x), self._groups[key][1])
 
-    def group_product(self, key: GroupKey, x: torch.Tensor) -> list[torch.Tensor]:
-        """`linear` for a key `check_linear` returned."""
-        fused, sizes = self._groups[key]
+    def group_product(self, key: GroupKey, x: torch.Tensor) -> torch.Tensor:
+        """The fused product for a key `check_linear` returned: x (..., K) -> (..., sum N_i), the modules side by side."""
+        fused, _ = self._groups[key]
         if x.shape[-1] != fused.shape[0]:
             raise ProtocolError(f"input has {x.shape[-1]} features, {key[1][0]} of layer {key[0]} expects {fused.shape[0]}")
-        y = self._product(x, fused)
-        return list(y.split(sizes, dim=-1)) if len(sizes) > 1 else [y]
+        return self._product(x, fused)
 
     def _product(self, x: torch.Tensor, w_t: torch.Tensor) -> torch.Tensor:
         if self._numpy_ok and x.dtype == torch.float32 and x.numel() == w_t.shape[0]:
@@ -156,10 +161,9 @@ class QuantizedWeights:
     def nbytes(self) -> int:
         return sum(w_q.nbytes for w_q, _, _ in self.groups.values())
 
-    def product_mod(self, key: GroupKey | str, x: torch.Tensor, p: int, limb_bits: int) -> list[torch.Tensor]:
-        """x (T, K) int64 in [0, p) -> one (T, N_i) int64 tensor per module: x·W_qᵀ mod p, exactly."""
-        w_q, _, sizes = self.groups[key]
+    def product_mod(self, key: GroupKey | str, x: torch.Tensor, p: int, limb_bits: int) -> torch.Tensor:
+        """x (T, K) int64 in [0, p) -> (T, sum N_i) int64, the modules side by side: x·W_qᵀ mod p, exactly."""
+        w_q, _, _ = self.groups[key]
         if x.shape[-1] != w_q.shape[0]:
             raise ProtocolError(f"input has {x.shape[-1]} features, {key} expects {w_q.shape[0]}")
-        y = fixedpoint.product_mod(x, w_q, p, limb_bits)
-        return list(y.split(sizes, dim=-1))
+        return fixedpoint.product_mod(x, w_q, p, limb_bits)

@@ -75,20 +75,19 @@ class LinearBatcher:
     def answer(self, batch: list[BatchedLinear]) -> list[Message]:
         """One product over the batch's rows, split back into one reply per request; raises if the product fails."""
         started = time.perf_counter()
-        outputs = self.handlers.weights.group_product(batch[0].group, torch.cat([b.rows for b in batch]))
-        results = [self.handlers.out(y, batch[0].msg.tensors[0].dtype) for y in outputs]
+        fused = self.handlers.weights.group_product(batch[0].group, torch.cat([b.rows for b in batch]))
+        result = self.handlers.out(fused, batch[0].msg.tensors[0].dtype)
         elapsed = time.perf_counter() - started
         n_rows = [b.rows.shape[0] for b in batch]
         self.stats.requests += len(batch)
         self.stats.batches += 1
         self.stats.batched_requests += len(batch)
         replies = []
-        pieces = zip(*(y.split(n_rows) for y in results))  # per request: one (rows, N_i) piece per module
-        for b, parts in zip(batch, pieces):
+        for b, part in zip(batch, result.split(n_rows)):  # per request: its (rows, sum N_i) piece
             # Each request is charged its share of the product, by rows, so compute_s still adds up.
             share = elapsed * (b.rows.shape[0] / sum(n_rows) if sum(n_rows) else 1 / len(batch))
             shape = b.msg.tensors[0].shape[:-1]
-            reply = protocol.reply(b.msg.id, {"compute_s": share}, [y.reshape(*shape, y.shape[-1]) for y in parts])
+            reply = protocol.reply(b.msg.id, {"compute_s": share}, [part.reshape(*shape, part.shape[-1])])
             self._count(b.msg, reply, share)
             replies.append(reply)
         return replies

@@ -21,7 +21,7 @@ import torch
 from tsqp.errors import ProtocolError
 from tsqp.model import fixedpoint
 from tsqp.model.config import WEIGHT_BITS_RANGE
-from tsqp.model.linear import CALL_GROUPS, GroupKey, LinearWeights, QuantizedWeights
+from tsqp.model.linear import CALL_GROUPS, GroupKey, LinearWeights, QuantizedWeights, output_widths
 from tsqp.model.loading import LoadedModel
 from tsqp.server.stats import ServerStats
 from tsqp.wire import protocol
@@ -95,6 +95,7 @@ class Handlers:
                 "dtype": self.dtype_name,
                 "ops": list(self.table),
                 "call_groups": [list(g) for g in CALL_GROUPS],
+                "widths": output_widths(self.model.weights),  # how a client splits a fused LINEAR reply
                 "limits": vars(self.limits),
             },
         )
@@ -111,8 +112,8 @@ class Handlers:
             return self._product_mod(msg, self.linear_group(msg))
         key, x = self.float_linear(msg)
         flat = x.reshape(-1, x.shape[-1])
-        outputs = self.chunked(flat.shape[0], 2.0 * x.shape[-1] * self.weights.out_features(key), lambda rows: self.weights.group_product(key, flat[rows]))
-        return protocol.reply(msg.id, tensors=[self.out(y.view(*x.shape[:-1], y.shape[-1]), x.dtype) for y in outputs])
+        (y,) = self.chunked(flat.shape[0], 2.0 * x.shape[-1] * self.weights.out_features(key), lambda rows: [self.weights.group_product(key, flat[rows])])
+        return protocol.reply(msg.id, tensors=[self.out(y.view(*x.shape[:-1], y.shape[-1]), x.dtype)])
 
     def _matmul(self, msg: Message) -> Message:
         a, b = (float_input(t) for t in msg.tensors)
@@ -170,8 +171,8 @@ class Handlers:
         if x.numel() and (int(x.min()) < 0 or int(x.max()) >= p):
             raise ProtocolError("otp input values must lie in [0, p)")
         # Chunked: the limbs' float64 temporaries stay a chunk's, not a multiple of the request's.
-        outputs = self.chunked(x.shape[0], flops_per_row, lambda rows: quantized.product_mod(key, x[rows], p, limb_bits))
-        return protocol.reply(msg.id, tensors=[y.cpu().contiguous() for y in outputs])
+        (y,) = self.chunked(x.shape[0], flops_per_row, lambda rows: [quantized.product_mod(key, x[rows], p, limb_bits)])
+        return protocol.reply(msg.id, tensors=[y.cpu().contiguous()])
 
     def quantized_weights(self, bits: int) -> QuantizedWeights:
         if self.quantized is None or self.quantized.bits != bits:

@@ -15,7 +15,7 @@ from typing import Any
 
 import zmq
 
-from tsqp.wire.shm import ATTACHED, DEFAULT_AREA_BYTES, DEFAULT_SPIN_US, Channel, check_private_folder
+from tsqp.wire.shm import ATTACHED, DEFAULT_AREA_BYTES, DEFAULT_SPIN_US, Channel, Spinner, check_private_folder
 
 log = logging.getLogger("tsqp.server")
 
@@ -28,7 +28,7 @@ class ShmHub:
                  spin_us: float = DEFAULT_SPIN_US) -> None:  # fmt: skip
         self.folder = check_private_folder(folder)
         self.area_bytes = area_bytes
-        self.spin_s = spin_us / 1e6
+        self.spinner = Spinner(spin_us / 1e6)
         self.channels: dict[str, Channel] = {}
         self.identities: dict[str, Any] = {}  # client key -> its ROUTER identity, for replies too large for its area
         self._private: dict[str, memoryview] = {}
@@ -57,13 +57,13 @@ class ShmHub:
         channel.busy = True  # until its reply is posted: the private buffer holds its frames
         return channel.read(self._private[key])  # type: ignore[return-value]  # a request area is never OVER_ZMQ
 
+    def _any_ready(self) -> bool:
+        return any(True for _ in self.ready())
+
     def wait(self, timeout_ms: int) -> bool:
         """Spin on the channels for the budget, then block on the socket and every doorbell."""
-        if self.spin_s > 0:
-            end = time.perf_counter() + self.spin_s
-            while time.perf_counter() < end:
-                if any(True for _ in self.ready()):
-                    return True
+        if self.spinner.wait_for(self._any_ready):
+            return True
         for channel in self.channels.values():
             channel.drain()
         if any(True for _ in self.ready()):

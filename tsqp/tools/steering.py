@@ -80,7 +80,7 @@ class LyingServer:
         p = args.get("p")
         if p is not None:  # exact shields: an integer product mod p
             key = "lm_head" if op == "LM_HEAD" else (args["layer"], tuple(args["modules"]))
-            outputs = self.quantized(args["weight_bits"]).product_mod(key, x, p, args["limb_bits"])
+            outputs = [self.quantized(args["weight_bits"]).product_mod(key, x, p, args["limb_bits"])]
         else:
             outputs = [self.weights.lm_head(x)] if op == "LM_HEAD" else self.weights.linear(args["layer"], args["modules"], x)
         if op == "LM_HEAD" and self.attack is not None:

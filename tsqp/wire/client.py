@@ -19,6 +19,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 import zmq
 import zmq.utils.monitor
@@ -28,7 +29,7 @@ from tsqp.wire import protocol
 from tsqp.wire.endpoints import CONNECT_TIMEOUT_S, HANDSHAKE_FAILED, check_endpoint, is_local_endpoint, new_socket
 from tsqp.wire.keys import ClientKeys, client_keys, set_client_keys
 from tsqp.wire.protocol import Message
-from tsqp.wire.shm import DEFAULT_SPIN_US, HOT_OPS, TRANSPORTS, Channel
+from tsqp.wire.shm import DEFAULT_SPIN_US, HOT_OPS, TRANSPORTS, Channel, Spinner
 
 DEFAULT_ENDPOINT = "tcp://127.0.0.1:5555"
 
@@ -85,7 +86,7 @@ class RemoteBackend:
         if transport not in TRANSPORTS:
             raise EndpointError(f"transport {transport!r} is not one of {', '.join(TRANSPORTS)}")
         self.transport = transport
-        self.spin_s = spin_us / 1e6
+        self.spinner = Spinner(spin_us / 1e6)
         self.shm: Channel | None = None
         self.curve: ClientKeys | None = client_keys(curve_secret, server_key)
         self.endpoint = endpoint
@@ -121,7 +122,18 @@ class RemoteBackend:
         return self.call("EMBED", {}, [token_ids.to(torch.int64)]).tensors[0]
 
     def linear(self, layer: int, modules: Sequence[str], x: torch.Tensor, groups: Sequence[int] | None = None) -> list[torch.Tensor]:
-        return self.call("LINEAR", {"layer": layer, "modules": list(modules)}, [x]).tensors
+        fused = self.call("LINEAR", {"layer": layer, "modules": list(modules)}, [x]).tensors[0]
+        if len(modules) == 1:
+            return [fused]
+        return list(fused.split([self._width(m) for m in modules], dim=-1))
+
+    def _width(self, module: str) -> int:
+        if module not in self.out_features and not self.info:
+            self.hello()  # a backend given no widths learns them from the server's HELLO
+        width = self.out_features.get(module)
+        if width is None:
+            raise ProtocolError(f"the server at {self.endpoint} did not say how wide {module}'s output is, so its fused reply cannot be split")
+        return width
 
     def lm_head(self, x: torch.Tensor, groups: Sequence[int] | None = None) -> torch.Tensor:
         return self.call("LM_HEAD", {}, [x]).tensors[0]
@@ -156,10 +168,19 @@ class RemoteBackend:
                 raise ModelMismatch(f"the server at {self.endpoint} holds a different model: {e}") from None
             raise
         self.info = reply.args
+        self._learn_widths(reply.args.get("widths"))
         if fingerprint is not None and reply.args.get("fingerprint") != fingerprint:
             raise ModelMismatch(f"the server at {self.endpoint} holds a different model (fingerprint {reply.args.get('fingerprint')}, ours {fingerprint})")
         self._open_shm(reply.args.get("shm"))
         return reply.args
+
+    def _learn_widths(self, widths: Any) -> None:
+        """Output widths the runner did not give (`out_features`), from the server's HELLO: for splitting, and checking, its replies."""
+        if not isinstance(widths, dict):
+            return
+        for name, width in widths.items():
+            if isinstance(name, str) and type(width) is int and width > 0:
+                self.out_features.setdefault(name, width)
 
     def _open_shm(self, offer: Any) -> None:
         if self.shm is not None:
@@ -193,9 +214,10 @@ class RemoteBackend:
         t0 = time.perf_counter()
         frames = protocol.encode(request)
         t1 = time.perf_counter()
-        self._watch_connection()  # events from before this call (a server restart in between) are not its concern
-        self._dropped = False
         shm = self.shm if self.shm is not None and op in HOT_OPS and self.shm.fits(frames) else None
+        if shm is None:  # (a shared-memory channel does not outlive a server restart: its peer's lock tells)
+            self._watch_connection()  # events from before this call (a server restart in between) are not its concern
+            self._dropped = False
         if shm is None:
             self.socket.send_multipart(frames, copy=False)
         deadline = time.monotonic() + (self.timeout_s if timeout_s is None else timeout_s)
@@ -252,7 +274,7 @@ class RemoteBackend:
                 raise MalformedReply(
                     f"the server's reply to {what}: tensor {i} has shape {list(t.shape)}, expected {[d if d is not None else 'N' for d in shape]}"
                 )
-            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            if t.is_floating_point() and not all_finite(t):
                 raise MalformedReply(f"the server's reply to {what}: tensor {i} holds NaN or infinite values")
 
     def _expected(self, request: Message) -> list[tuple[tuple[int | None, ...], torch.dtype]]:
@@ -261,8 +283,9 @@ class RemoteBackend:
         width = self.out_features.get
         if request.op == "EMBED":
             return [((*x.shape, width("embed")), torch.float32)]
-        if request.op == "LINEAR":
-            return [((*x.shape[:-1], width(m)), x.dtype) for m in request.args["modules"]]
+        if request.op == "LINEAR":  # one tensor: the modules' outputs side by side
+            widths = [width(m) for m in request.args["modules"]]
+            return [((*x.shape[:-1], None if None in widths else sum(w for w in widths if w is not None)), x.dtype)]
         if request.op == "LM_HEAD":
             return [((*x.shape[:-1], width("lm_head")), x.dtype)]
         b = request.tensors[1]  # MATMUL
@@ -272,7 +295,7 @@ class RemoteBackend:
         shm.seq += 1
         shm.post(frames, shm.seq)
         try:
-            shm.wait(shm.seq, self.spin_s, deadline, lambda: self._check_server(op))
+            shm.wait(shm.seq, self.spinner, deadline, lambda: self._check_server(op))
         except EndpointError:
             raise ServerUnavailable(f"the tsqp server at {self.endpoint} went away while answering {op}") from None
         except TimeoutError:
@@ -336,3 +359,10 @@ class RemoteBackend:
         self.socket.disable_monitor()
         self._monitor.close(linger=0)
         self.socket.close(linger=0)
+
+
+def all_finite(t: torch.Tensor) -> bool:
+    """No NaN or infinity in `t`. numpy's check costs 2 µs on a decode row, torch's 9 (the reply of every call runs it)."""
+    if t.dtype == torch.float32 or t.dtype == torch.float64:
+        return bool(np.isfinite(t.detach().numpy()).all())
+    return bool(torch.isfinite(t).all())

@@ -14,6 +14,10 @@ A message (request or reply) is a multipart ZeroMQ message:
                    tensors  [[dtype, shape]]    one entry per following frame
     frame 1..n   the raw bytes of each tensor, C order, sent and received without copies
 
+A LINEAR request names one call group (q|k|v, o, gate|up, down); its reply is one tensor, the
+modules' outputs side by side in the order asked (protocol 2: one frame to encode, copy, decode and
+check per call, not one per module). HELLO's reply gives each module's width for splitting it.
+
 Never pickle: a pickle from an untrusted peer is remote code execution. Everything
 read from the wire is validated in `decode`, in a fixed order, and a violation raises
 `ProtocolError` naming the field.
@@ -33,7 +37,7 @@ import torch
 from tsqp.errors import ProtocolError
 from tsqp.wire.endpoints import frame_buffer
 
-VERSION = (1, 0)
+VERSION = (2, 0)  # 2: a LINEAR reply is one tensor, the modules' outputs side by side
 VERSION_FIELD = list(VERSION)
 OPS = ("HELLO", "EMBED", "LINEAR", "MATMUL", "LM_HEAD", "STATS", "HEALTH")
 REPLY = "REPLY"

@@ -25,6 +25,9 @@ A side posts a message by writing its frames, then the seq, then one byte to its
 The waiting side spins on the seq for a short budget, then blocks on its doorbell: poll,
 drain, look at the seq again, so no wake-up is lost. Spinning trusts x86-64's store order
 (frames before seq); elsewhere the budget is 0 and the doorbell's syscalls order the memory.
+The budget adapts (`Spinner`): a spin pays only while the peer runs on a core of its own, so a
+side whose spins keep running out (a loaded machine, where it would take the peer's core) blocks
+at once, and tries spinning again now and then.
 """
 
 from __future__ import annotations
@@ -47,9 +50,10 @@ from tsqp.errors import EndpointError, ProtocolError
 HOT_OPS = frozenset(("EMBED", "LINEAR", "MATMUL", "LM_HEAD"))  # the ops whose bodies travel in shared memory
 TRANSPORTS = ("auto", "zmq", "shm")
 DEFAULT_AREA_BYTES = 16 << 20  # each way: a 512-token SmolLM2 prefill's largest message fits
-# Spinning pays only when each side has a core of its own: on 2 cores a spinning side takes
-# the core the other one computes on, and measured slower there (docs/benchmarks.md).
-DEFAULT_SPIN_US = 50.0 if (os.cpu_count() or 1) >= 4 else 0.0
+# Long enough to cover a decode call's products on a CPU server (0.1-0.4 ms for SmolLM2), so both
+# wake-ups of a round trip go; on an idle 2-core machine it took a plain decode step from 100 to
+# 74 ms. Where the peer shares our core, `Spinner` stops spinning (docs/benchmarks.md).
+DEFAULT_SPIN_US = 1000.0
 SPIN_ALLOWED = platform.machine().lower() in ("x86_64", "amd64")
 
 CONTROL = 64
@@ -61,6 +65,64 @@ ALIGN = 64
 OVER_ZMQ = 0xFFFFFFFF
 SEQ = struct.Struct("<Q")
 BLOCK_SLICE_S = 0.2  # a blocked wait looks at the peer's liveness this often
+
+
+class Spinner:
+    """How long one side spins before it blocks: `budget_s`, unless spinning would hurt.
+
+    A spin pays only while the peer runs on a core of its own. So it stops (the side blocks at once)
+    while the machine has more runnable tasks than cores (`crowded`: a spinning side would take the
+    core the peer needs; measured 4.9 tok/s spinning against 9.3 blocking with two busy processes on
+    2 cores), or while most recent spins ran out (a peer slower than the budget). Both are looked at
+    again every `RECHECK_EVERY` waits.
+    """
+
+    RECHECK_EVERY = 32
+    WEIGHT = 1 / 8  # of the latest outcome in the moving share of spins that ran out
+
+    def __init__(self, budget_s: float) -> None:
+        self.budget_s = budget_s if SPIN_ALLOWED else 0.0
+        self.ran_out = 0.0  # moving share of recent spins that ended without the message
+        self.crowded = False
+        self._waits = 0
+
+    def budget(self) -> float:
+        """The spin budget for the next wait."""
+        if self.budget_s <= 0:
+            return 0.0
+        self._waits += 1
+        if self._waits >= self.RECHECK_EVERY:
+            self._waits = 0
+            self.crowded = machine_crowded()
+            if not self.crowded and self.ran_out > 0.5:
+                return self.budget_s  # a probe: is the peer quick again?
+        return 0.0 if self.crowded or self.ran_out > 0.5 else self.budget_s
+
+    def wait_for(self, ready: Callable[[], bool]) -> bool:
+        """Spin until `ready()` or the budget runs out; True if it became ready."""
+        budget = self.budget()
+        if budget <= 0:
+            return False
+        end = time.perf_counter() + budget
+        while not ready():
+            if time.perf_counter() > end:
+                self.ran_out += (1.0 - self.ran_out) * self.WEIGHT
+                return False
+        self.ran_out -= self.ran_out * self.WEIGHT
+        return True
+
+
+USABLE_CPUS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def machine_crowded() -> bool:
+    """More tasks runnable right now than this process may use cores (Linux's /proc/loadavg; elsewhere False)."""
+    try:
+        with open("/proc/loadavg", "rb") as f:
+            running = int(f.read().split()[3].split(b"/")[0])
+    except (OSError, ValueError, IndexError):
+        return False
+    return running > USABLE_CPUS
 
 
 def _aligned(n: int) -> int:
@@ -213,21 +275,15 @@ class Channel:
 
     # --- waiting ------------------------------------------------------------
 
-    def spin(self, seq: int, spin_s: float) -> bool:
-        """True once the peer posts `seq`, spinning at most `spin_s` (0 where spinning is not safe)."""
-        if not SPIN_ALLOWED or spin_s <= 0:
-            return False
+    def posted(self, seq: int) -> Callable[[], bool]:
+        """A cheap test, for spinning, of whether the peer has posted `seq`."""
         unpack, buf, offset = SEQ.unpack_from, self.buf, REQUEST_SEQ if self.server else REPLY_SEQ
-        end = time.perf_counter() + spin_s
-        while unpack(buf, offset)[0] != seq:
-            if time.perf_counter() > end:
-                return False
-        return True
+        return lambda: unpack(buf, offset)[0] == seq
 
-    def wait(self, seq: int, spin_s: float, deadline: float, on_idle: Callable[[], None]) -> None:
-        """Until the peer posts `seq`: spin, then block on the doorbell; `on_idle` runs between
-        blocked slices (it raises to give up), and a dead peer or the deadline raise `EndpointError`."""
-        if self.spin(seq, spin_s):
+    def wait(self, seq: int, spinner: Spinner, deadline: float, on_idle: Callable[[], None]) -> None:
+        """Until the peer posts `seq`: spin (as `spinner` says), then block on the doorbell; `on_idle` runs
+        between blocked slices (it raises to give up), and a dead peer or the deadline raise `EndpointError`."""
+        if spinner.wait_for(self.posted(seq)):
             return
         while True:
             if self._poller.poll(BLOCK_SLICE_S * 1000):
