@@ -136,7 +136,10 @@ def product_mod(x: torch.Tensor, w_q: torch.Tensor, p: int, limb_bits: int) -> t
     low = (1 << limb_bits) - 1
     limbs = torch.cat([(x >> (j * limb_bits)) & low for j in range(n_limbs)]).to(torch.float64)  # (n_limbs·T, K), least significant first
     out = torch.empty(x.shape[0], w_q.shape[1], dtype=torch.int64, device=w_q.device)
-    for start, end in block_ranges(w_q.shape[1], max(w_q.shape[0], limbs.shape[0])):
+    # Blocks bound the float64 memory: a widened block of compact weights, or else just the block's products
+    # (the server's float64 weights are sliced without a copy: a decode call is then one block, one product).
+    width = max(w_q.shape[0], limbs.shape[0]) if w_q.dtype != torch.float64 else limbs.shape[0]
+    for start, end in block_ranges(w_q.shape[1], width):
         w = w_q[:, start:end].to(torch.float64)  # a view when w_q is float64 already
         parts = torch.remainder((limbs @ w).to(torch.int64), p).view(n_limbs, x.shape[0], -1)
         acc = parts[-1]
