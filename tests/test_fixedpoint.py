@@ -27,6 +27,25 @@ def test_product_mod_is_exact_for_extreme_inputs() -> None:
     assert got.tolist() == expected
 
 
+@pytest.mark.parametrize("rows", [1, 2, 40], ids=lambda n: f"{n}-rows")
+def test_float32_weights_give_the_exact_product_on_narrow_limbs_and_wide_ones(rows: int) -> None:
+    """The server's float32 W_q: decode rows on float32 limbs, more rows on float64 ones; both exact at the extremes."""
+    p, limb_bits = fixedpoint.previous_prime(1 << 40), 20
+    gen = torch.Generator().manual_seed(1)
+    w = torch.randint(-2047, 2048, (96, 40), generator=gen, dtype=torch.int64)
+    w[:, 0] = 2047  # one column of the largest row L1: float32 partial sums reach their bound
+    l1 = fixedpoint.max_row_l1(w.double())
+    narrow = fixedpoint.float32_limb_bits(l1)
+    assert l1 * ((1 << narrow) - 1) < 1 << 24 <= l1 * ((1 << (narrow + 1)) - 1)  # the widest exact limbs
+    x = torch.randint(0, p, (rows, 96), generator=gen, dtype=torch.int64)
+    x[0] = p - 1
+    narrow_path = rows * -(-p.bit_length() // narrow) <= fixedpoint.FLOAT32_LIMB_ROWS
+    assert narrow_path == (rows < 40)
+    got = fixedpoint.product_mod(x, w.float(), p, limb_bits, l1)
+    expected = [[sum(int(a) * int(b) for a, b in zip(row, col)) % p for col in w.t().tolist()] for row in x.tolist()]
+    assert got.tolist() == expected
+
+
 @pytest.mark.parametrize("dtype", [torch.int8, torch.int16], ids=str)
 def test_compact_weights_widened_block_by_block_give_the_same_products(dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch) -> None:
     """The TEE's compact W_q, widened a few columns (or rows) at a time, gives float64 W_q's exact results."""

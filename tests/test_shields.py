@@ -18,6 +18,7 @@ from helpers import RunningServer, make_tiny_model, shielded_session, start_serv
 from tsqp.errors import IntegrityError, ShieldError
 from tsqp.model.linear import LinearWeights
 from tsqp.model.loading import LoadedModel, load
+from tsqp.server import handlers
 from tsqp.server.recording import read_recording
 from tsqp.shields.backend import ShieldedBackend, describe
 from tsqp.shields.config import SHIELDS, ShieldConfig
@@ -65,6 +66,22 @@ def test_otp_unmasks_to_the_exact_integer_product(tiny: LoadedModel, server: Run
     exact = x @ torch.cat([tiny.weights[f"layers.1.{m}"] for m in site[1]]).t()
     assert (y - exact).abs().max() < 1e-2 * exact.abs().max()  # fixed point: close to the float product
     session.close()
+
+
+@pytest.mark.parametrize("room", [1 << 40, 0], ids=["float64", "float32"])
+def test_otp_is_exact_whichever_way_the_server_holds_its_integers(tiny: LoadedModel, room: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The server holds W_q in float64 where memory allows, else in float32 (decode rows on narrow float32 limbs,
+    prefill chunks widened to float64); either way every result is the exact product: tokens equal `local`'s."""
+    monkeypatch.setattr(handlers, "free_memory", lambda device: room)
+    running = start_server(tiny)
+    try:
+        session = shielded_session(tiny, running.endpoint, "otp", verify=True)
+        assert generate(session.llama, PROMPT, 6).token_ids == local_tokens(tiny, PROMPT, 6)
+        session.close()
+        held = running.server.handlers.quantized
+        assert held is not None and held.groups["lm_head"][0].dtype == (torch.float64 if room else torch.float32)
+    finally:
+        running.close()
 
 
 # --- every shield generates the reference answer --------------------------------------------

@@ -28,7 +28,7 @@ from tsqp.tee.generation import generate
 from tsqp.tee.llama import Llama
 from tsqp.tee.private_server import PrivateServer
 from tsqp.tee.session import shielded
-from tsqp.wire import protocol
+from tsqp.wire import protocol, shm
 from tsqp.wire.client import RemoteBackend
 from tsqp.wire.shm import MAX_FRAMES, Channel, Spinner, check_private_folder
 
@@ -238,3 +238,43 @@ def test_a_killed_server_leaves_no_segment_and_the_client_notices_within_a_secon
         backend.close()
     finally:
         server.close()
+
+
+# --- spinning ---------------------------------------------------------------------------------
+
+
+def test_the_spinner_spins_on_an_idle_machine_and_blocks_on_a_crowded_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A spin pays only while the peer has a core of its own: on a crowded machine both sides block at once."""
+    crowded = False
+    monkeypatch.setattr(shm, "machine_crowded", lambda: crowded)
+    monkeypatch.setattr(shm, "SPIN_ALLOWED", True)
+    spinner = shm.Spinner(0.5)
+    assert spinner.wait_for(lambda: True) and spinner.budget() == 0.5  # idle: it spins, and the message came
+    crowded = True
+    budgets = [spinner.budget() for _ in range(2 * shm.Spinner.RECHECK_EVERY)]
+    assert budgets[-1] == 0.0 and budgets.count(0.0) >= shm.Spinner.RECHECK_EVERY  # looked again within RECHECK_EVERY waits
+    started = time.perf_counter()
+    assert not spinner.wait_for(lambda: False)  # blocks at once: no 0.5 s spin
+    assert time.perf_counter() - started < 0.05
+    crowded = False
+    assert shm.Spinner.RECHECK_EVERY >= [spinner.budget() for _ in range(shm.Spinner.RECHECK_EVERY)].index(0.5) >= 0
+
+
+def test_the_spinner_stops_spinning_while_its_spins_run_out(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A peer slower than the budget: spinning wastes a core, so the side blocks, probing every RECHECK_EVERY waits."""
+    monkeypatch.setattr(shm, "machine_crowded", lambda: False)
+    monkeypatch.setattr(shm, "SPIN_ALLOWED", True)
+    spinner = shm.Spinner(0.001)
+    while spinner.ran_out <= 0.5:
+        assert spinner.budget() == 0.001
+        assert not spinner.wait_for(lambda: False)
+    budgets = [spinner.budget() for _ in range(shm.Spinner.RECHECK_EVERY)]
+    assert budgets.count(0.0) == shm.Spinner.RECHECK_EVERY - 1 and budgets.count(0.001) == 1  # one probe
+    while spinner.ran_out > 0.5:  # probes that see the message in time bring the spinning back
+        spinner.wait_for(lambda: True)
+    assert spinner.budget() == 0.001
+
+
+def test_spinning_is_off_where_the_store_order_is_not_guaranteed(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(shm, "SPIN_ALLOWED", False)
+    assert shm.Spinner(0.5).budget() == 0.0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import dataclasses
+import gc
 import os
 import shutil
 import signal
@@ -157,12 +158,13 @@ def serve_gpu(
                             fault_seed=fault_seed, otp_weight_bits=otp_weight_bits, shm_folder=shm_dir, spin_us=spin_us)  # fmt: skip
         except ValueError as e:
             fail(str(e))
+    fingerprint = loaded.fingerprint
+    del loaded  # the server keeps its own copies (and, under float32, needs nothing else of the model's weights)
+    gc.collect()
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    print(
-        f"{READY} on {server.endpoint} (device {server.device}, {dtype.value}, model {loaded.fingerprint[:12]}, {'CURVE' if curve else 'no keys'})", flush=True
-    )
+    print(f"{READY} on {server.endpoint} (device {server.device}, {dtype.value}, model {fingerprint[:12]}, {'CURVE' if curve else 'no keys'})", flush=True)
     try:
         server.serve_forever(stop)  # the stop flag is checked between calls: the call in flight is answered
     finally:

@@ -33,6 +33,9 @@ MAX_LIMBS = 4
 # The most bytes of float64 one step of a product widens or makes at once: compact weights are
 # widened block by block, so the TEE's working memory stays this size whatever the model.
 BLOCK_BYTES = 4 << 20
+# The most limb rows a product takes on float32's narrow limbs: beyond, products are compute-bound,
+# and fewer, wider float64 limbs cost less than the conversion of a weight block.
+FLOAT32_LIMB_ROWS = 64
 
 
 @dataclass(frozen=True)
@@ -123,30 +126,58 @@ def check_product_exact(l1: int, p: int, limb_bits: int) -> None:
         raise ValueError(f"p={p} with {limb_bits}-bit limbs needs more than {MAX_LIMBS} limbs")
 
 
-def product_mod(x: torch.Tensor, w_q: torch.Tensor, p: int, limb_bits: int) -> torch.Tensor:
+def product_mod(x: torch.Tensor, w_q: torch.Tensor, p: int, limb_bits: int, l1: int | None = None) -> torch.Tensor:
     """x (T, K) int64 in [0, p) @ w_q (K, N) integers -> (T, N) int64 in [0, p), exactly.
 
-    Runs on w_q's device. The limbs are stacked into one product, so the weights are read
-    once (decode is memory-bound); then combined by Horner's rule from the most significant.
-    w_q may be float64 (the server's: sliced without a copy) or a compact integer type (the
-    TEE's), widened to float64 one block of columns at a time.
+    Runs on w_q's device. x is split into limbs, stacked into one product so that the weights are
+    read once, and the limb products are combined by Horner's rule from the most significant.
+    - float32 w_q (the server's) with its max row L1 `l1`, for few rows (decode): limbs narrow enough
+      for float32 (`float32_limb_bits`), no copy of the weights. Decode is memory-bound, so reading
+      4 bytes a weight instead of 8 is what counts; the extra limbs ride along in the same pass.
+    - otherwise float64 limbs of `limb_bits`, w_q widened to float64 one block of columns at a time
+      (compact integers, the TEE's; or float32), or sliced without a copy when it is float64.
     """
     x = x.to(w_q.device)
-    n_limbs = -(-p.bit_length() // limb_bits)
-    low = (1 << limb_bits) - 1
-    limbs = torch.cat([(x >> (j * limb_bits)) & low for j in range(n_limbs)]).to(torch.float64)  # (n_limbs·T, K), least significant first
+    # Never wider than `limb_bits`, which `check_product_exact` keeps within Horner's int64 bound.
+    narrow = min(float32_limb_bits(l1), limb_bits) if l1 is not None and w_q.dtype == torch.float32 else 0
+    if narrow > 0 and x.shape[0] * -(-p.bit_length() // narrow) <= FLOAT32_LIMB_ROWS:
+        return _horner(_limbs(x, narrow, p, torch.float32) @ w_q, x.shape[0], p, narrow)
+    limbs = _limbs(x, limb_bits, p, torch.float64)
     out = torch.empty(x.shape[0], w_q.shape[1], dtype=torch.int64, device=w_q.device)
-    # Blocks bound the float64 memory: a widened block of compact weights, or else just the block's products
-    # (the server's float64 weights are sliced without a copy: a decode call is then one block, one product).
+    # Blocks bound the float64 memory: a widened block of the weights, or else just the block's products.
     width = max(w_q.shape[0], limbs.shape[0]) if w_q.dtype != torch.float64 else limbs.shape[0]
     for start, end in block_ranges(w_q.shape[1], width):
         w = w_q[:, start:end].to(torch.float64)  # a view when w_q is float64 already
-        parts = torch.remainder((limbs @ w).to(torch.int64), p).view(n_limbs, x.shape[0], -1)
-        acc = parts[-1]
-        for j in reversed(range(n_limbs - 1)):
-            acc = torch.remainder(acc * (1 << limb_bits) + parts[j], p)
-        out[:, start:end] = acc
+        out[:, start:end] = _horner(limbs @ w, x.shape[0], p, limb_bits)
     return out
+
+
+def float32_limb_bits(l1: int) -> int:
+    """The widest limbs whose products with weights of max row L1 `l1` stay exact in float32 (0: none)."""
+    return max(((1 << 24) - 1) // max(l1, 1), 0).bit_length() - 1
+
+
+def _limbs(x: torch.Tensor, bits: int, p: int, dtype: torch.dtype) -> torch.Tensor:
+    """x (T, K) int64 in [0, p) -> its `bits`-bit limbs stacked (n·T, K), least significant first (a few ops for any n)."""
+    shifts = torch.arange(0, p.bit_length(), bits, device=x.device)[:, None, None]
+    return ((x[None] >> shifts) & ((1 << bits) - 1)).view(-1, x.shape[-1]).to(dtype)
+
+
+def _horner(products: torch.Tensor, rows: int, p: int, bits: int) -> torch.Tensor:
+    """Limb products (n·T, N), exact integers as floats -> Σ_j products_j · 2^(bits·j) mod p, (T, N) int64.
+
+    Products below 2²⁴ (float32's) whose weighted sum stays below 2⁶³ are summed at once, with one
+    reduction; wider ones (float64's) by Horner's rule, reducing after each limb."""
+    parts = products.to(torch.int64).view(-1, rows, products.shape[-1])
+    n = parts.shape[0]
+    if products.dtype == torch.float32 and 24 + 1 + bits * (n - 1) < 63:
+        scales = torch.tensor([1 << (bits * j) for j in range(n)], device=parts.device)[:, None, None]
+        return torch.remainder((parts * scales).sum(0), p)
+    parts = torch.remainder(parts, p)
+    acc = parts[-1]
+    for j in reversed(range(n - 1)):
+        acc = torch.remainder(acc * (1 << bits) + parts[j], p)
+    return acc
 
 
 def block_ranges(n: int, width: int) -> list[tuple[int, int]]:

@@ -92,6 +92,12 @@ class LinearWeights:
         groups = [list(g) for g in CALL_GROUPS]
         raise ProtocolError(f"modules {list(modules)} are not one call group; use one of {groups}")
 
+    def sites(self) -> Iterator[tuple[GroupKey | str, torch.Tensor, list[int]]]:
+        """`product_sites` of these copies: every fused W_t (K, sum N_i), then the lm_head's."""
+        for key, (w_t, sizes) in self._groups.items():
+            yield key, w_t, sizes
+        yield "lm_head", self.lm_head_t, [self.lm_head_t.shape[1]]
+
     def out_features(self, key: GroupKey) -> int:
         """Total outputs of a checked group."""
         return sum(self._groups[key][1])
@@ -140,17 +146,20 @@ class LinearWeights:
 class QuantizedWeights:
     """The same matrices as integers, quantized per output row (`otp`): W_q (K, N) and its scales.
 
-    The server keeps them in float64 on its device: its exact products run in float64, and
-    converting per call would cost a weight pass. The TEE keeps them compact (`dtype` int8 or
-    int16, `fixedpoint.compact_dtype`): its offline products widen a block at a time.
+    From the model's weights, or from a float32 `LinearWeights` (the same numbers: the server's copies).
+    The server keeps them in float32 on its device (`dtype`; exact, as they have at most 16 bits): a
+    decode call's product runs in float32 on narrow limbs, a prefill chunk's in float64 a block at a time
+    (`fixedpoint.product_mod`). The TEE keeps them compact (int8 or int16, `fixedpoint.compact_dtype`):
+    its offline products widen a block at a time.
     """
 
-    def __init__(self, weights: Mapping[str, torch.Tensor], n_layers: int, bits: int,
+    def __init__(self, weights: Mapping[str, torch.Tensor] | LinearWeights, n_layers: int, bits: int,
                  device: str | torch.device = "cpu", dtype: torch.dtype = torch.float64) -> None:  # fmt: skip
         self.bits = bits
         self.groups: dict[GroupKey | str, tuple[torch.Tensor, torch.Tensor, list[int]]] = {}  # -> (W_q_t, scale (1, N), sizes)
         self.l1 = 0
-        for key, w_t, sizes in product_sites(weights, n_layers):
+        sites = weights.sites() if isinstance(weights, LinearWeights) else product_sites(weights, n_layers)
+        for key, w_t, sizes in sites:
             # Per output row of W (N, K), kept in that layout: W_q_t is its transposed view, which BLAS
             # reads as it is (a contiguous (K, N) copy would cost a second pass over the weights).
             w_q, scale, l1 = fixedpoint.quantize_matrix(w_t.t(), bits, dtype, device)  # (N, K), scale (N, 1)
@@ -166,4 +175,4 @@ class QuantizedWeights:
         w_q, _, _ = self.groups[key]
         if x.shape[-1] != w_q.shape[0]:
             raise ProtocolError(f"input has {x.shape[-1]} features, {key} expects {w_q.shape[0]}")
-        return fixedpoint.product_mod(x, w_q, p, limb_bits)
+        return fixedpoint.product_mod(x, w_q, p, limb_bits, self.l1)

@@ -37,7 +37,10 @@ class Handlers:
     """What the server computes, op by op, on its copy of the linear weights."""
 
     def __init__(self, model: LoadedModel, weights: LinearWeights, dtype_name: str, limits: Limits, stats: ServerStats) -> None:
-        self.model = model
+        self.fingerprint, self.config, self.widths = model.fingerprint, model.config, output_widths(model.weights)
+        # Where otp's integers come from. Float32 copies hold the model's own numbers, so the model's
+        # weights need not stay in memory (the caller may drop them: a GiB per 250M weights).
+        self._source: LinearWeights | dict[str, torch.Tensor] = weights if weights.dtype == torch.float32 else model.weights
         self.weights = weights
         self.dtype_name = dtype_name
         self.limits = limits
@@ -83,19 +86,19 @@ class Handlers:
 
     def _hello(self, msg: Message) -> Message:
         theirs = msg.args.get("fingerprint")
-        if theirs is not None and theirs != self.model.fingerprint:
-            raise ProtocolError(f"model fingerprint {theirs} does not match the server's {self.model.fingerprint}")
+        if theirs is not None and theirs != self.fingerprint:
+            raise ProtocolError(f"model fingerprint {theirs} does not match the server's {self.fingerprint}")
         return protocol.reply(
             msg.id,
             {
                 "protocol": list(protocol.VERSION),
-                "fingerprint": self.model.fingerprint,
-                "config": vars(self.model.config),
+                "fingerprint": self.fingerprint,
+                "config": vars(self.config),
                 "device": str(self.weights.device),
                 "dtype": self.dtype_name,
                 "ops": list(self.table),
                 "call_groups": [list(g) for g in CALL_GROUPS],
-                "widths": output_widths(self.model.weights),  # how a client splits a fused LINEAR reply
+                "widths": self.widths,  # how a client splits a fused LINEAR reply
                 "limits": vars(self.limits),
             },
         )
@@ -177,8 +180,9 @@ class Handlers:
     def quantized_weights(self, bits: int) -> QuantizedWeights:
         if self.quantized is None or self.quantized.bits != bits:
             self.quantized = None  # one width at a time: free the old copy first
-            log.info("quantizing the weights to %d bits for otp requests", bits)
-            self.quantized = QuantizedWeights(self.model.weights, self.model.config.n_layers, bits, self.weights.device)
+            dtype = quantized_dtype(sum(w_t.numel() for _, w_t, _ in self.weights.sites()), self.weights.device)
+            log.info("quantizing the weights to %d bits for otp requests, held in %s", bits, dtype)
+            self.quantized = QuantizedWeights(self._source, self.config.n_layers, bits, self.weights.device, dtype)
         return self.quantized
 
     def _stats(self, msg: Message) -> Message:
@@ -188,7 +192,7 @@ class Handlers:
         """Liveness: cheap, no tensors."""
         return protocol.reply(
             msg.id,
-            {"status": "ok", "uptime_s": time.monotonic() - self.started, "requests": self.stats.requests, "fingerprint": self.model.fingerprint},
+            {"status": "ok", "uptime_s": time.monotonic() - self.started, "requests": self.stats.requests, "fingerprint": self.fingerprint},
         )
 
     def chunked(self, n_rows: int, flops_per_row: float, compute: Callable[[slice], list[torch.Tensor]], axis: int = 0) -> list[torch.Tensor]:
@@ -234,6 +238,28 @@ class Handlers:
         if y.dtype == dtype and not y.is_cuda:  # the common CPU case: no op at all (each costs µs per call)
             return y
         return y.to(dtype).cpu()
+
+
+def quantized_dtype(n_weights: int, device: torch.device) -> torch.dtype:
+    """How the server holds otp's W_q: float64 where that copy takes at most half the free memory, else float32.
+
+    Both are exact. A float64 W_q computes a decode row on two limbs; on a 2-core CPU that was faster
+    than float32's nine narrow ones (176 against 199 ms per SmolLM2 token), which halve the memory (a
+    1B model's W_q: 5 GiB instead of 10) and read half the bytes, where a device has cores to spare.
+    """
+    return torch.float64 if 8 * n_weights <= free_memory(device) // 2 else torch.float32
+
+
+def free_memory(device: torch.device) -> int:
+    """Bytes free on `device`: CUDA's free memory, or the host's available memory (Linux), else unbounded."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            fields = dict(line.split(":", 1) for line in f)
+        return int(fields["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return 1 << 62
 
 
 def rows_of(x: torch.Tensor) -> int:
