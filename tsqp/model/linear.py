@@ -25,6 +25,10 @@ CALL_GROUPS = FUSED_GROUPS + (("o_proj",), ("down_proj",))
 
 
 GroupKey = tuple[int, tuple[str, ...]]
+# The largest matrix a one-row product reads through numpy (one thread) rather than torch (all of its
+# threads), unless the process shares its cores. 2 cores, one row: 576x960 numpy 141 µs / torch 204;
+# 576x1536 224 / 175; 2048x3072 1561 / 929.
+NUMPY_MAX_WEIGHTS = 3 << 18
 
 
 def fused_groups(weights: Mapping[str, torch.Tensor], n_layers: int) -> Iterator[tuple[GroupKey, torch.Tensor, list[int]]]:
@@ -68,8 +72,12 @@ class LinearWeights:
         n_layers: int,
         device: str | torch.device = "cpu",
         dtype: torch.dtype = torch.float32,
+        shares_cores: bool = False,
     ) -> None:
+        """`shares_cores`: a busy peer on this host takes the other cores (a server beside its runner), so
+        one-row products keep to one thread; otherwise large ones use torch's threads (all-in-TEE `local`)."""
         self.n_layers = n_layers
+        self.shares_cores = shares_cores
         self.device = torch.device(device)
         self.dtype = dtype
         self._numpy_ok = self.device.type == "cpu" and dtype == torch.float32
@@ -119,9 +127,11 @@ class LinearWeights:
         return self._product(x, fused)
 
     def _product(self, x: torch.Tensor, w_t: torch.Tensor) -> torch.Tensor:
-        if self._numpy_ok and x.dtype == torch.float32 and x.numel() == w_t.shape[0]:
-            # One decode row on CPU: numpy's BLAS call skips torch's dispatch, the larger cost
-            # of so small a product. From 2 rows torch's kernel is the faster (docs/benchmarks.md).
+        if self._numpy_ok and x.dtype == torch.float32 and x.numel() == w_t.shape[0] and (self.shares_cores or w_t.numel() <= NUMPY_MAX_WEIGHTS):
+            # One decode row on CPU: numpy's BLAS call skips torch's dispatch, the larger cost of a small
+            # product. A one-row product reads its matrix at the memory's speed, so a large one is faster
+            # on torch's threads, one per core, where the cores are this process's (docs/benchmarks.md).
+            # From 2 rows torch's kernel is the faster anyway.
             return torch.from_numpy(x.detach().numpy() @ w_t.detach().numpy())
         return x.to(self.device, self.dtype) @ w_t
 

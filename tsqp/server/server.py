@@ -131,7 +131,8 @@ class Server:
         torch.backends.cuda.matmul.allow_tf32 = False
         self.limits = limits or default_limits(model)
         self.stats = ServerStats()
-        weights = LinearWeights(model.weights, model.config.n_layers, self.device, SERVER_DTYPES[dtype])
+        # Same-host clients (shared memory) wait on the cores beside the server's: one-row products keep to one.
+        weights = LinearWeights(model.weights, model.config.n_layers, self.device, SERVER_DTYPES[dtype], shares_cores=shm_folder is not None)
         self.handlers = Handlers(model, weights, dtype, self.limits, self.stats)
         self.batcher = LinearBatcher(self.handlers, self.stats)
         self.handlers.between_chunks = self._serve_others
