@@ -64,7 +64,11 @@ TransportOpt = Annotated[
 ]
 SpinOpt = Annotated[
     float,
-    typer.Option("--spin-us", min=0.0, help="Shared memory: microseconds a side spins for the other's message before it blocks (0: block at once)."),
+    typer.Option(
+        "--spin-us",
+        min=0.0,
+        help="Shared memory: microseconds a side spins for the other's message before it blocks (0: block at once). A side blocks at once while the machine has more runnable tasks than cores.",
+    ),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object instead of text, for scripts.")]
 TimeoutOpt = Annotated[float, typer.Option(min=0.001, help="Seconds to wait for any one server reply, once connected.")]
