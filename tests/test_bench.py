@@ -83,6 +83,14 @@ def test_library_run_measures_every_mode_and_size(report: BenchReport) -> None:
     assert data["settings"]["new_tokens"] == 6 and data["settings"]["shields"] == list(SHIELDED)
 
 
+def test_the_baselines_run_in_their_own_process_with_active_openmp_waits(report: BenchReport) -> None:
+    """local and hf-generate own every core: their OpenMP threads wait actively, while this process (the split's
+    runner) keeps tsqp's PASSIVE setting, which a process cannot change once OpenMP has started."""
+    assert report.settings["baseline_omp_wait_policy"] == "ACTIVE"
+    assert report.machine["omp_wait_policy"] == os.environ.get("OMP_WAIT_POLICY") != "ACTIVE"
+    assert {r.mode for r in report.results} >= {"local", "hf-generate"} and all(r.runs for r in report.results)
+
+
 def test_cli_writes_json_and_prints_the_table(tiny_chat_path: Path, tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
     result = runner.invoke(app, ["bench", "--model", str(tiny_chat_path), *TINY_RUN, "--shields", "plain,otp", "--verify", "--json", str(out),

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from tsqp.errors import TsqpError
+from tsqp.tools.bench.baseline import run_baselines
 from tsqp.tools.bench.config import BenchConfig, Progress, ProgressCounter, private_server, prompt_ids
 from tsqp.tools.bench.http import bench_http, http_settings
 from tsqp.tools.bench.load import LOAD_RUNNER_THREADS, bench_load
@@ -29,11 +30,11 @@ def run(config: BenchConfig, progress: Progress | None = None) -> BenchReport:
     machine = machine_info()  # before we add load of our own: the load average tells of other work
     counter.show("converting the model")
     folder = resolve(config.model)
-    # Local first (it also builds the prompts), then the server starts: nothing else loads
-    # while a mode is measured. Sessions close between modes so peak memory stays per mode.
-    results, prompts = _bench_local(config, folder, counter)
+    # The baselines first, in a process of their own (`baseline`: it also builds the prompts), then the
+    # server starts: nothing else loads while a mode is measured. Sessions close between modes so peak
+    # memory stays per mode.
+    results, prompts, baseline_policy = run_baselines(config, folder, counter)
     results += _bench_split(config, folder, prompts, counter)
-    results += _bench_hf(config, folder, prompts, counter)
     local = {r.prompt_tokens: r.decode_tokens_per_s.median for r in results if r.mode == "local"}
     for r in results:
         r.ratio_vs_local = r.decode_tokens_per_s.median / local[r.prompt_tokens]
@@ -42,6 +43,7 @@ def run(config: BenchConfig, progress: Progress | None = None) -> BenchReport:
     counter.show("done")
     settings = {k: v for k, v in asdict(config).items() if k not in ("timeout_s", "curve_secret", "server_key")}
     settings |= {"model_path": str(folder), "curve": config.curve_secret is not None}  # encryption costs time; key paths say nothing
+    settings["baseline_omp_wait_policy"] = baseline_policy  # local and hf-generate ran in their own process, under this
     if config.clients:
         settings["load_runner_torch_threads"] = LOAD_RUNNER_THREADS
     return BenchReport(machine, settings, results, load)
@@ -70,6 +72,12 @@ def run_with_progress(config: BenchConfig, console: Any) -> BenchReport:
     with Bar(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console, transient=True) as bar:
         task = bar.add_task("bench", total=None)
         return run(config, lambda d, done, total: bar.update(task, description=d, completed=done, total=total))
+
+
+def bench_baselines(config: BenchConfig, folder: Path, counter: ProgressCounter) -> tuple[list[Result], dict[int, list[int]]]:
+    """`local`, then `hf-generate` on the prompts `local` built (run by `baseline`, in its own process)."""
+    results, prompts = _bench_local(config, folder, counter)
+    return results + _bench_hf(config, folder, prompts, counter), prompts
 
 
 def _bench_local(config: BenchConfig, folder: Path, counter: ProgressCounter) -> tuple[list[Result], dict[int, list[int]]]:
