@@ -202,3 +202,11 @@ def test_released_weight_pages_read_back_unchanged(tiny: LoadedModel) -> None:
     assert _clean_file_mappings(".safetensors")  # the weights are read-only file pages here
     assert release_file_pages() > 0
     assert all(torch.equal(tiny.weights[name], w) for name, w in before.items())  # faulted in again from the file
+
+
+def test_quantizing_calls_back_after_every_matrix(tiny: LoadedModel) -> None:
+    """The TEE hands back the float32 pages of each matrix once it is quantized (`after_site`), so its peak
+    holds one matrix's pages above W_q, not the model's."""
+    seen: list[int] = []
+    quantized = QuantizedWeights(tiny.weights, tiny.config.n_layers, 10, dtype=torch.int16, after_site=lambda: seen.append(len(seen)))
+    assert len(seen) == len(quantized.groups) == 4 * tiny.config.n_layers + 1

@@ -11,7 +11,7 @@ it is the all-in-TEE baseline. There is no other place where these products are 
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import torch
 
@@ -164,7 +164,9 @@ class QuantizedWeights:
     """
 
     def __init__(self, weights: Mapping[str, torch.Tensor] | LinearWeights, n_layers: int, bits: int,
-                 device: str | torch.device = "cpu", dtype: torch.dtype = torch.float64) -> None:  # fmt: skip
+                 device: str | torch.device = "cpu", dtype: torch.dtype = torch.float64,
+                 after_site: Callable[[], object] | None = None) -> None:  # fmt: skip
+        """`after_site` runs after each matrix is quantized (the TEE hands back the file pages it read)."""
         self.bits = bits
         self.groups: dict[GroupKey | str, tuple[torch.Tensor, torch.Tensor, list[int]]] = {}  # -> (W_q_t, scale (1, N), sizes)
         self.l1 = 0
@@ -175,6 +177,8 @@ class QuantizedWeights:
             w_q, scale, l1 = fixedpoint.quantize_matrix(w_t.t(), bits, dtype, device)  # (N, K), scale (N, 1)
             self.groups[key] = (w_q.t(), scale.t(), sizes)
             self.l1 = max(self.l1, l1)
+            if after_site is not None:
+                after_site()
 
     @property
     def nbytes(self) -> int:

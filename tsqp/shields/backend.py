@@ -29,10 +29,12 @@ def make_shield(config: ShieldConfig, weights: Mapping[str, torch.Tensor], n_lay
     config.validate()
     verify = config.verifies
     if config.exact:  # otp, and plain when verified: fixed point, checked exactly
-        quantized = QuantizedWeights(weights, n_layers, config.weight_bits, dtype=fixedpoint.compact_dtype(config.weight_bits))
+        # The float32 pages each matrix was read from are handed back once it is quantized: only W_q is
+        # needed from here on, and the TEE's peak stays one matrix's pages above W_q, not the model's.
+        quantized = QuantizedWeights(weights, n_layers, config.weight_bits, dtype=fixedpoint.compact_dtype(config.weight_bits),
+                                     after_site=release_file_pages)  # fmt: skip
         # Their sites are the compact W_q: the fused float32 copies the other shields keep are never made.
         sites = {site: (w_q, sizes) for site, (w_q, _, sizes) in quantized.groups.items()}
-        release_file_pages()  # the float32 pages just read to quantize: only W_q is needed from here on
         if config.name == "plain":
             return ExactPlainShield(sites, verify, server_dtype, quantized, config.activation_bits)
         return OtpShield(sites, verify, server_dtype, quantized, config.activation_bits, config.pool_mib << 20)
