@@ -26,8 +26,8 @@ The waiting side spins on the seq for a short budget, then blocks on its doorbel
 drain, look at the seq again, so no wake-up is lost. Spinning trusts x86-64's store order
 (frames before seq); elsewhere the budget is 0 and the doorbell's syscalls order the memory.
 The budget adapts (`Spinner`): a spin pays only while the peer runs on a core of its own, so a
-side whose spins keep running out (a loaded machine, where it would take the peer's core) blocks
-at once, and tries spinning again now and then.
+side blocks at once while the machine has more runnable tasks than cores (it would take the core
+the peer needs) or while its spins keep running out, and looks again every few waits.
 """
 
 from __future__ import annotations
