@@ -16,6 +16,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,12 @@ def run_baselines(config: BenchConfig, folder: Path, counter: ProgressCounter) -
     assert child.stdin is not None and child.stdout is not None and child.stderr is not None
     child.stdin.write(json.dumps({"config": asdict(config), "folder": str(folder)}))
     child.stdin.close()
+    # Its stdout is read beside its stderr: results larger than a pipe's buffer would otherwise block
+    # the child's last write while this side still waits for its stderr to end.
+    out: list[str] = []
+    stdout = child.stdout
+    reader = threading.Thread(target=lambda: out.append(stdout.read()), daemon=True)
+    reader.start()
     start, errors = counter.done, []
     for line in child.stderr:
         if line.startswith(PROGRESS):
@@ -45,10 +52,10 @@ def run_baselines(config: BenchConfig, folder: Path, counter: ProgressCounter) -
             counter.show(description)
         elif line.strip():
             errors.append(line.rstrip())
-    out = child.stdout.read()
+    reader.join()
     if child.wait() != 0:
         raise TsqpError(f"the baselines' process failed (status {child.returncode}): {errors[-1] if errors else 'no output'}")
-    data = json.loads(out)
+    data = json.loads(out[0])
     return [_result(r) for r in data["results"]], {int(n): ids for n, ids in data["prompts"].items()}, data["omp_wait_policy"]
 
 
