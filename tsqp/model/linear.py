@@ -157,9 +157,9 @@ class QuantizedWeights:
     """The same matrices as integers, quantized per output row (`otp`): W_q (K, N) and its scales.
 
     From the model's weights, or from a float32 `LinearWeights` (the same numbers: the server's copies).
-    The server keeps them in float32 on its device (`dtype`; exact, as they have at most 16 bits): a
-    decode call's product runs in float32 on narrow limbs, a prefill chunk's in float64 a block at a time
-    (`fixedpoint.product_mod`). The TEE keeps them compact (int8 or int16, `fixedpoint.compact_dtype`):
+    The server keeps them in float64 on its device where memory allows, else in float32 (`dtype`; exact
+    either way, as they have at most 16 bits): with float32, a decode call's product runs on narrow
+    float32 limbs, a prefill chunk's in float64 a block at a time (`fixedpoint.product_mod`). The TEE keeps them compact (int8 or int16, `fixedpoint.compact_dtype`):
     its offline products widen a block at a time.
     """
 

@@ -66,7 +66,7 @@ class ShmHub:
             return True
         for channel in self.channels.values():
             channel.drain()
-        if any(True for _ in self.ready()):
+        if self._any_ready():
             return True
         return bool(self.poller.poll(timeout_ms))
 

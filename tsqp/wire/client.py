@@ -218,7 +218,6 @@ class RemoteBackend:
         if shm is None:  # (a shared-memory channel does not outlive a server restart: its peer's lock tells)
             self._watch_connection()  # events from before this call (a server restart in between) are not its concern
             self._dropped = False
-        if shm is None:
             self.socket.send_multipart(frames, copy=False)
         deadline = time.monotonic() + (self.timeout_s if timeout_s is None else timeout_s)
         try:
