@@ -46,21 +46,29 @@ def test_float32_weights_give_the_exact_product_on_narrow_limbs_and_wide_ones(ro
     assert got.tolist() == expected
 
 
-@pytest.mark.parametrize("dtype", [torch.int8, torch.int16], ids=str)
-def test_compact_weights_widened_block_by_block_give_the_same_products(dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The TEE's compact W_q, widened a few columns (or rows) at a time, gives float64 W_q's exact results."""
-    bits = 8 if dtype == torch.int8 else 12
-    assert fixedpoint.compact_dtype(bits) == dtype
+def test_derived_weights_give_the_stored_integers_and_products(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The TEE's W_q, derived from float rows a few lines at a time across the parts of a fused group,
+    holds exactly the integers, scales and products of the stored float64 W_q."""
     gen = torch.Generator().manual_seed(3)
-    w, _, l1 = fixedpoint.quantize_matrix(torch.randn(37, 50, generator=gen), bits, dtype)  # (N, K)
-    assert w.dtype == dtype and l1 == fixedpoint.max_row_l1(w.t())
+    parts = [torch.randn(n, 50, generator=gen) for n in (20, 17)]  # two modules of one call group, (N_i, K)
+    monkeypatch.setattr(fixedpoint, "BLOCK_BYTES", 8 * 50 * 4)  # 4 lines a block: 10 blocks, one across the parts, the last one short
+    derived = fixedpoint.DerivedIntegers(parts, 12)
+    w, scale, l1 = fixedpoint.quantize_matrix(torch.cat(parts), 12, torch.float64)  # (N, K)
+    assert derived.shape == (50, 37) and derived.l1 == l1 and torch.equal(derived.scale, scale)
+    assert torch.equal(derived.dense(), w.t()) and torch.equal(derived.rows(18, 23), w[18:23])
     p, limb_bits = fixedpoint.previous_prime(1 << 40), 20
     x = torch.randint(0, p, (3, 50), generator=gen, dtype=torch.int64)
     r = fixedpoint.random_u64((37, 2)).numpy().view(np.uint64)
-    expected = fixedpoint.product_mod(x, w.t().double(), p, limb_bits), fixedpoint.matmul_mod_2_64(w.t().double(), r)
-    monkeypatch.setattr(fixedpoint, "BLOCK_BYTES", 8 * 50 * 4)  # 4 lines a block: 10 blocks, the last one short
-    assert torch.equal(fixedpoint.product_mod(x, w.t(), p, limb_bits), expected[0])
-    assert np.array_equal(fixedpoint.matmul_mod_2_64(w.t(), r), expected[1])
+    assert torch.equal(fixedpoint.product_mod(x, derived, p, limb_bits), fixedpoint.product_mod(x, w.t(), p, limb_bits))
+    assert np.array_equal(fixedpoint.matmul_mod_2_64(derived, r), fixedpoint.matmul_mod_2_64(w.t(), r))
+
+
+def test_matmul_mod_2_64_in_column_blocks_equals_one_block(monkeypatch: pytest.MonkeyPatch) -> None:
+    w = torch.randint(-2047, 2048, (50, 37), generator=torch.Generator().manual_seed(5)).double()  # (K, N)
+    r = fixedpoint.random_u64((37, 3)).numpy().view(np.uint64)
+    whole = fixedpoint.matmul_mod_2_64(w, r)
+    monkeypatch.setattr(fixedpoint, "BLOCK_BYTES", 8 * 50 * 4)
+    assert np.array_equal(fixedpoint.matmul_mod_2_64(w, r), whole)
 
 
 def test_quantize_matrix_equals_quantize_rows_in_blocks(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
+from helpers import make_tiny_model
 
 from tsqp.errors import ProtocolError
 from tsqp.model import fixedpoint
@@ -182,12 +185,12 @@ def test_quantized_product_mod_is_the_exact_integer_product(quantized: Quantized
     assert y.tolist() == exact
 
 
-def test_the_tees_compact_weights_hold_the_same_integers_in_a_quarter_of_the_bytes(quantized: QuantizedWeights, tiny: LoadedModel) -> None:
-    compact = QuantizedWeights(tiny.weights, tiny.config.n_layers, bits=10, dtype=fixedpoint.compact_dtype(10))
-    assert compact.l1 == quantized.l1 and compact.nbytes * 4 == quantized.nbytes
-    for key, (w_q_t, scale, _) in quantized.groups.items():
-        c_w, c_scale, _ = compact.groups[key]
-        assert c_w.dtype == torch.int16 and torch.equal(c_w.double(), w_q_t) and torch.equal(c_scale, scale)
+def test_the_tees_derived_weights_hold_the_same_integers_and_store_none(quantized: QuantizedWeights, tiny: LoadedModel) -> None:
+    derived = QuantizedWeights(tiny.weights, tiny.config.n_layers, bits=10, dtype=None)
+    assert derived.l1 == quantized.l1 and derived.nbytes == 0 and quantized.nbytes > 0
+    for key, (w_q_t, scale, sizes) in quantized.groups.items():
+        d_w, d_scale, d_sizes = derived.groups[key]
+        assert isinstance(d_w, fixedpoint.DerivedIntegers) and torch.equal(d_w.dense(), w_q_t) and torch.equal(d_scale, scale) and d_sizes == sizes
 
 
 def test_quantized_product_refuses_wrong_feature_sizes(quantized: QuantizedWeights) -> None:
@@ -196,17 +199,51 @@ def test_quantized_product_refuses_wrong_feature_sizes(quantized: QuantizedWeigh
 
 
 def test_released_weight_pages_read_back_unchanged(tiny: LoadedModel) -> None:
-    from tsqp.model.pages import _clean_file_mappings, release_file_pages
+    from tsqp.model.pages import FilePages
 
     before = {name: w.clone() for name, w in tiny.weights.items()}
-    assert _clean_file_mappings(".safetensors")  # the weights are read-only file pages here
-    assert release_file_pages() > 0
+    pages = FilePages()
+    assert all(pages.holds(w) for w in tiny.weights.values())  # the weights are read-only file pages here
+    assert all(pages.release(w) for w in tiny.weights.values())
     assert all(torch.equal(tiny.weights[name], w) for name, w in before.items())  # faulted in again from the file
 
 
-def test_quantizing_calls_back_after_every_matrix(tiny: LoadedModel) -> None:
-    """The TEE hands back the float32 pages of each matrix once it is quantized (`after_site`), so its peak
-    holds one matrix's pages above W_q, not the model's."""
-    seen: list[int] = []
-    quantized = QuantizedWeights(tiny.weights, tiny.config.n_layers, 10, dtype=torch.int16, after_site=lambda: seen.append(len(seen)))
-    assert len(seen) == len(quantized.groups) == 4 * tiny.config.n_layers + 1
+def test_only_file_pages_are_ever_released(tiny: LoadedModel) -> None:
+    """Dropping anonymous pages would zero them: a copy of the weights, or a strided view, is left alone."""
+    from tsqp.model.pages import FilePages
+
+    pages, w = FilePages(), tiny.weights["layers.0.q_proj"]
+    copy = w.clone()
+    assert not pages.holds(copy) and not pages.release(copy) and torch.equal(copy, w)
+    assert not pages.holds(w.t()) and not pages.holds(torch.empty(0))
+
+
+def test_the_tees_weights_stay_out_of_memory_after_the_masks_read_them(tmp_path: Path) -> None:
+    """Every block a product reads is handed back: after products over every site of a 12 MB model, what
+    stays resident of its weight file is at most the kernel's read-around of the last reads, not the weights."""
+    from tsqp.model.loading import load
+    from tsqp.model.pages import FilePages
+
+    model = load(make_tiny_model(tmp_path, hidden_size=256, intermediate_size=1024, num_attention_heads=4, num_key_value_heads=2), with_tokenizer=False)
+    address = model.weights["layers.0.q_proj"].data_ptr()
+    derived = QuantizedWeights(model.weights, model.config.n_layers, bits=10, dtype=None, pages=FilePages())
+    field = fixedpoint.choose_field(derived.l1, weight_bits=10, activation_bits=16)
+    for key, (w_q, _, _) in derived.groups.items():
+        derived.product_mod(key, fixedpoint.random_mod((2, w_q.shape[0]), field.p), field.p, field.limb_bits)
+    weight_bytes = sum(w.numel() * w.element_size() for w in model.weights.values())
+    assert weight_bytes > 8 << 20 and _resident_bytes(address) < weight_bytes // 8
+    without = QuantizedWeights(model.weights, model.config.n_layers, bits=10, dtype=None)  # no pages to hand back: all of it stays
+    assert _resident_bytes(address) > weight_bytes * 3 // 4 and without.l1 == derived.l1
+
+
+def _resident_bytes(address: int) -> int:
+    """Resident bytes of the mapping that holds `address` (/proc/self/smaps)."""
+    current = False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        fields = line.split()
+        if fields and "-" in fields[0] and not fields[0].endswith(":"):
+            start, end = (int(a, 16) for a in fields[0].split("-"))
+            current = start <= address < end
+        elif current and fields[:1] == ["Rss:"]:
+            return int(fields[1]) * 1024
+    raise AssertionError(f"no mapping holds {address:#x}")

@@ -59,7 +59,7 @@ def test_otp_unmasks_to_the_exact_integer_product(tiny: LoadedModel, server: Run
     wire, state = shield.mask(site, x)
     z = torch.cat(backend.remote.call("LINEAR", {"layer": 1, "modules": list(site[1]), **shield.wire_args()}, [wire]).tensors, dim=-1)
     shield.verify(site, wire, z, state)
-    w_q = shield.quantized.groups[site][0].to(torch.int64)  # (K, N)
+    w_q = shield.quantized.groups[site][0].dense().to(torch.int64)  # (K, N)
     assert torch.equal(torch.from_numpy(state.y), torch.from_numpy(state.x_q) @ w_q)  # X_q·W_qᵀ exactly, not approximately
     assert not torch.equal(wire, torch.from_numpy(state.x_q))  # what travelled was masked
     y = shield.unmask(site, z, state)
@@ -299,7 +299,7 @@ def test_plain_verified_is_exact_fixed_point_and_catches_an_error_of_one(tiny: L
     assert torch.equal(wire, torch.from_numpy(state.x_q % shield.field.p))  # unmasked: the server sees X_q itself
     z = session.backend.remote.call("LINEAR", {"layer": 0, "modules": ["o_proj"], **shield.wire_args()}, [wire]).tensors[0]
     shield.verify(site, wire, z, state)
-    assert torch.equal(torch.from_numpy(state.y), torch.from_numpy(state.x_q) @ shield.quantized.groups[site][0].to(torch.int64))
+    assert torch.equal(torch.from_numpy(state.y), torch.from_numpy(state.x_q) @ shield.quantized.groups[site][0].dense().to(torch.int64))
     lie = z.clone()
     lie[1, 5] += 1  # the smallest lie there is
     with pytest.raises(IntegrityError, match="layer 0 o_proj"):

@@ -17,8 +17,10 @@ Both sides use this module, so they quantize the public weights identically:
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -26,12 +28,13 @@ import torch
 
 from tsqp.errors import ShieldError
 from tsqp.model.config import ACTIVATION_BITS_RANGE, WEIGHT_BITS_RANGE
+from tsqp.model.pages import FilePages
 
 FLOAT64_EXACT = 1 << 53  # float64 holds every integer below this exactly
 INT64_LIMIT = 1 << 63
 MAX_LIMBS = 4
-# The most bytes of float64 one step of a product widens or makes at once: compact weights are
-# widened block by block, so the TEE's working memory stays this size whatever the model.
+# The most bytes of float64 one step of a product widens or makes at once: the TEE's weights are
+# made block by block, so its working memory stays this size whatever the model.
 BLOCK_BYTES = 4 << 20
 # The most limb rows a product takes on float32's narrow limbs: beyond, products are compute-bound,
 # and fewer, wider float64 limbs cost less than the conversion of a weight block.
@@ -66,12 +69,12 @@ def quantize_rows(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tenso
     top = (1 << (bits - 1)) - 1
     scale = torch.linalg.vector_norm(x, ord=math.inf, dim=-1, keepdim=True) / top  # max |x| per row
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # an all-zero row stays zero
-    return x.div_(scale).round_().clamp_(-top, top), scale
+    return _integers(x, scale, top), scale
 
 
-def compact_dtype(bits: int) -> torch.dtype:
-    """The narrowest integer type that holds `bits`-bit quantized weights (|w| <= 2^(bits-1) - 1)."""
-    return torch.int8 if bits <= 8 else torch.int16 if bits <= 16 else torch.int32
+def _integers(x: torch.Tensor, scale: torch.Tensor, top: int) -> torch.Tensor:
+    """float64 rows (our own copy) -> their integers under `scale`, in place: the one rounding both sides use."""
+    return x.div_(scale).round_().clamp_(-top, top)
 
 
 def quantize_matrix(w: torch.Tensor, bits: int, dtype: torch.dtype, device: str | torch.device = "cpu") -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -79,15 +82,67 @@ def quantize_matrix(w: torch.Tensor, bits: int, dtype: torch.dtype, device: str 
     (no float64 copy of the whole matrix): (W_q (N, K), scale (N, 1) float64, max row L1)."""
     w_q = torch.empty(w.shape, dtype=dtype, device=device)
     scale = torch.empty(w.shape[0], 1, dtype=torch.float64)
-    rows = max(1, BLOCK_BYTES // (8 * max(w.shape[1], 1)))
     l1 = 0
-    for start in range(0, w.shape[0], rows):
-        q, s = quantize_rows(w[start : start + rows], bits)
-        w_q[start : start + rows] = q.to(dtype)
-        scale[start : start + rows] = s
+    for start, end in block_ranges(w.shape[0], w.shape[1]):
+        q, scale[start:end] = quantize_rows(w[start:end], bits)
+        w_q[start:end] = q.to(dtype)
         if q.numel():
             l1 = max(l1, int(q.abs().sum(dim=1).max()))
     return w_q, scale, l1
+
+
+class DerivedIntegers:
+    """W_q (K, N), never stored: the float rows w_i (N_i, K) stacked and quantized per row, made a block of
+    columns at a time for the product that reads it (`columns`). What stays is the scales.
+
+    The TEE's copy of the weights (`otp` and exact plain): the masks' products read W_q a block at a
+    time anyway, and rounding a float block costs little more than widening a stored integer one.
+    Rows read through a file mapping (`pages`) are handed back after each read, so between products
+    the weights hold no resident memory at all (docs/benchmarks.md).
+    """
+
+    def __init__(self, parts: Sequence[torch.Tensor], bits: int, pages: FilePages | None = None) -> None:
+        self.parts = [part.detach() for part in parts]  # each (N_i, K), as the model holds it
+        self._ends = list(itertools.accumulate(part.shape[0] for part in self.parts))
+        self.shape = torch.Size((self.parts[0].shape[1], self._ends[-1]))
+        self.device = self.parts[0].device
+        self.top = (1 << (bits - 1)) - 1
+        self._pages = pages if pages is not None and all(pages.holds(part) for part in self.parts) else None
+        self.scale = torch.empty(self.shape[1], 1, dtype=torch.float64)  # per output row
+        self.l1 = 0  # max row L1 of W_q
+        for start, end in block_ranges(self.shape[1], self.shape[0]):
+            q, self.scale[start:end] = quantize_rows(self._read(start, end), bits)
+            self.l1 = max(self.l1, int(q.abs().sum(dim=1).max()) if q.numel() else 0)
+
+    def rows(self, start: int, end: int) -> torch.Tensor:
+        """Rows start:end of W_q (end - start, K): float64 integers, exactly `quantize_rows`' of the whole matrix."""
+        return _integers(self._read(start, end), self.scale[start:end], self.top)
+
+    def columns(self, start: int, end: int) -> torch.Tensor:
+        """Columns start:end of W_q (K, end - start)."""
+        return self.rows(start, end).t()
+
+    def dense(self) -> torch.Tensor:
+        """All of W_q (K, N) in float64: for tests and small models only."""
+        return self.columns(0, self.shape[1])
+
+    def _read(self, start: int, end: int) -> torch.Tensor:
+        """Stacked rows start:end in float64, our own copy; file pages read for it are handed back."""
+        pieces = []
+        for part, part_end in zip(self.parts, self._ends, strict=True):
+            part_start = part_end - part.shape[0]
+            if start < part_end and end > part_start:
+                pieces.append(part[max(start, part_start) - part_start : min(end, part_end) - part_start])
+        block = pieces[0].to(torch.float64, copy=True) if len(pieces) == 1 else torch.cat(pieces).to(torch.float64)
+        if self._pages is not None:
+            for piece in pieces:
+                self._pages.release(piece)
+        return block
+
+
+def columns(w_q: torch.Tensor | DerivedIntegers, start: int, end: int) -> torch.Tensor:
+    """Columns start:end of a (K, N) integer matrix in float64: a view when it is stored in float64."""
+    return w_q.columns(start, end) if isinstance(w_q, DerivedIntegers) else w_q[:, start:end].to(torch.float64)
 
 
 def max_row_l1(w_q: torch.Tensor) -> int:
@@ -126,7 +181,7 @@ def check_product_exact(l1: int, p: int, limb_bits: int) -> None:
         raise ValueError(f"p={p} with {limb_bits}-bit limbs needs more than {MAX_LIMBS} limbs")
 
 
-def product_mod(x: torch.Tensor, w_q: torch.Tensor, p: int, limb_bits: int, l1: int | None = None) -> torch.Tensor:
+def product_mod(x: torch.Tensor, w_q: torch.Tensor | DerivedIntegers, p: int, limb_bits: int, l1: int | None = None) -> torch.Tensor:
     """x (T, K) int64 in [0, p) @ w_q (K, N) integers -> (T, N) int64 in [0, p), exactly.
 
     Runs on w_q's device. x is split into limbs, stacked into one product so that the weights are
@@ -134,21 +189,21 @@ def product_mod(x: torch.Tensor, w_q: torch.Tensor, p: int, limb_bits: int, l1: 
     - float32 w_q (the server's) with its max row L1 `l1`, for few rows (decode): limbs narrow enough
       for float32 (`float32_limb_bits`), no copy of the weights. Decode is memory-bound, so reading
       4 bytes a weight instead of 8 is what counts; the extra limbs ride along in the same pass.
-    - otherwise float64 limbs of `limb_bits`, w_q widened to float64 one block of columns at a time
-      (compact integers, the TEE's; or float32), or sliced without a copy when it is float64.
+    - otherwise float64 limbs of `limb_bits`, w_q made float64 one block of columns at a time
+      (the TEE's `DerivedIntegers`, or float32), or sliced without a copy when it is float64.
     """
     x = x.to(w_q.device)
+    stored = w_q.dtype if isinstance(w_q, torch.Tensor) else None
     # Never wider than `limb_bits`, which `check_product_exact` keeps within Horner's int64 bound.
-    narrow = min(float32_limb_bits(l1), limb_bits) if l1 is not None and w_q.dtype == torch.float32 else 0
+    narrow = min(float32_limb_bits(l1), limb_bits) if l1 is not None and stored == torch.float32 else 0
     if narrow > 0 and x.shape[0] * -(-p.bit_length() // narrow) <= FLOAT32_LIMB_ROWS:
         return _horner(_limbs(x, narrow, p, torch.float32) @ w_q, x.shape[0], p, narrow)
     limbs = _limbs(x, limb_bits, p, torch.float64)
     out = torch.empty(x.shape[0], w_q.shape[1], dtype=torch.int64, device=w_q.device)
-    # Blocks bound the float64 memory: a widened block of the weights, or else just the block's products.
-    width = max(w_q.shape[0], limbs.shape[0]) if w_q.dtype != torch.float64 else limbs.shape[0]
+    # Blocks bound the float64 memory: a block of the weights made float64, or else just the block's products.
+    width = limbs.shape[0] if stored == torch.float64 else max(w_q.shape[0], limbs.shape[0])
     for start, end in block_ranges(w_q.shape[1], width):
-        w = w_q[:, start:end].to(torch.float64)  # a view when w_q is float64 already
-        out[:, start:end] = _horner(limbs @ w, x.shape[0], p, limb_bits)
+        out[:, start:end] = _horner(limbs @ columns(w_q, start, end), x.shape[0], p, limb_bits)
     return out
 
 
@@ -186,27 +241,28 @@ def block_ranges(n: int, width: int) -> list[tuple[int, int]]:
     return [(start, min(start + step, n)) for start in range(0, n, step)] or [(0, 0)]
 
 
-def matmul_mod_2_64(w: torch.Tensor, r: np.ndarray) -> np.ndarray:
-    """w (K, N) integers (float64 or compact) @ r (N, C) uint64 -> (K, C) uint64, exactly mod 2⁶⁴.
+def matmul_mod_2_64(w: torch.Tensor | DerivedIntegers, r: np.ndarray) -> np.ndarray:
+    """w (K, N) integers (stored in any dtype, or derived) @ r (N, C) uint64 -> (K, C) uint64, exactly mod 2⁶⁴.
 
     int64 matrix products have no BLAS (far slower); instead r is split into limbs narrow
     enough that every float64 partial sum stays exact, and the limb products are shifted back
-    and added in uint64, which wraps mod 2⁶⁴ by definition. w is widened a block of rows at a time.
+    and added in uint64, which wraps mod 2⁶⁴ by definition. w is read a block of columns at a
+    time (rows of the model's matrix), each block with limbs as wide as its own sums allow.
     """
-    blocks = block_ranges(w.shape[0], w.shape[1])  # row blocks of w: columns of its transpose
-    l1 = max((int(w[a:b].abs().sum(dim=1, dtype=torch.float64).max()) for a, b in blocks if b > a), default=0)
-    bits = min(16, 52 - l1.bit_length())
-    if bits < 1:
-        raise ShieldError(f"weights too large for exact checks (row L1 {l1})")
-    n_limbs = -(-64 // bits)
-    low = np.uint64((1 << bits) - 1)
-    limbs = torch.from_numpy(np.concatenate([(r >> np.uint64(bits * j)) & low for j in range(n_limbs)], axis=1).astype(np.float64)).to(w.device)  # (N, C·L)
     c = r.shape[1]
     out = np.zeros((w.shape[0], c), dtype=np.uint64)
-    for a, b in blocks:
-        products = (w[a:b].to(torch.float64) @ limbs).detach().cpu().numpy().astype(np.int64).view(np.uint64)  # (rows, C·L)
+    for a, b in block_ranges(w.shape[1], w.shape[0]):
+        block = columns(w, a, b)  # (K, b - a) float64
+        l1 = int(block.abs().sum(dim=1).max()) if block.numel() else 0
+        bits = min(16, 52 - l1.bit_length())
+        if bits < 1:
+            raise ShieldError(f"weights too large for exact checks (row L1 {l1})")
+        n_limbs = -(-64 // bits)
+        low = np.uint64((1 << bits) - 1)
+        limbs = np.concatenate([(r[a:b] >> np.uint64(bits * j)) & low for j in range(n_limbs)], axis=1).astype(np.float64)  # (b - a, C·L)
+        products = (block @ torch.from_numpy(limbs).to(block.device)).detach().cpu().numpy().astype(np.int64).view(np.uint64)  # (K, C·L)
         for j in range(n_limbs):
-            out[a:b] += products[:, j * c : (j + 1) * c] << np.uint64(bits * j)
+            out += products[:, j * c : (j + 1) * c] << np.uint64(bits * j)
     return out
 
 

@@ -11,12 +11,13 @@ it is the all-in-TEE baseline. There is no other place where these products are 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 import torch
 
 from tsqp.errors import ProtocolError
 from tsqp.model import fixedpoint
+from tsqp.model.pages import FilePages
 
 MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # Modules that read the same input and therefore travel together in one LINEAR call.
@@ -31,18 +32,27 @@ GroupKey = tuple[int, tuple[str, ...]]
 NUMPY_MAX_WEIGHTS = 3 << 18
 
 
-def fused_groups(weights: Mapping[str, torch.Tensor], n_layers: int) -> Iterator[tuple[GroupKey, torch.Tensor, list[int]]]:
-    """Every call group's weights as one pre-transposed matrix W_t (K, sum N_i), with the N_i."""
+def site_parts(weights: Mapping[str, torch.Tensor], n_layers: int) -> Iterator[tuple[GroupKey | str, list[torch.Tensor], list[int]]]:
+    """Every product a forward pass makes, as the model holds its matrices: (key, [W_i (N_i, K)], [N_i]),
+    each call group of every layer, then ("lm_head", [W (V, D)], [V])."""
     for layer in range(n_layers):
         for group in CALL_GROUPS:
-            mats = [weights[f"layers.{layer}.{name}"] for name in group]  # each (N_i, K)
-            yield (layer, group), torch.cat(mats, dim=0).t(), [m.shape[0] for m in mats]
+            mats = [weights[f"layers.{layer}.{name}"] for name in group]
+            yield (layer, group), mats, [m.shape[0] for m in mats]
+    yield "lm_head", [weights["lm_head"]], [weights["lm_head"].shape[0]]
 
 
 def product_sites(weights: Mapping[str, torch.Tensor], n_layers: int) -> Iterator[tuple[GroupKey | str, torch.Tensor, list[int]]]:
-    """`fused_groups`, then the lm_head ("lm_head", W_t (D, V), [V]): every product a forward pass makes."""
-    yield from fused_groups(weights, n_layers)
-    yield "lm_head", weights["lm_head"].t(), [weights["lm_head"].shape[0]]
+    """`site_parts` with each site's matrices as one pre-transposed W_t (K, sum N_i)."""
+    for key, mats, sizes in site_parts(weights, n_layers):
+        yield key, (torch.cat(mats, dim=0) if len(mats) > 1 else mats[0]).t(), sizes
+
+
+def fused_groups(weights: Mapping[str, torch.Tensor], n_layers: int) -> Iterator[tuple[GroupKey, torch.Tensor, list[int]]]:
+    """`product_sites` of the layers' call groups, the lm_head left out."""
+    for key, w_t, sizes in product_sites(weights, n_layers):
+        if key != "lm_head":
+            yield key, w_t, sizes  # type: ignore[misc]
 
 
 def output_widths(weights: Mapping[str, torch.Tensor]) -> dict[str, int]:
@@ -156,20 +166,27 @@ class LinearWeights:
 class QuantizedWeights:
     """The same matrices as integers, quantized per output row (`otp`): W_q (K, N) and its scales.
 
-    From the model's weights, or from a float32 `LinearWeights` (the same numbers: the server's copies).
-    The server keeps them in float64 on its device where memory allows, else in float32 (`dtype`; exact
-    either way, as they have at most 16 bits): with float32, a decode call's product runs on narrow
-    float32 limbs, a prefill chunk's in float64 a block at a time (`fixedpoint.product_mod`). The TEE keeps them compact (int8 or int16, `fixedpoint.compact_dtype`):
-    its offline products widen a block at a time.
+    The server's are stored, from the model's weights or from a float32 `LinearWeights` (the same
+    numbers: its own copies), in float64 on its device where memory allows, else in float32 (`dtype`;
+    exact either way, as they have at most 16 bits): with float32, a decode call's product runs on
+    narrow float32 limbs, a prefill chunk's in float64 a block at a time (`fixedpoint.product_mod`).
+    The TEE's (`dtype` None) are derived from the model's own matrices a block at a time when a
+    product reads them, and never stored (`fixedpoint.DerivedIntegers`); `pages` hands back the file
+    pages each read touched.
     """
 
     def __init__(self, weights: Mapping[str, torch.Tensor] | LinearWeights, n_layers: int, bits: int,
-                 device: str | torch.device = "cpu", dtype: torch.dtype = torch.float64,
-                 after_site: Callable[[], object] | None = None) -> None:  # fmt: skip
-        """`after_site` runs after each matrix is quantized (the TEE hands back the file pages it read)."""
+                 device: str | torch.device = "cpu", dtype: torch.dtype | None = torch.float64, pages: FilePages | None = None) -> None:  # fmt: skip
         self.bits = bits
-        self.groups: dict[GroupKey | str, tuple[torch.Tensor, torch.Tensor, list[int]]] = {}  # -> (W_q_t, scale (1, N), sizes)
+        self.groups: dict[GroupKey | str, tuple[torch.Tensor | fixedpoint.DerivedIntegers, torch.Tensor, list[int]]] = {}  # -> (W_q_t, scale (1, N), sizes)
         self.l1 = 0
+        if dtype is None:
+            assert not isinstance(weights, LinearWeights), "the TEE derives W_q from the model's own matrices"
+            for key, mats, sizes in site_parts(weights, n_layers):
+                derived = fixedpoint.DerivedIntegers(mats, bits, pages)
+                self.groups[key] = (derived, derived.scale.t(), sizes)
+                self.l1 = max(self.l1, derived.l1)
+            return
         sites = weights.sites() if isinstance(weights, LinearWeights) else product_sites(weights, n_layers)
         for key, w_t, sizes in sites:
             # Per output row of W (N, K), kept in that layout: W_q_t is its transposed view, which BLAS
@@ -177,12 +194,11 @@ class QuantizedWeights:
             w_q, scale, l1 = fixedpoint.quantize_matrix(w_t.t(), bits, dtype, device)  # (N, K), scale (N, 1)
             self.groups[key] = (w_q.t(), scale.t(), sizes)
             self.l1 = max(self.l1, l1)
-            if after_site is not None:
-                after_site()
 
     @property
     def nbytes(self) -> int:
-        return sum(w_q.nbytes for w_q, _, _ in self.groups.values())
+        """The bytes of W_q held: none when derived."""
+        return sum(w_q.nbytes for w_q, _, _ in self.groups.values() if isinstance(w_q, torch.Tensor))
 
     def product_mod(self, key: GroupKey | str, x: torch.Tensor, p: int, limb_bits: int) -> torch.Tensor:
         """x (T, K) int64 in [0, p) -> (T, sum N_i) int64, the modules side by side: x·W_qᵀ mod p, exactly."""

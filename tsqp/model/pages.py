@@ -1,10 +1,12 @@
 """Handing back the pages of read-only weight files a process has finished reading.
 
 Weights load as read-only mappings of their safetensors files: a page becomes resident when
-read. The TEE reads every weight once to quantize it for `otp`, and after that needs only its
-compact copy; the float32 pages would otherwise stay resident (and count in its memory) for
-nothing. Dropping a page of a private file mapping that was never written is safe: the next
-read faults it in again from the file, unchanged.
+read, and stays (counted in the process's memory) until handed back. The TEE reads its weights
+only to make otp's masks, a block at a time (`fixedpoint.DerivedIntegers`), and hands each
+block's pages back once read. Dropping a page of a private file mapping that was never written
+is safe: the next read faults it in again from the file (from the page cache), unchanged.
+Dropping an anonymous page would lose its contents: only tensors inside a clean file mapping
+are ever released.
 """
 
 from __future__ import annotations
@@ -13,25 +15,52 @@ import ctypes
 import mmap
 import sys
 from pathlib import Path
+from typing import Any
+
+import torch
 
 MADV_DONTNEED = 4
 
 
-def release_file_pages(suffix: str = ".safetensors") -> int:
-    """Drop this process's resident pages of every mapping of a `suffix` file that holds no written
-    (copy-on-write) page; returns the bytes of mappings released. Linux only; elsewhere a no-op."""
-    if not sys.platform.startswith("linux"):
-        return 0
+class FilePages:
+    """This process's clean mappings of `suffix` files, as found when made (Linux; elsewhere none)."""
+
+    def __init__(self, suffix: str = ".safetensors") -> None:
+        self._ranges = _clean_file_mappings(suffix) if sys.platform.startswith("linux") else []
+        self._madvise = _madvise() if self._ranges else None
+
+    def holds(self, t: torch.Tensor) -> bool:
+        """Whether t's bytes lie inside one clean file mapping (and so may be released)."""
+        return self._mapping(t) is not None
+
+    def release(self, t: torch.Tensor) -> bool:
+        """Hand back the resident pages under t when it lies inside a clean file mapping; any other memory is left alone."""
+        mapping = self._mapping(t)
+        if mapping is None or self._madvise is None:
+            return False
+        start, end = _span(t)
+        # Whole pages around t: a mapping starts and ends on page boundaries, so these stay inside it.
+        start, end = start - start % mmap.PAGESIZE, min(-(-end // mmap.PAGESIZE) * mmap.PAGESIZE, mapping[1])
+        return self._madvise(start, end - start, MADV_DONTNEED) == 0
+
+    def _mapping(self, t: torch.Tensor) -> tuple[int, int] | None:
+        if not t.is_contiguous() or t.device.type != "cpu" or not t.numel():
+            return None
+        start, end = _span(t)
+        return next(((a, b) for a, b in self._ranges if a <= start and end <= b), None)
+
+
+def _span(t: torch.Tensor) -> tuple[int, int]:
+    return t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()
+
+
+def _madvise() -> Any:
     try:
         madvise = ctypes.CDLL(None, use_errno=True).madvise
     except (OSError, AttributeError):
-        return 0
+        return None
     madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    released = 0
-    for start, end in _clean_file_mappings(suffix):
-        if madvise(start, end - start, MADV_DONTNEED) == 0:
-            released += end - start
-    return released
+    return madvise
 
 
 def _clean_file_mappings(suffix: str) -> list[tuple[int, int]]:

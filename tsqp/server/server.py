@@ -33,7 +33,7 @@ from zmq.auth.thread import ThreadAuthenticator
 
 from tsqp.errors import EndpointError, ProtocolError
 from tsqp.model import fixedpoint
-from tsqp.model.linear import LinearWeights, fused_groups, output_widths
+from tsqp.model.linear import LinearWeights, output_widths, site_parts
 from tsqp.model.loading import LoadedModel
 from tsqp.server.batching import BatchedLinear, LinearBatcher
 from tsqp.server.handlers import CHUNK_FLOPS, Handlers
@@ -85,7 +85,7 @@ def default_limits(model: LoadedModel) -> Limits:
     widths = output_widths(model.weights)
     widest = max(w for name, w in widths.items() if name not in ("lm_head", "embed"))  # one result tensor (a module's)
     elements = max(c.max_seq_len * max(widest, c.hidden_size), LOGIT_ROWS * widths["lm_head"])
-    fused = max(w_t.shape[0] * w_t.shape[1] for _, w_t, _ in fused_groups(model.weights, c.n_layers))  # K·N of a call group
+    fused = max(mats[0].shape[1] * sum(sizes) for key, mats, sizes in site_parts(model.weights, c.n_layers) if key != "lm_head")  # K·N of a call group
     logits = LOGIT_ROWS * c.hidden_size * widths["lm_head"]  # K·N of lm_head, for as many rows as logits come at once
     flops = 2.0 * max(c.max_seq_len * fused, logits) * fixedpoint.MAX_LIMBS
     return Limits(max_tensor_elements=elements, max_message_bytes=8 * elements + (1 << 20), max_request_flops=flops)

@@ -11,9 +11,8 @@ from typing import Any
 import torch
 
 from tsqp.errors import IntegrityError, MalformedReply, ShieldError
-from tsqp.model import fixedpoint
 from tsqp.model.linear import QuantizedWeights
-from tsqp.model.pages import release_file_pages
+from tsqp.model.pages import FilePages
 from tsqp.shields.base import Shield
 from tsqp.shields.config import ShieldConfig
 from tsqp.shields.noise import NoiseShield
@@ -29,11 +28,10 @@ def make_shield(config: ShieldConfig, weights: Mapping[str, torch.Tensor], n_lay
     config.validate()
     verify = config.verifies
     if config.exact:  # otp, and plain when verified: fixed point, checked exactly
-        # The float32 pages each matrix was read from are handed back once it is quantized: only W_q is
-        # needed from here on, and the TEE's peak stays one matrix's pages above W_q, not the model's.
-        quantized = QuantizedWeights(weights, n_layers, config.weight_bits, dtype=fixedpoint.compact_dtype(config.weight_bits),
-                                     after_site=release_file_pages)  # fmt: skip
-        # Their sites are the compact W_q: the fused float32 copies the other shields keep are never made.
+        # W_q is derived from the model's matrices a block at a time, whenever masks are made, and the file
+        # pages each read touched are handed back: neither W_q nor the float weights stay resident.
+        quantized = QuantizedWeights(weights, n_layers, config.weight_bits, dtype=None, pages=FilePages())
+        # Their sites are the derived W_q: the fused float32 copies the other shields keep are never made.
         sites = {site: (w_q, sizes) for site, (w_q, _, sizes) in quantized.groups.items()}
         if config.name == "plain":
             return ExactPlainShield(sites, verify, server_dtype, quantized, config.activation_bits)
