@@ -20,7 +20,8 @@ from __future__ import annotations
 import itertools
 import math
 import os
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -63,18 +64,15 @@ class Field:
 def quantize_rows(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row symmetric quantization: x (..., K) -> (integers as float64, scale (..., 1) float64).
 
-    Computed in float64 on the CPU so that server and TEE get identical integers.
+    Computed in float64 on the CPU so that server and TEE get identical integers: x times the
+    scale's reciprocal, rounded half to even (`DerivedIntegers.rows` repeats these steps).
+    No clamp is needed: |x| <= max |x| = scale·top, so x·(1/scale) stays within a few ulps of ±top.
     """
     x = x.detach().to("cpu", torch.float64, copy=True)  # our own copy: the steps below work in place
     top = (1 << (bits - 1)) - 1
     scale = torch.linalg.vector_norm(x, ord=math.inf, dim=-1, keepdim=True) / top  # max |x| per row
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # an all-zero row stays zero
-    return _integers(x, scale, top), scale
-
-
-def _integers(x: torch.Tensor, scale: torch.Tensor, top: int) -> torch.Tensor:
-    """float64 rows (our own copy) -> their integers under `scale`, in place: the one rounding both sides use."""
-    return x.div_(scale).round_().clamp_(-top, top)
+    return x.mul_(1.0 / scale).round_(), scale
 
 
 def quantize_matrix(w: torch.Tensor, bits: int, dtype: torch.dtype, device: str | torch.device = "cpu") -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -106,43 +104,56 @@ class DerivedIntegers:
         self._ends = list(itertools.accumulate(part.shape[0] for part in self.parts))
         self.shape = torch.Size((self.parts[0].shape[1], self._ends[-1]))
         self.device = self.parts[0].device
-        self.top = (1 << (bits - 1)) - 1
         self._pages = pages if pages is not None and all(pages.holds(part) for part in self.parts) else None
         self.scale = torch.empty(self.shape[1], 1, dtype=torch.float64)  # per output row
         self.l1 = 0  # max row L1 of W_q
         for start, end in block_ranges(self.shape[1], self.shape[0]):
-            q, self.scale[start:end] = quantize_rows(self._read(start, end), bits)
+            rows = torch.empty(end - start, self.shape[0], dtype=self.parts[0].dtype)
+            self._each_piece(start, end, rows.__setitem__)
+            q, self.scale[start:end] = quantize_rows(rows, bits)
             self.l1 = max(self.l1, int(q.abs().sum(dim=1).max()) if q.numel() else 0)
+        self._reciprocal = 1.0 / self.scale  # as `quantize_rows` computes it
 
-    def rows(self, start: int, end: int) -> torch.Tensor:
-        """Rows start:end of W_q (end - start, K): float64 integers, exactly `quantize_rows`' of the whole matrix."""
-        return _integers(self._read(start, end), self.scale[start:end], self.top)
+    def rows(self, start: int, end: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Rows start:end of W_q (end - start, K), float64 integers, into `out` if given: exactly `quantize_rows`'."""
+        out = torch.empty(end - start, self.shape[0], dtype=torch.float64) if out is None else out
+        self._each_piece(start, end, out.__setitem__)
+        return out.mul_(self._reciprocal[start:end]).round_()
 
-    def columns(self, start: int, end: int) -> torch.Tensor:
-        """Columns start:end of W_q (K, end - start)."""
-        return self.rows(start, end).t()
+    def columns(self, start: int, end: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Columns start:end of W_q (K, end - start): the transposed view of `rows`."""
+        return self.rows(start, end, out).t()
 
     def dense(self) -> torch.Tensor:
         """All of W_q (K, N) in float64: for tests and small models only."""
         return self.columns(0, self.shape[1])
 
-    def _read(self, start: int, end: int) -> torch.Tensor:
-        """Stacked rows start:end in float64, our own copy; file pages read for it are handed back."""
-        pieces = []
+    def _each_piece(self, start: int, end: int, use: Callable[[slice, torch.Tensor], object]) -> None:
+        """`use(rows of the block, piece)` for each part's share of stacked rows start:end; file pages read are handed back."""
         for part, part_end in zip(self.parts, self._ends, strict=True):
             part_start = part_end - part.shape[0]
-            if start < part_end and end > part_start:
-                pieces.append(part[max(start, part_start) - part_start : min(end, part_end) - part_start])
-        block = pieces[0].to(torch.float64, copy=True) if len(pieces) == 1 else torch.cat(pieces).to(torch.float64)
-        if self._pages is not None:
-            for piece in pieces:
-                self._pages.release(piece)
-        return block
+            lo, hi = max(start, part_start), min(end, part_end)
+            if lo < hi:
+                piece = part[lo - part_start : hi - part_start]
+                use(slice(lo - start, hi - start), piece)
+                if self._pages is not None:
+                    self._pages.release(piece)
 
 
 def columns(w_q: torch.Tensor | DerivedIntegers, start: int, end: int) -> torch.Tensor:
-    """Columns start:end of a (K, N) integer matrix in float64: a view when it is stored in float64."""
-    return w_q.columns(start, end) if isinstance(w_q, DerivedIntegers) else w_q[:, start:end].to(torch.float64)
+    """Columns start:end of a (K, N) integer matrix in float64: a view when it is stored in float64.
+
+    Derived ones are made in this thread's block buffer, reused from block to block: valid until the
+    thread's next call. Blocks are megabytes; a fresh allocation each would cost its page faults."""
+    if not isinstance(w_q, DerivedIntegers):
+        return w_q[:, start:end].to(torch.float64)
+    buffer = getattr(_block, "buffer", None)
+    if buffer is None:
+        buffer = _block.buffer = torch.empty(BLOCK_BYTES // 8, dtype=torch.float64)
+    return w_q.columns(start, end, buffer[: (end - start) * w_q.shape[0]].view(end - start, w_q.shape[0]))
+
+
+_block = threading.local()  # per thread: the pool's worker and a stalled call make masks at once
 
 
 def max_row_l1(w_q: torch.Tensor) -> int:

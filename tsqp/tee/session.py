@@ -27,6 +27,7 @@ from tsqp.shields.config import ACTIVATION_BITS, DEFAULT_SHIELD, NOISE_SCALE, WE
 from tsqp.tee.batch import MAX_BATCH, PREFILL_CHUNK, Batcher
 from tsqp.tee.generation import Generation, Sampling, generate
 from tsqp.tee.llama import KVCache, Llama
+from tsqp.tee.memory import return_large_buffers
 from tsqp.tee.private_server import PrivateServer, closed_on_failure
 from tsqp.wire.client import RemoteBackend
 from tsqp.wire.endpoints import CONNECT_TIMEOUT_S, check_endpoint
@@ -262,6 +263,7 @@ def connect(
     shielding = (
         shield_config or ShieldConfig(shield, verify, precompute, noise_scale, weight_bits, activation_bits, allow_broken, dtype, accept_lower_precision)
     ).validate()
+    return_large_buffers()  # the TEE's memory: large buffers go back to the system when freed (`tee.memory`)
     if endpoint is not None:
         if local:
             raise InputError("a local session runs the linear ops in this process: it takes no endpoint")
