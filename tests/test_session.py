@@ -76,3 +76,26 @@ def test_connect_refuses_a_broken_shield_unless_allowed(shield: str, tiny_path: 
         connect(None, tiny_path, shield=shield)
     with connect(model=tiny_path, local=True, shield=shield, allow_broken=True) as session:  # research: allowed
         assert session.generate(list(range(3, 9)), max_new_tokens=2).token_ids
+
+
+def test_a_bfloat16_model_stays_in_its_file_and_every_exact_shield_gives_the_local_tokens(tmp_path: Path) -> None:
+    """The weights stay as the file holds them (bfloat16, file pages the TEE never copies); whoever
+    computes converts, so local, plain and otp still agree token for token."""
+    import torch
+    from helpers import TINY
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tsqp.model.loading import load
+    from tsqp.model.pages import FilePages
+
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(**TINY)).to(torch.bfloat16).save_pretrained(tmp_path)
+    loaded = load(tmp_path, with_tokenizer=False)
+    q = loaded.weights["layers.0.q_proj"]
+    assert q.dtype == torch.bfloat16 and FilePages().holds(q)  # no float32 copy was made
+    prompt = list(range(40, 60))
+    with connect(None, tmp_path, local=True) as local:
+        expected = local.generate(prompt, 12).token_ids
+    for shield, verify in (("plain", False), ("plain", True), ("otp", True)):
+        with connect(None, tmp_path, shield=shield, verify=verify) as split:
+            assert split.generate(prompt, 12).token_ids == expected, (shield, verify)

@@ -242,7 +242,10 @@ def _tsqp_weights(state: dict[str, torch.Tensor], config: ModelConfig) -> dict[s
             if _IGNORED.match(hf_name):
                 continue
             raise ModelLoadError(f"unexpected weight {hf_name!r}: not a LLaMA parameter tsqp knows")
-        weights[name] = tensor.float().contiguous()
+        # As the file holds them (a read-only mapping of a safetensors file): whoever computes converts
+        # (`LinearWeights` to its dtype, the TEE's norms to float32, otp's blocks to float64). A float32
+        # copy of a bfloat16 model would double the TEE's memory for weights it never reads in a split.
+        weights[name] = tensor if tensor.is_floating_point() and tensor.is_contiguous() else tensor.float().contiguous()
     weights.setdefault("lm_head", weights.get("embed"))  # tied embeddings are saved once
     expected = ["embed", "norm", "lm_head"] + [
         f"layers.{i}.{m}"

@@ -12,8 +12,8 @@ Site = GroupKey | str  # (layer, modules) of a LINEAR call, or "lm_head"
 
 
 def site_weights(weights: Mapping[str, torch.Tensor], n_layers: int) -> dict[Site, tuple[torch.Tensor, list[int]]]:
-    """Every call site's W_t (K, N) (fused as on the server) and its modules' output sizes."""
-    return {key: (w_t, sizes) for key, w_t, sizes in product_sites(weights, n_layers)}
+    """Every call site's W_t (K, N) in float32 (fused as on the server) and its modules' output sizes."""
+    return {key: (w_t.float(), sizes) for key, w_t, sizes in product_sites(weights, n_layers)}  # float products in the TEE
 
 
 # Where each call group comes in a layer's forward pass (attention, then the MLP).
