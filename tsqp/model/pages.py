@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 MADV_DONTNEED = 4
+FOLIO_BYTES = 2 << 20  # the largest folio a read of a mapped file maps at once (a PMD's span)
 
 
 class FilePages:
@@ -39,8 +40,10 @@ class FilePages:
         if mapping is None or self._madvise is None:
             return False
         start, end = _span(t)
-        # Whole pages around t: a mapping starts and ends on page boundaries, so these stay inside it.
-        start, end = start - start % mmap.PAGESIZE, min(-(-end // mmap.PAGESIZE) * mmap.PAGESIZE, mapping[1])
+        # A read maps the page cache's whole folio around it (up to 2 MiB, aligned in the file), so the
+        # folios around t go too: clean file pages of the same mapping, safe to drop, bounded by it.
+        start = max(start - start % FOLIO_BYTES, mapping[0])
+        end = min(-(-end // FOLIO_BYTES) * FOLIO_BYTES, mapping[1])
         return self._madvise(start, end - start, MADV_DONTNEED) == 0
 
     def _mapping(self, t: torch.Tensor) -> tuple[int, int] | None:

@@ -22,6 +22,7 @@ from tsqp import PROCESS_STARTED
 from tsqp.errors import AuthError, InputError, ShieldError, TsqpError
 from tsqp.model.linear import LinearWeights, max_reply_bytes, output_widths
 from tsqp.model.loading import DEFAULT_MODEL, LoadedModel, load, resolve
+from tsqp.model.pages import FilePages
 from tsqp.shields.backend import ShieldedBackend, describe, make_shield
 from tsqp.shields.config import ACTIVATION_BITS, DEFAULT_SHIELD, NOISE_SCALE, WEIGHT_BITS, ShieldConfig
 from tsqp.tee.batch import MAX_BATCH, PREFILL_CHUNK, Batcher
@@ -317,4 +318,4 @@ def shielded(remote: RemoteBackend, model: LoadedModel, shielding: ShieldConfig)
         return remote
     guard = make_shield(shielding, model.weights, model.config.n_layers, precision)
     guard.prepare(shielding.precompute)
-    return ShieldedBackend(remote, guard, model.weights["embed"], shielding.verifies)
+    return ShieldedBackend(remote, guard, model.weights["embed"], shielding.verifies, FilePages())
