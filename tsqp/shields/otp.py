@@ -84,8 +84,8 @@ class OtpShield(Shield):
             return torch.from_numpy(x_q % self.field.p), _OtpCall(x_q, x_scale, np.zeros((1, 1), dtype=np.int64))
         r, rw = self.pool.take(site, x.shape[0])
         wire = x_q + r.detach().numpy()  # in [-top, p + top): one correction either way is the residue mod p
-        wire += self.field.p * (wire < 0)
-        wire -= self.field.p * (wire >= self.field.p)
+        wire[wire < 0] += self.field.p  # in place, as below: a prefill chunk's (T, K) int64 temporaries are megabytes
+        wire[wire >= self.field.p] -= self.field.p
         return torch.from_numpy(wire), _OtpCall(x_q, x_scale, rw.detach().numpy())
 
     def _integers(self, z: torch.Tensor, call: _OtpCall) -> np.ndarray:
@@ -103,7 +103,7 @@ class OtpShield(Shield):
     def verify(self, site: Site, wire: torch.Tensor, z: torch.Tensor, state: Any) -> None:
         assert self.checks is not None
         y = self._integers(z, state)
-        if y.size and int(np.abs(y).max()) > self.field.bound:
+        if y.size and max(int(y.max()), -int(y.min())) > self.field.bound:
             raise IntegrityError(integrity_message(site, "|".join(module_names(site)), "a value beyond any honest result"))
         r, s = self.checks[site]
         lhs = y.view(np.uint64) @ r  # (T, 2M), mod 2⁶⁴
@@ -114,5 +114,7 @@ class OtpShield(Shield):
             raise IntegrityError(integrity_message(site, module, "Freivalds check mod 2^64"))
 
     def unmask(self, site: Site, z: torch.Tensor, state: Any) -> torch.Tensor:
-        y = self._integers(z, state)
-        return torch.from_numpy((y * state.x_scale * self._w_scales[site]).astype(np.float32))
+        out = self._integers(z, state).astype(np.float64)
+        out *= state.x_scale  # (y · x_scale) · w_scale, in place: the same roundings, one temporary
+        out *= self._w_scales[site]
+        return torch.from_numpy(out.astype(np.float32))
