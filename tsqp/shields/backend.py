@@ -23,14 +23,17 @@ from tsqp.shields.seqmix import SeqmixShield
 from tsqp.shields.sites import Site, integrity_message, module_names, site_weights
 
 
-def make_shield(config: ShieldConfig, weights: Mapping[str, torch.Tensor], n_layers: int, server_dtype: str = "float32") -> Shield:
-    """The TEE's side of the configured shield for a model's weights (the TEE holds them: only masked products leave)."""
+def make_shield(config: ShieldConfig, weights: Mapping[str, torch.Tensor], n_layers: int, server_dtype: str = "float32",
+                pages: FilePages | None = None) -> Shield:  # fmt: skip
+    """The TEE's side of the configured shield for a model's weights (the TEE holds them: only masked products leave).
+
+    `pages`: the weights' file mappings, whose pages otp's reads hand back."""
     config.validate()
     verify = config.verifies
     if config.exact:  # otp, and plain when verified: fixed point, checked exactly
         # W_q is derived from the model's matrices a block at a time, whenever masks are made, and the file
         # pages each read touched are handed back: neither W_q nor the float weights stay resident.
-        quantized = QuantizedWeights(weights, n_layers, config.weight_bits, dtype=None, pages=FilePages())
+        quantized = QuantizedWeights(weights, n_layers, config.weight_bits, dtype=None, pages=pages)
         # Their sites are the derived W_q: the fused float32 copies the other shields keep are never made.
         sites = {site: (w_q, sizes) for site, (w_q, _, sizes) in quantized.groups.items()}
         if config.name == "plain":

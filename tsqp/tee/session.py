@@ -316,6 +316,7 @@ def shielded(remote: RemoteBackend, model: LoadedModel, shielding: ShieldConfig)
     precision = shielding.server_precision(remote.info.get("dtype"))
     if shielding.name == "plain" and not shielding.verifies:
         return remote
-    guard = make_shield(shielding, model.weights, model.config.n_layers, precision)
+    pages = FilePages()  # the weights' file mappings, read once for the shield and the embedding lookups
+    guard = make_shield(shielding, model.weights, model.config.n_layers, precision, pages)
     guard.prepare(shielding.precompute)
-    return ShieldedBackend(remote, guard, model.weights["embed"], shielding.verifies, FilePages())
+    return ShieldedBackend(remote, guard, model.weights["embed"], shielding.verifies, pages)
