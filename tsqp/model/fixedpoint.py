@@ -112,13 +112,12 @@ class DerivedIntegers:
             self._each_piece(start, end, rows.__setitem__)
             q, self.scale[start:end] = quantize_rows(rows, bits)
             self.l1 = max(self.l1, int(q.abs().sum(dim=1).max()) if q.numel() else 0)
-        self._reciprocal = 1.0 / self.scale  # as `quantize_rows` computes it
 
     def rows(self, start: int, end: int, out: torch.Tensor | None = None) -> torch.Tensor:
         """Rows start:end of W_q (end - start, K), float64 integers, into `out` if given: exactly `quantize_rows`'."""
         out = torch.empty(end - start, self.shape[0], dtype=torch.float64) if out is None else out
         self._each_piece(start, end, out.__setitem__)
-        return out.mul_(self._reciprocal[start:end]).round_()
+        return out.mul_(1.0 / self.scale[start:end]).round_()  # as `quantize_rows` computes it
 
     def columns(self, start: int, end: int, out: torch.Tensor | None = None) -> torch.Tensor:
         """Columns start:end of W_q (K, end - start): the transposed view of `rows`."""
@@ -147,10 +146,11 @@ def columns(w_q: torch.Tensor | DerivedIntegers, start: int, end: int) -> torch.
     thread's next call. Blocks are megabytes; a fresh allocation each would cost its page faults."""
     if not isinstance(w_q, DerivedIntegers):
         return w_q[:, start:end].to(torch.float64)
+    need = (end - start) * w_q.shape[0]
     buffer = getattr(_block, "buffer", None)
-    if buffer is None:
-        buffer = _block.buffer = torch.empty(BLOCK_BYTES // 8, dtype=torch.float64)
-    return w_q.columns(start, end, buffer[: (end - start) * w_q.shape[0]].view(end - start, w_q.shape[0]))
+    if buffer is None or buffer.numel() < need:  # a block is at least one line, however long
+        buffer = _block.buffer = torch.empty(max(BLOCK_BYTES // 8, need), dtype=torch.float64)
+    return w_q.columns(start, end, buffer[:need].view(end - start, w_q.shape[0]))
 
 
 _block = threading.local()  # per thread: the pool's worker and a stalled call make masks at once
@@ -224,9 +224,16 @@ def float32_limb_bits(l1: int) -> int:
 
 
 def _limbs(x: torch.Tensor, bits: int, p: int, dtype: torch.dtype) -> torch.Tensor:
-    """x (T, K) int64 in [0, p) -> its `bits`-bit limbs stacked (n·T, K), least significant first (a few ops for any n)."""
+    """x (T, K) int64 in [0, p) -> its `bits`-bit limbs stacked (n·T, K), least significant first.
+
+    A few ops for any n, a block of rows at a time: a prefill chunk's int64 temporaries would be
+    n times the chunk's size each."""
     shifts = torch.arange(0, p.bit_length(), bits, device=x.device)[:, None, None]
-    return ((x[None] >> shifts) & ((1 << bits) - 1)).view(-1, x.shape[-1]).to(dtype)
+    out = torch.empty(shifts.shape[0], *x.shape, dtype=dtype, device=x.device)
+    step = max(1, BLOCK_BYTES // (8 * shifts.shape[0] * max(x.shape[-1], 1)))
+    for start in range(0, x.shape[0], step):
+        out[:, start : start + step] = (x[None, start : start + step] >> shifts) & ((1 << bits) - 1)
+    return out.view(-1, x.shape[-1])
 
 
 def _horner(products: torch.Tensor, rows: int, p: int, bits: int) -> torch.Tensor:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,12 +19,14 @@ from tsqp.shields.freivalds import block_diagonal
 from tsqp.shields.pool import MaskPool
 from tsqp.shields.sites import Site, integrity_message, module_names
 
+UNMASK_BLOCK_BYTES = 1 << 20  # float64 rows unmasked at once
+
 
 @dataclass
 class _OtpCall:
     x_q: np.ndarray  # (T, K) int64 activations as integers
     x_scale: np.ndarray  # (T, 1) float64
-    mask_product: np.ndarray  # (T, N) int64 R·W_qᵀ mod p
+    mask_product: np.ndarray | None  # (T, N) int64 R·W_qᵀ mod p (None: no pad); its memory becomes y
     y: np.ndarray | None = field(default=None)  # (T, N) int64 the unmasked integers, once computed
 
 
@@ -53,12 +56,15 @@ class OtpShield(Shield):
         self.checks = self._freivalds_vectors() if verify else None
         self._w_scales = {site: scale.detach().numpy() for site, (_, scale, _) in quantized.groups.items()}  # (1, N) float64
 
-    def _freivalds_vectors(self) -> dict[Site, tuple[np.ndarray, np.ndarray]]:
-        """Per site: r (N, 2M) block-diagonal, two vectors per module, and s = W_q·r (K, 2M), both mod 2⁶⁴."""
+    def _freivalds_vectors(self) -> dict[Site, tuple[list[tuple[int, int, np.ndarray]], np.ndarray]]:
+        """Per site: two vectors r_i (N_i, 2) per module, on its outputs start:end, and s = W_q·r (K, 2M) for
+        all of them side by side (r block-diagonal, made for that product only), both mod 2⁶⁴."""
         checks = {}
         for site, (w_q, _, sizes) in self.quantized.groups.items():
-            r = block_diagonal([fixedpoint.random_u64((n, self.FREIVALDS_VECTORS)) for n in sizes]).detach().numpy().view(np.uint64)
-            checks[site] = (r, fixedpoint.matmul_mod_2_64(w_q, r))
+            vectors = [fixedpoint.random_u64((n, self.FREIVALDS_VECTORS)) for n in sizes]
+            s = fixedpoint.matmul_mod_2_64(w_q, block_diagonal(vectors).numpy().view(np.uint64))
+            ends = list(itertools.accumulate(sizes))
+            checks[site] = ([(end - n, end, r.numpy().view(np.uint64)) for n, end, r in zip(sizes, ends, vectors, strict=True)], s)
         return checks
 
     def wire_args(self) -> dict[str, Any]:
@@ -74,24 +80,31 @@ class OtpShield(Shield):
 
     def mask(self, site: Site, x: torch.Tensor) -> tuple[torch.Tensor, Any]:
         # fixedpoint.quantize_rows, in numpy for one-row calls (it stays torch for the weights,
-        # where torch's threads shorten start-up).
-        x = x.detach().numpy().astype(np.float64)
+        # where torch's threads shorten start-up). In place where it can be: a prefill chunk's
+        # (T, K) temporaries are megabytes each on a 1B model.
+        x = x.detach().numpy().astype(np.float64)  # our copy
         top = (1 << (self.field.activation_bits - 1)) - 1
         x_scale = np.abs(x).max(axis=-1, keepdims=True) / top
         x_scale[x_scale == 0] = 1.0  # an all-zero row stays zero
-        x_q = np.rint(x / x_scale).astype(np.int64)  # |x_q| <= top
+        x /= x_scale
+        x_q = np.rint(x, out=x).astype(np.int64)  # |x_q| <= top
+        del x
         if self.pool is None:  # exact plain: the same integers and checks, with R = 0
-            return torch.from_numpy(x_q % self.field.p), _OtpCall(x_q, x_scale, np.zeros((1, 1), dtype=np.int64))
-        r, rw = self.pool.take(site, x.shape[0])
-        wire = x_q + r.detach().numpy()  # in [-top, p + top): one correction either way is the residue mod p
-        wire[wire < 0] += self.field.p  # in place, as below: a prefill chunk's (T, K) int64 temporaries are megabytes
+            return torch.from_numpy(x_q % self.field.p), _OtpCall(x_q, x_scale, None)
+        r, rw = self.pool.take(site, x_q.shape[0])
+        # The rows taken are this call's alone (the pool hands each out once): the pad is added in place.
+        wire = r.detach().numpy()
+        wire += x_q  # in [-top, p + top): one correction either way is the residue mod p
+        wire[wire < 0] += self.field.p
         wire[wire >= self.field.p] -= self.field.p
-        return torch.from_numpy(wire), _OtpCall(x_q, x_scale, rw.detach().numpy())
+        return r, _OtpCall(x_q, x_scale, rw.detach().numpy())
 
     def _integers(self, z: torch.Tensor, call: _OtpCall) -> np.ndarray:
+        """Y = Z - R·W_qᵀ, centred, into the call's own product rows (the pool hands each out once)."""
         if call.y is None:
             p, z = self.field.p, z.detach().numpy()
-            y = z - call.mask_product
+            y = z.copy() if call.mask_product is None else np.subtract(z, call.mask_product, out=call.mask_product)
+            call.mask_product = None  # y took its place
             if z.size and (int(z.min()) < 0 or int(z.max()) >= p):
                 y %= p  # outside the field (a dishonest server): reduce, as every honest value is
             # y in (-p, p): the centred representative by one correction either way (no division).
@@ -105,8 +118,9 @@ class OtpShield(Shield):
         y = self._integers(z, state)
         if y.size and max(int(y.max()), -int(y.min())) > self.field.bound:
             raise IntegrityError(integrity_message(site, "|".join(module_names(site)), "a value beyond any honest result"))
-        r, s = self.checks[site]
-        lhs = y.view(np.uint64) @ r  # (T, 2M), mod 2⁶⁴
+        vectors, s = self.checks[site]
+        y = y.view(np.uint64)
+        lhs = np.concatenate([y[:, start:end] @ r for start, end, r in vectors], axis=1)  # (T, 2M), mod 2⁶⁴
         rhs = state.x_q.view(np.uint64) @ s
         bad = (lhs != rhs).any(axis=0)
         if bad.any():
@@ -114,7 +128,13 @@ class OtpShield(Shield):
             raise IntegrityError(integrity_message(site, module, "Freivalds check mod 2^64"))
 
     def unmask(self, site: Site, z: torch.Tensor, state: Any) -> torch.Tensor:
-        out = self._integers(z, state).astype(np.float64)
-        out *= state.x_scale  # (y · x_scale) · w_scale, in place: the same roundings, one temporary
-        out *= self._w_scales[site]
-        return torch.from_numpy(out.astype(np.float32))
+        y = self._integers(z, state)
+        out = np.empty(y.shape, dtype=np.float32)
+        # (y · x_scale) · w_scale in float64, rounded once to float32, a block of rows at a time:
+        # a float64 copy of a prefill chunk's whole result would be tens of megabytes.
+        step = max(1, UNMASK_BLOCK_BYTES // (8 * max(y.shape[1], 1)))
+        for start in range(0, y.shape[0], step):
+            block = np.multiply(y[start : start + step], state.x_scale[start : start + step])
+            block *= self._w_scales[site]
+            out[start : start + step] = block
+        return torch.from_numpy(out)
