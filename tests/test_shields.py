@@ -20,6 +20,7 @@ from tsqp.model.linear import LinearWeights
 from tsqp.model.loading import LoadedModel, load
 from tsqp.server import handlers
 from tsqp.server.recording import read_recording
+from tsqp.shields import otp
 from tsqp.shields.backend import ShieldedBackend, describe
 from tsqp.shields.config import SHIELDS, ShieldConfig
 from tsqp.shields.freivalds import FloatFreivalds
@@ -149,6 +150,30 @@ def test_the_pool_never_holds_more_than_its_budget(tmp_path: Path) -> None:
         session.close()
     finally:
         running.close()
+
+
+def test_otp_splits_a_long_call_so_that_its_buffers_stay_bounded(tiny: LoadedModel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A call whose (T, N) int64 result would take more than `CALL_BYTES` goes to the server as several,
+    each within it (recorded as the server received them); the tokens stay `local`'s."""
+    widest = 2 * tiny.config.intermediate_size  # gate|up
+    monkeypatch.setattr(otp, "CALL_BYTES", 8 * 5 * widest)  # 5 rows a call there, more at the narrower sites
+    running = start_server(tiny, record_dir=tmp_path)
+    try:
+        session = shielded_session(tiny, running.endpoint, "otp")
+        shield = session.backend.shield
+        assert session.prefill_chunk == 5  # the session's forwards keep within it; a whole-prompt forward is split:
+        assert generate(session.llama, PROMPT, 6).token_ids == local_tokens(tiny, PROMPT, 6)
+        session.close()
+    finally:
+        running.close()
+    rows: dict[object, list[int]] = {}
+    for record in read_recording(tmp_path):
+        if record.op == "LINEAR":
+            rows.setdefault((record.args["layer"], tuple(record.args["modules"])), []).append(record.tensors[0].shape[0])
+    for site, calls in rows.items():  # the 24-token prompt in pieces of at most the site's rows, then one row a token
+        limit = shield.max_rows(site)
+        assert calls == [min(limit, len(PROMPT) - start) for start in range(0, len(PROMPT), limit)] + [1] * 5
+    assert shield.max_rows((0, ("gate_proj", "up_proj"))) == 5 and len({shield.max_rows(site) for site in rows}) > 1  # by each site's widths
 
 
 # --- integrity -------------------------------------------------------------------------------

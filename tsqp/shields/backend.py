@@ -69,6 +69,11 @@ class ShieldedBackend:
         self.pages = pages  # the embedding's file pages go back after each lookup
         self.stats = ShieldedStats(remote.stats, shield.times)
 
+    def max_forward_rows(self) -> int | None:
+        """The most rows a forward may send each layer with no call split (the shield's bound); None: any."""
+        limits = [self.shield.max_rows(site) for site in self.shield.sites if site != "lm_head"]
+        return min(limits) if limits and None not in limits else None  # type: ignore[type-var]
+
     def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
         if not self.shield.embeds_remotely:
             return self._own_rows(token_ids)
@@ -102,15 +107,25 @@ class ShieldedBackend:
         if site not in self.shield.sites:
             raise ShieldError(f"unknown call site {site}")
         sizes = self.shield.sites[site][1]
-        lead = x.shape[:-1]
+        rows = x.reshape(-1, x.shape[-1])
+        # A shield that mixes rows masks each sequence apart (one call still carries them all);
+        # the others mask every row on its own anyway, and may split a long call to bound its buffers.
+        per_sequence = self.shield.mixes_rows and groups is not None and len(groups) > 1
+        limit = self.shield.max_rows(site)
+        if per_sequence or limit is None or rows.shape[0] <= limit:
+            y = self._product(op, args, site, rows, groups if per_sequence else None)
+        else:
+            y = torch.cat([self._product(op, args, site, part) for part in rows.split(limit)])
+        y = y.reshape(*x.shape[:-1], y.shape[-1])
+        return list(y.split(sizes, dim=-1)) if len(sizes) > 1 else [y]
+
+    def _product(self, op: str, args: dict[str, Any], site: Site, rows: torch.Tensor, groups: Sequence[int] | None = None) -> torch.Tensor:
+        """One round trip: `rows` (T, K) masked, computed by the server, verified and unmasked: (T, N)."""
+        sizes = self.shield.sites[site][1]
         times = self.shield.times
         stall_before = times.stall_s  # masks made for this call, or waited for, inside `mask`: counted apart
         t0 = time.perf_counter()
-        rows = x.reshape(-1, x.shape[-1])
-        # A shield that mixes rows masks each sequence apart (one call still carries them all);
-        # the others mask every row on its own anyway.
-        per_sequence = self.shield.mixes_rows and groups is not None and len(groups) > 1
-        wire, state = _mask_per_group(self.shield, site, rows, groups) if per_sequence else self.shield.mask(site, rows)
+        wire, state = _mask_per_group(self.shield, site, rows, groups) if groups is not None else self.shield.mask(site, rows)
         t1 = time.perf_counter()
         with self._as_integrity_failure():
             parts = self.remote.call(op, {**args, **self.shield.wire_args()}, [wire]).tensors
@@ -121,13 +136,12 @@ class ShieldedBackend:
         if self.verify:
             self.shield.verify(site, wire, z, state)
         t3 = time.perf_counter()
-        y = _unmask_per_group(self.shield, site, z, state, groups) if per_sequence else self.shield.unmask(site, z, state)
+        y = _unmask_per_group(self.shield, site, z, state, groups) if groups is not None else self.shield.unmask(site, z, state)
         t4 = time.perf_counter()
         times.mask_s += (t1 - t0) - (times.stall_s - stall_before)
         times.verify_s += (t3 - t2) if self.verify else 0.0
         times.unmask_s += t4 - t3
-        y = y.reshape(*lead, y.shape[-1])
-        return list(y.split(sizes, dim=-1)) if len(sizes) > 1 else [y]
+        return y
 
     @contextmanager
     def _as_integrity_failure(self) -> Iterator[None]:
@@ -164,6 +178,8 @@ def describe(shield: Shield) -> dict[str, Any]:
         info["noise_scale"] = shield.scale
     if shield.pool is not None:
         info["pool_peak_mib"] = shield.pool.peak_bytes / 2**20
+    if isinstance(shield, OtpShield):
+        info["max_call_rows"] = min(shield.max_rows(site) or 0 for site in shield.sites if site != "lm_head")
     return info
 
 

@@ -37,6 +37,10 @@ class Shield:
         if self.pool is not None:
             self.pool.close()
 
+    def max_rows(self, site: Site) -> int | None:
+        """The most rows one call to `site` carries (a longer one is split); None: any number."""
+        return None
+
     def wire_args(self) -> dict[str, Any]:
         return {}
 

@@ -20,6 +20,9 @@ from tsqp.shields.pool import MaskPool
 from tsqp.shields.sites import Site, integrity_message, module_names
 
 UNMASK_BLOCK_BYTES = 1 << 20  # float64 rows unmasked at once
+# The most one call's widest (T, K) or (T, N) int64 buffer takes: a longer call (a prefill chunk at a wide
+# site, such as a 1B model's gate|up) is split, so that its buffers here and its masks stay within this.
+CALL_BYTES = 8 << 20
 
 
 @dataclass
@@ -52,7 +55,8 @@ class OtpShield(Shield):
         self.quantized = quantized
         self.field = fixedpoint.choose_field(quantized.l1, quantized.bits, activation_bits)
         row_bytes = {site: 8 * sum(w_q.shape) for site, (w_q, _) in sites.items()}  # R (K) and R·W_qᵀ (N), int64
-        self.pool = MaskPool(self._make, list(sites), self.times, row_bytes, pool_bytes) if masked else None  # unmasked: exact plain
+        self._max_rows = {site: max(1, CALL_BYTES // (8 * max(w_q.shape))) for site, (w_q, _) in sites.items()}
+        self.pool = MaskPool(self._make, list(sites), self.times, row_bytes, pool_bytes, self._max_rows) if masked else None  # unmasked: exact plain
         self.checks = self._freivalds_vectors() if verify else None
         self._w_scales = {site: scale.detach().numpy() for site, (_, scale, _) in quantized.groups.items()}  # (1, N) float64
 
@@ -66,6 +70,9 @@ class OtpShield(Shield):
             ends = list(itertools.accumulate(sizes))
             checks[site] = ([(end - n, end, r.numpy().view(np.uint64)) for n, end, r in zip(sizes, ends, vectors, strict=True)], s)
         return checks
+
+    def max_rows(self, site: Site) -> int | None:
+        return self._max_rows[site]
 
     def wire_args(self) -> dict[str, Any]:
         return self.field.as_args()

@@ -47,11 +47,14 @@ class MaskPool:
 
     `row_bytes[site]` is what one row of a site's mask and product take; `budget_bytes` bounds
     what the pool holds (made ahead, or being made), except what `prepare` is asked for.
+    `max_rows[site]`: the most rows one call to a site takes (its shield splits longer ones).
     """
 
     def __init__(self, make: Make, sites: Sequence[Site], times: ShieldTimes, row_bytes: Mapping[Site, int],
-                 budget_bytes: int = POOL_MIB << 20, background: bool = True) -> None:  # fmt: skip
+                 budget_bytes: int = POOL_MIB << 20, max_rows: Mapping[Site, int] | None = None,
+                 background: bool = True) -> None:  # fmt: skip
         self.make, self.times, self.row_bytes = make, times, dict(row_bytes)
+        self.max_rows = dict(max_rows or {})
         self.sites = sorted(sites, key=forward_order)
         self._index = {site: i for i, site in enumerate(self.sites)}
         self.budget_bytes = budget_bytes
@@ -103,7 +106,8 @@ class MaskPool:
             self._wait_while_making(site)
             parts = self._pop(site, rows)
             if site != "lm_head":
-                self._tokens = rows
+                # A call of a site's most rows may be one piece of a longer one: the tokens are at least that.
+                self._tokens = max(self._tokens, rows) if rows >= self.max_rows.get(site, rows + 1) else rows
             self._cursor = self._index[site]
             self._start_worker()
             if rows > 1 or self._rows[site] < REFILL_ROWS // 2:
@@ -157,8 +161,9 @@ class MaskPool:
             site = self.sites[(self._cursor + step) % n_sites]
             want = call_rows(site, self._tokens)
             # Decode (one row a call): refilled a batch at a time, before it runs dry, so that one
-            # pass over the weights serves many tokens and no step finds its site empty.
-            low, target = (REFILL_ROWS // 2, REFILL_ROWS) if want == 1 else (want, want)
+            # pass over the weights serves many tokens and no step finds its site empty. A call split
+            # into pieces: made whole (one pass over the weights), once the site holds less than a piece.
+            low, target = (REFILL_ROWS // 2, REFILL_ROWS) if want == 1 else (min(want, self.max_rows.get(site, want)), want)
             if self._rows[site] >= low:
                 continue
             fits = (self.budget_bytes - self._held) // self.row_bytes[site]
