@@ -135,7 +135,9 @@ PoolMibOpt = Annotated[
 PrefillChunkOpt = Annotated[
     int,
     typer.Option(
-        "--prefill-chunk", min=0, help="Tokens per prefill forward, every shield: bounds each call's buffers on both sides; 0: the whole prompt at once."
+        "--prefill-chunk",
+        min=0,
+        help="Tokens per prefill forward, every shield: bounds each call's buffers on both sides; 0: the whole prompt at once. otp lowers it where one call's int64 buffers would pass 8 MiB (wide models).",
     ),
 ]
 NoiseScaleOpt = Annotated[float, typer.Option("--noise-scale", min=0.0, help="noise shield: mask standard deviation relative to each row's RMS.")]

@@ -66,9 +66,9 @@ class OtpShield(Shield):
         checks = {}
         for site, (w_q, _, sizes) in self.quantized.groups.items():
             vectors = [fixedpoint.random_u64((n, self.FREIVALDS_VECTORS)) for n in sizes]
-            s = fixedpoint.matmul_mod_2_64(w_q, block_diagonal(vectors).numpy().view(np.uint64))
+            s = fixedpoint.matmul_mod_2_64(w_q, block_diagonal(vectors).detach().numpy().view(np.uint64))
             ends = list(itertools.accumulate(sizes))
-            checks[site] = ([(end - n, end, r.numpy().view(np.uint64)) for n, end, r in zip(sizes, ends, vectors, strict=True)], s)
+            checks[site] = ([(end - n, end, r.detach().numpy().view(np.uint64)) for n, end, r in zip(sizes, ends, vectors, strict=True)], s)
         return checks
 
     def max_rows(self, site: Site) -> int | None:
