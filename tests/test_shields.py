@@ -161,7 +161,7 @@ def test_otp_splits_a_long_call_so_that_its_buffers_stay_bounded(tiny: LoadedMod
     try:
         session = shielded_session(tiny, running.endpoint, "otp")
         shield = session.backend.shield
-        assert session.prefill_chunk == 5  # the session's forwards keep within it; a whole-prompt forward is split:
+        assert session.prefill_chunk == describe(shield)["max_forward_rows"] == 5  # the session's forwards keep within it; a whole-prompt forward is split:
         assert generate(session.llama, PROMPT, 6).token_ids == local_tokens(tiny, PROMPT, 6)
         session.close()
     finally:

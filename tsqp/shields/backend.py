@@ -69,11 +69,6 @@ class ShieldedBackend:
         self.pages = pages  # the embedding's file pages go back after each lookup
         self.stats = ShieldedStats(remote.stats, shield.times)
 
-    def max_forward_rows(self) -> int | None:
-        """The most rows a forward may send each layer with no call split (the shield's bound); None: any."""
-        limits = [self.shield.max_rows(site) for site in self.shield.sites if site != "lm_head"]
-        return min(limits) if limits and None not in limits else None  # type: ignore[type-var]
-
     def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
         if not self.shield.embeds_remotely:
             return self._own_rows(token_ids)
@@ -178,8 +173,8 @@ def describe(shield: Shield) -> dict[str, Any]:
         info["noise_scale"] = shield.scale
     if shield.pool is not None:
         info["pool_peak_mib"] = shield.pool.peak_bytes / 2**20
-    if isinstance(shield, OtpShield):
-        info["max_call_rows"] = min(shield.max_rows(site) or 0 for site in shield.sites if site != "lm_head")
+    if (rows := shield.max_forward_rows()) is not None:
+        info["max_forward_rows"] = rows
     return info
 
 

@@ -41,6 +41,11 @@ class Shield:
         """The most rows one call to `site` carries (a longer one is split); None: any number."""
         return None
 
+    def max_forward_rows(self) -> int | None:
+        """The most rows a forward may send every layer's sites with no call split; None: any number."""
+        limits = [n for site in self.sites if site != "lm_head" and (n := self.max_rows(site)) is not None]
+        return min(limits) if limits else None
+
     def wire_args(self) -> dict[str, Any]:
         return {}
 

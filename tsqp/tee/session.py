@@ -44,7 +44,7 @@ class Session:
         self.backend = backend
         self.private_server = private_server
         self.prefill_chunk = prefill_chunk
-        rows = backend.max_forward_rows() if isinstance(backend, ShieldedBackend) else None
+        rows = backend.shield.max_forward_rows() if isinstance(backend, ShieldedBackend) else None
         if rows is not None:  # a shield that bounds its calls' buffers (otp on a 1B model) bounds the prefill's forwards
             self.prefill_chunk = min(prefill_chunk or rows, rows)
         self.llama = Llama(model.config, model.hf_config, model.norms(), backend, offload_attention_from)
