@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import select
 import signal
 import stat
 import subprocess
@@ -186,15 +185,15 @@ def test_a_private_server_exits_when_its_runner_is_killed(tiny_path: Path, tmp_p
 @pytest.mark.parametrize(("sig", "status"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
 def test_a_signal_to_run_tee_stops_its_server_and_removes_its_folder(sig: int, status: int, tiny_chat_path: Path, tmp_path: Path) -> None:
     command = [sys.executable, "-m", "tsqp", "run-tee", "--model", str(tiny_chat_path), "-p", "hi", "-n", "200"]
-    runner = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "TMPDIR": str(tmp_path)})
+    # SIGINT at its default whatever ran the suite: a shell's `cmd &` ignores it, the runner inherits that,
+    # and then rightly finishes its 200 tokens (a background CI run failed so).
+    runner = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "TMPDIR": str(tmp_path)},
+                              preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
     try:
         deadline = time.monotonic() + 60
         while not (servers := children(runner.pid)) and time.monotonic() < deadline and runner.poll() is None:
             time.sleep(0.02)
         assert servers, "run-tee started no private server"
-        # Signalled once it streams its answer: a SIGINT sent as its server started was once lost under a full
-        # suite's load and the run finished its 200 tokens with status 0 (cause not found; not seen idle).
-        assert runner.stdout is not None and select.select([runner.stdout], [], [], 60)[0], "run-tee streamed nothing"
         runner.send_signal(sig)
         # Unwound by its handler (130/143); for SIGINT a runner caught before Python's handler is in place
         # (or after it is gone, at exit) dies by the signal itself, which shells report as 130 too.
