@@ -230,9 +230,8 @@ def _limbs(x: torch.Tensor, bits: int, p: int, dtype: torch.dtype) -> torch.Tens
     n times the chunk's size each."""
     shifts = torch.arange(0, p.bit_length(), bits, device=x.device)[:, None, None]
     out = torch.empty(shifts.shape[0], *x.shape, dtype=dtype, device=x.device)
-    step = max(1, BLOCK_BYTES // (8 * shifts.shape[0] * max(x.shape[-1], 1)))
-    for start in range(0, x.shape[0], step):
-        out[:, start : start + step] = (x[None, start : start + step] >> shifts) & ((1 << bits) - 1)
+    for start, end in block_ranges(x.shape[0], shifts.shape[0] * x.shape[-1]):
+        out[:, start:end] = (x[None, start:end] >> shifts) & ((1 << bits) - 1)
     return out.view(-1, x.shape[-1])
 
 

@@ -19,7 +19,6 @@ from tsqp.shields.freivalds import block_diagonal
 from tsqp.shields.pool import MaskPool
 from tsqp.shields.sites import Site, integrity_message, module_names
 
-UNMASK_BLOCK_BYTES = 1 << 20  # float64 rows unmasked at once
 # The most one call's widest (T, K) or (T, N) int64 buffer takes: a longer call (a prefill chunk at a wide
 # site, such as a 1B model's gate|up) is split, so that its buffers here and its masks stay within this.
 CALL_BYTES = 8 << 20
@@ -139,9 +138,8 @@ class OtpShield(Shield):
         out = np.empty(y.shape, dtype=np.float32)
         # (y · x_scale) · w_scale in float64, rounded once to float32, a block of rows at a time:
         # a float64 copy of a prefill chunk's whole result would be tens of megabytes.
-        step = max(1, UNMASK_BLOCK_BYTES // (8 * max(y.shape[1], 1)))
-        for start in range(0, y.shape[0], step):
-            block = np.multiply(y[start : start + step], state.x_scale[start : start + step])
+        for start, end in fixedpoint.block_ranges(y.shape[0], y.shape[1]):
+            block = np.multiply(y[start:end], state.x_scale[start:end])
             block *= self._w_scales[site]
-            out[start : start + step] = block
+            out[start:end] = block
         return torch.from_numpy(out)
