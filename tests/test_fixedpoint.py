@@ -46,6 +46,45 @@ def test_float32_weights_give_the_exact_product_on_narrow_limbs_and_wide_ones(ro
     assert got.tolist() == expected
 
 
+def _exact(x: torch.Tensor, w: torch.Tensor, p: int) -> list[list[int]]:
+    """x·w mod p in Python integers: no float, no int64, nothing that could round or wrap."""
+    return [[sum(int(a) * int(b) for a, b in zip(row, col)) % p for col in w.t().tolist()] for row in x.tolist()]
+
+
+@pytest.mark.parametrize("value", [0, 1, -1, 127, -128, 128, -129, 255, 32767, -32767, (1 << 40) - 1])
+def test_balanced_digits_rebuild_the_integer(value: int) -> None:
+    n = fixedpoint.digits_for(abs(value))
+    digits = fixedpoint.balanced_digits(torch.tensor([value]), n)
+    assert digits.dtype == torch.int8 and sum(int(d) * 256**j for j, d in enumerate(digits[:, 0])) == value
+    assert n == 1 or 127 * (256 ** (n - 1) - 1) // 255 < abs(value)  # the fewest digits that hold it
+
+
+@pytest.mark.parametrize("bits", [12, 16])
+@pytest.mark.parametrize("rows", [1, 3, 70], ids=lambda n: f"{n}-rows")
+def test_int8_digit_products_are_exact_at_the_extremes(bits: int, rows: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The server's int8 W_q: weights at ±top, masked inputs at p - 1 and 0, rows in several blocks; the
+    exact product mod p as Python's integers compute it (16-bit weights take three digits, 12-bit two)."""
+    top = (1 << (bits - 1)) - 1
+    p = fixedpoint.previous_prime(1 << 40)
+    gen = torch.Generator().manual_seed(6)
+    w = torch.randint(-top, top + 1, (37, 96), generator=gen, dtype=torch.int64)  # (N, K): odd sizes
+    w[0], w[1, :48], w[1, 48:] = top, -top, top  # rows of the largest L1, both signs
+    x = torch.randint(0, p, (rows, 96), generator=gen, dtype=torch.int64)
+    x[0] = p - 1
+    x[-1, :10] = 0
+    monkeypatch.setattr(fixedpoint, "BLOCK_BYTES", 8 * 96 * 40)  # a few rows of products a block
+    held = fixedpoint.Int8Digits(w.to(torch.int16))
+    assert held.m == (3 if bits == 16 else 2) and held.shape == (96, 37) and held.nbytes == held.m * w.numel()
+    assert fixedpoint.product_mod(x, held, p, 20).tolist() == _exact(x, w.t(), p)
+
+
+def test_int8_digits_refuse_a_field_their_int64_steps_cannot_hold() -> None:
+    held = fixedpoint.Int8Digits(torch.full((4, 8), 2047, dtype=torch.int16))
+    held.check(fixedpoint.previous_prime(1 << 50))
+    with pytest.raises(ValueError, match="too large"):
+        held.check(fixedpoint.previous_prime(1 << 55))
+
+
 def test_derived_weights_give_the_stored_integers_and_products(monkeypatch: pytest.MonkeyPatch) -> None:
     """The TEE's W_q, derived from float rows a few lines at a time across the parts of a fused group,
     holds exactly the integers, scales and products of the stored float64 W_q."""

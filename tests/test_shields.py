@@ -69,18 +69,19 @@ def test_otp_unmasks_to_the_exact_integer_product(tiny: LoadedModel, server: Run
     session.close()
 
 
-@pytest.mark.parametrize("room", [1 << 40, 0], ids=["float64", "float32"])
-def test_otp_is_exact_whichever_way_the_server_holds_its_integers(tiny: LoadedModel, room: int, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The server holds W_q in float64 where memory allows, else in float32 (decode rows on narrow float32 limbs,
-    prefill chunks widened to float64); either way every result is the exact product: tokens equal `local`'s."""
-    monkeypatch.setattr(handlers, "free_memory", lambda device: room)
+@pytest.mark.parametrize("dtype", [torch.int8, torch.float64, torch.float32], ids=str)
+def test_otp_is_exact_whichever_way_the_server_holds_its_integers(tiny: LoadedModel, dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The server holds W_q as int8 digits on a CPU; on a GPU in float64 where memory allows, else in float32
+    (decode rows on narrow float32 limbs, prefill chunks widened to float64); every way, every result is the
+    exact product: tokens equal `local`'s."""
+    monkeypatch.setattr(handlers, "quantized_dtype", lambda n_weights, device: dtype)
     running = start_server(tiny)
     try:
         session = shielded_session(tiny, running.endpoint, "otp", verify=True)
         assert generate(session.llama, PROMPT, 6).token_ids == local_tokens(tiny, PROMPT, 6)
         session.close()
         held = running.server.handlers.quantized
-        assert held is not None and held.groups["lm_head"][0].dtype == (torch.float64 if room else torch.float32)
+        assert held is not None and held.groups["lm_head"][0].dtype == dtype
     finally:
         running.close()
 

@@ -192,11 +192,12 @@ def check_product_exact(l1: int, p: int, limb_bits: int) -> None:
         raise ValueError(f"p={p} with {limb_bits}-bit limbs needs more than {MAX_LIMBS} limbs")
 
 
-def product_mod(x: torch.Tensor, w_q: torch.Tensor | DerivedIntegers, p: int, limb_bits: int, l1: int | None = None) -> torch.Tensor:
+def product_mod(x: torch.Tensor, w_q: torch.Tensor | DerivedIntegers | Int8Digits, p: int, limb_bits: int, l1: int | None = None) -> torch.Tensor:
     """x (T, K) int64 in [0, p) @ w_q (K, N) integers -> (T, N) int64 in [0, p), exactly.
 
     Runs on w_q's device. x is split into limbs, stacked into one product so that the weights are
     read once, and the limb products are combined by Horner's rule from the most significant.
+    - `Int8Digits` (the server's on a CPU): int8 digits, see there.
     - float32 w_q (the server's) with its max row L1 `l1`, for few rows (decode): limbs narrow enough
       for float32 (`float32_limb_bits`), no copy of the weights. Decode is memory-bound, so reading
       4 bytes a weight instead of 8 is what counts; the extra limbs ride along in the same pass.
@@ -204,6 +205,8 @@ def product_mod(x: torch.Tensor, w_q: torch.Tensor | DerivedIntegers, p: int, li
       (the TEE's `DerivedIntegers`, or float32), or sliced without a copy when it is float64.
     """
     x = x.to(w_q.device)
+    if isinstance(w_q, Int8Digits):
+        return w_q.product_mod(x, p)
     stored = w_q.dtype if isinstance(w_q, torch.Tensor) else None
     # Never wider than `limb_bits`, which `check_product_exact` keeps within Horner's int64 bound.
     narrow = min(float32_limb_bits(l1), limb_bits) if l1 is not None and stored == torch.float32 else 0
@@ -216,6 +219,106 @@ def product_mod(x: torch.Tensor, w_q: torch.Tensor | DerivedIntegers, p: int, li
     for start, end in block_ranges(w_q.shape[1], width):
         out[:, start:end] = _horner(limbs @ columns(w_q, start, end), x.shape[0], p, limb_bits)
     return out
+
+
+DIGIT_BASE = 256  # int8 digits, balanced: in [-128, 127]
+INT32_LIMIT = 1 << 31
+
+
+def digits_for(magnitude: int) -> int:
+    """How many balanced base-256 digits hold every integer in [-magnitude, magnitude]."""
+    n = 1
+    while 127 * (DIGIT_BASE**n - 1) // (DIGIT_BASE - 1) < magnitude:
+        n += 1
+    return n
+
+
+def balanced_digits(x: torch.Tensor, n: int) -> torch.Tensor:
+    """Integers x (int64, |x| within `digits_for`'s bound for n) -> n int8 digits (n, *x.shape),
+    least significant first, with x = Σ_j digits_j · 256^j."""
+    out = torch.empty(n, *x.shape, dtype=torch.int8, device=x.device)
+    for j in range(n):
+        digit = ((x + 128) & 255) - 128
+        out[j] = digit
+        x = (x - digit) >> 8
+    return out
+
+
+class Int8Digits:
+    """W_q (K, N) integers held as m balanced int8 digits each (`balanced_digits`): the server's otp
+    weights on a CPU, 2 bytes a 12-bit weight where float64 takes 8.
+
+    A product x·W_q mod p splits x into int8 digits too and multiplies digits with `torch._int_mm`
+    (int8 products summed in int32: exact while a column's digit sums stay below 2³¹, checked here),
+    then combines the digit products in int64 mod p. Decode is memory-bound, so reading a quarter of
+    float64's bytes is what counts; int8 products are also the CPU's widest (docs/benchmarks.md).
+    Stored (m·N, K), digit-major: `_int_mm` reads its transposed view as it is.
+    """
+
+    def __init__(self, w_q: torch.Tensor) -> None:
+        """`w_q` (N, K): integers (any dtype), each output row's weights in a row."""
+        self.shape = torch.Size((w_q.shape[1], w_q.shape[0]))  # (K, N), as the product sees it
+        self.device = w_q.device
+        self.dtype = torch.int8
+        n_out = w_q.shape[0]
+        self.m = digits_for(int(w_q.abs().max()) if w_q.numel() else 0)
+        self._t = torch.empty(self.m * n_out, w_q.shape[1], dtype=torch.int8, device=w_q.device)
+        l1 = [0] * self.m  # per digit: the largest Σ_k |digit| of one output row
+        for start, end in block_ranges(n_out, w_q.shape[1]):
+            digits = balanced_digits(w_q[start:end].to(torch.int64), self.m)
+            for i in range(self.m):
+                self._t[i * n_out + start : i * n_out + end] = digits[i]
+                if end > start:
+                    l1[i] = max(l1[i], int(digits[i].abs().sum(dim=1, dtype=torch.int64).max()))
+        if 128 * max(l1) >= INT32_LIMIT:
+            raise ValueError(f"weights too wide for int32 sums of int8 digit products (a digit row's L1 reaches {max(l1)})")
+        # |Σ_i P_i · 256^i| for one digit of x (|digit| <= 128): what one output of `_digit_products` can reach.
+        self.digit_bound = 128 * sum(part * DIGIT_BASE**i for i, part in enumerate(l1))
+
+    @property
+    def nbytes(self) -> int:
+        return self._t.nbytes
+
+    def check(self, p: int) -> None:
+        """Whether products mod p stay within int64 (`product_mod`'s Horner steps); else ValueError."""
+        if p * DIGIT_BASE + self.digit_bound >= INT64_LIMIT:
+            raise ValueError(f"p={p} is too large for this server's int8 digit products")
+
+    def product_mod(self, x: torch.Tensor, p: int) -> torch.Tensor:
+        """x (T, K) int64 in [0, p) -> x·W_q (T, N) int64 in [0, p), exactly; in blocks of rows that keep
+        the int64 temporaries in cache."""
+        self.check(p)
+        n = digits_for(p - 1)
+        k, n_out = self.shape
+        out = torch.empty(x.shape[0], n_out, dtype=torch.int64, device=x.device)
+        for start, end in block_ranges(x.shape[0], n * self.m * n_out):
+            rows = end - start
+            digits = balanced_digits(x[start:end], n).view(n * rows, k)
+            products = torch._int_mm(digits, self._t.t()).view(n, rows, self.m, n_out)
+            out[start:end] = _horner_digits(_digit_products(products), p, self.digit_bound)
+        return out
+
+
+def _digit_products(products: torch.Tensor) -> torch.Tensor:
+    """(n, T, m, N) int32 products of x's digits with W_q's -> (n, T, N) int64: W_q's digits recombined."""
+    m = products.shape[2]
+    acc = products[:, :, m - 1].to(torch.int64)
+    for i in reversed(range(m - 1)):
+        acc *= DIGIT_BASE
+        acc += products[:, :, i]
+    return acc
+
+
+def _horner_digits(parts: torch.Tensor, p: int, part_bound: int) -> torch.Tensor:
+    """(n, T, N) int64 parts with |part| <= part_bound -> Σ_j parts_j · 256^j mod p, reducing only
+    when the next step could leave int64 (int64 remainders are the costly step)."""
+    acc, bound = parts[-1], part_bound
+    for j in reversed(range(parts.shape[0] - 1)):
+        if bound * DIGIT_BASE + part_bound >= INT64_LIMIT:
+            acc, bound = torch.remainder(acc, p), p
+        acc = acc * DIGIT_BASE + parts[j]
+        bound = bound * DIGIT_BASE + part_bound
+    return torch.remainder(acc, p)
 
 
 def float32_limb_bits(l1: int) -> int:

@@ -163,13 +163,17 @@ class LinearWeights:
         return a @ b
 
 
+IntegerMatrix = torch.Tensor | fixedpoint.DerivedIntegers | fixedpoint.Int8Digits  # W_q (K, N), however held
+
+
 class QuantizedWeights:
     """The same matrices as integers, quantized per output row (`otp`): W_q (K, N) and its scales.
 
     The server's are stored, from the model's weights or from a float32 `LinearWeights` (the same
-    numbers: its own copies), in float64 on its device where memory allows, else in float32 (`dtype`;
-    exact either way, as they have at most 16 bits): with float32, a decode call's product runs on
-    narrow float32 limbs, a prefill chunk's in float64 a block at a time (`fixedpoint.product_mod`).
+    numbers: its own copies), as `dtype`: int8 digits (`fixedpoint.Int8Digits`, a CPU's), or float64
+    where memory allows, else float32 (exact either way, as they have at most 16 bits): with float32,
+    a decode call's product runs on narrow float32 limbs, a prefill chunk's in float64 a block at a
+    time (`fixedpoint.product_mod`).
     The TEE's (`dtype` None) are derived from the model's own matrices a block at a time when a
     product reads them, and never stored (`fixedpoint.DerivedIntegers`); `pages` hands back the file
     pages each read touched.
@@ -178,7 +182,7 @@ class QuantizedWeights:
     def __init__(self, weights: Mapping[str, torch.Tensor] | LinearWeights, n_layers: int, bits: int,
                  device: str | torch.device = "cpu", dtype: torch.dtype | None = torch.float64, pages: FilePages | None = None) -> None:  # fmt: skip
         self.bits = bits
-        self.groups: dict[GroupKey | str, tuple[torch.Tensor | fixedpoint.DerivedIntegers, torch.Tensor, list[int]]] = {}  # -> (W_q_t, scale (1, N), sizes)
+        self.groups: dict[GroupKey | str, tuple[IntegerMatrix, torch.Tensor, list[int]]] = {}  # -> (W_q_t, scale (1, N), sizes)
         self.l1 = 0
         if dtype is None:
             assert not isinstance(weights, LinearWeights), "the TEE derives W_q from the model's own matrices"
@@ -191,14 +195,18 @@ class QuantizedWeights:
         for key, w_t, sizes in sites:
             # Per output row of W (N, K), kept in that layout: W_q_t is its transposed view, which BLAS
             # reads as it is (a contiguous (K, N) copy would cost a second pass over the weights).
-            w_q, scale, l1 = fixedpoint.quantize_matrix(w_t.t(), bits, dtype, device)  # (N, K), scale (N, 1)
-            self.groups[key] = (w_q.t(), scale.t(), sizes)
+            if dtype == torch.int8:  # int8 digits; up to 16 bits, the integers fit int16 on the way
+                w_q, scale, l1 = fixedpoint.quantize_matrix(w_t.t(), bits, torch.int16, device)
+                self.groups[key] = (fixedpoint.Int8Digits(w_q), scale.t(), sizes)
+            else:
+                w_q, scale, l1 = fixedpoint.quantize_matrix(w_t.t(), bits, dtype, device)  # (N, K), scale (N, 1)
+                self.groups[key] = (w_q.t(), scale.t(), sizes)
             self.l1 = max(self.l1, l1)
 
     @property
     def nbytes(self) -> int:
         """The bytes of W_q held: none when derived."""
-        return sum(w_q.nbytes for w_q, _, _ in self.groups.values() if isinstance(w_q, torch.Tensor))
+        return sum(w_q.nbytes for w_q, _, _ in self.groups.values() if not isinstance(w_q, fixedpoint.DerivedIntegers))
 
     def product_mod(self, key: GroupKey | str, x: torch.Tensor, p: int, limb_bits: int) -> torch.Tensor:
         """x (T, K) int64 in [0, p) -> (T, sum N_i) int64, the modules side by side: x·W_qᵀ mod p, exactly."""

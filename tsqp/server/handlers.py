@@ -161,11 +161,13 @@ class Handlers:
         if x.dim() != 2:
             raise ProtocolError(f"an otp input must be (rows, features), got shape {list(x.shape)}")
         quantized = self.quantized_weights(bits)
+        w_q = quantized.groups[key][0]
         try:
             fixedpoint.check_product_exact(quantized.l1, p, limb_bits)
+            if isinstance(w_q, fixedpoint.Int8Digits):
+                w_q.check(p)
         except ValueError as e:
             raise ProtocolError(str(e)) from None
-        w_q = quantized.groups[key][0]
         if x.shape[1] != w_q.shape[0]:
             raise ProtocolError(f"input has {x.shape[1]} features, {key} expects {w_q.shape[0]}")
         self.check_result(x.shape[0] * w_q.shape[1])
@@ -241,12 +243,18 @@ class Handlers:
 
 
 def quantized_dtype(n_weights: int, device: torch.device) -> torch.dtype:
-    """How the server holds otp's W_q: float64 where that copy takes at most half the free memory, else float32.
+    """How the server holds otp's W_q: on a CPU as int8 digits; on a GPU in float64 where that copy
+    takes at most half the free memory, else in float32.
 
-    Both are exact. A float64 W_q computes a decode row on two limbs; on a 2-core CPU that was faster
-    than float32's nine narrow ones (176 against 199 ms per SmolLM2 token), which halve the memory (a
-    1B model's W_q: 5 GiB instead of 10) and read half the bytes, where a device has cores to spare.
+    All are exact. On a 2-core CPU, int8 digit products (`torch._int_mm`) beat float64's two limbs at
+    every SmolLM2 site, 1.3-3x for a decode row and ~1.7x for a 128-row chunk, and hold a quarter of
+    the bytes (docs/benchmarks.md). A float64 W_q computes a decode row on two limbs; on that CPU it
+    was faster than float32's nine narrow ones (176 against 199 ms per SmolLM2 token), which halve the
+    memory and read half the bytes, where a device has cores to spare. On CUDA, `_int_mm` has shape
+    limits and is unmeasured here.
     """
+    if device.type == "cpu":
+        return torch.int8
     return torch.float64 if 8 * n_weights <= free_memory(device) // 2 else torch.float32
 
 
