@@ -126,6 +126,27 @@ def test_forward_runs_without_grad_even_when_caller_enables_it(tiny: LoadedModel
     assert not logits.requires_grad
 
 
+def test_decode_steps_run_on_the_decode_threads_and_prefills_on_all(tiny: LoadedModel, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A split's runner decodes on one thread (its products run elsewhere); prefills keep torch's
+    threads, and the count is back as it was after every forward, whatever the forward did."""
+    monkeypatch.setattr(torch, "get_num_threads", lambda: current[0])
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: current.__setitem__(0, n))
+    current = [4]
+    llama = local_llama(tiny, decode_threads=1)
+    seen: list[int] = []
+    linear = llama.backend.linear
+    llama.backend.linear = lambda *args, **kwargs: seen.append(current[0]) or linear(*args, **kwargs)
+    generate(llama, list(range(5, 25)), 3)  # a 20-token prefill, then two decode steps
+    per_forward = 4 * tiny.config.n_layers
+    assert seen == [4] * per_forward + [1] * 2 * per_forward and current == [4]
+    seen.clear()
+    local = local_llama(tiny)  # no decode_threads (all in the TEE: its products want the threads)
+    local_linear = local.backend.linear
+    local.backend.linear = lambda *args, **kwargs: seen.append(current[0]) or local_linear(*args, **kwargs)
+    generate(local, list(range(5, 25)), 3)
+    assert seen == [4] * 3 * per_forward
+
+
 def test_causal_mask_offsets_for_a_continuing_chunk() -> None:
     mask = causal_mask(2, 5)  # 3 cached positions, 2 new queries
     assert mask.tolist() == [[True, True, True, True, False], [True, True, True, True, True]]

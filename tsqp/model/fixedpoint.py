@@ -252,7 +252,8 @@ class Int8Digits:
     (int8 products summed in int32: exact while a column's digit sums stay below 2³¹, checked here),
     then combines the digit products in int64 mod p. Decode is memory-bound, so reading a quarter of
     float64's bytes is what counts; int8 products are also the CPU's widest (docs/benchmarks.md).
-    Stored (m·N, K), digit-major: `_int_mm` reads its transposed view as it is.
+    Stored (K, m·N), the digits' columns side by side: read from memory, not cache, `_int_mm` took
+    0.54 ms for a (K, N) layout against 0.66 for the transposed one (576 x 6144, one core).
     """
 
     def __init__(self, w_q: torch.Tensor) -> None:
@@ -262,12 +263,12 @@ class Int8Digits:
         self.dtype = torch.int8
         n_out = w_q.shape[0]
         self.m = digits_for(int(w_q.abs().max()) if w_q.numel() else 0)
-        self._t = torch.empty(self.m * n_out, w_q.shape[1], dtype=torch.int8, device=w_q.device)
+        self._w = torch.empty(w_q.shape[1], self.m * n_out, dtype=torch.int8, device=w_q.device)
         l1 = [0] * self.m  # per digit: the largest Σ_k |digit| of one output row
         for start, end in block_ranges(n_out, w_q.shape[1]):
             digits = balanced_digits(w_q[start:end].to(torch.int64), self.m)
             for i in range(self.m):
-                self._t[i * n_out + start : i * n_out + end] = digits[i]
+                self._w[:, i * n_out + start : i * n_out + end] = digits[i].t()
                 if end > start:
                     l1[i] = max(l1[i], int(digits[i].abs().sum(dim=1, dtype=torch.int64).max()))
         if 128 * max(l1) >= INT32_LIMIT:
@@ -277,7 +278,7 @@ class Int8Digits:
 
     @property
     def nbytes(self) -> int:
-        return self._t.nbytes
+        return self._w.nbytes
 
     def check(self, p: int) -> None:
         """Whether products mod p stay within int64 (`product_mod`'s Horner steps); else ValueError."""
@@ -294,7 +295,7 @@ class Int8Digits:
         for start, end in block_ranges(x.shape[0], n * self.m * n_out):
             rows = end - start
             digits = balanced_digits(x[start:end], n).view(n * rows, k)
-            products = torch._int_mm(digits, self._t.t()).view(n, rows, self.m, n_out)
+            products = torch._int_mm(digits, self._w).view(n, rows, self.m, n_out)
             out[start:end] = _horner_digits(_digit_products(products), p, self.digit_bound)
         return out
 

@@ -9,7 +9,8 @@ This module knows nothing of the wire or of masking.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import Any, Protocol
 
 import torch
@@ -104,12 +105,34 @@ def causal_mask(q_len: int, kv_len: int) -> torch.Tensor:
     return torch.ones(q_len, kv_len, dtype=torch.bool).tril(diagonal=kv_len - q_len)
 
 
+DECODE_ROWS = 8  # a forward of at most this many rows is a decode step (the non-linear ops are tiny)
+
+
+@contextmanager
+def torch_threads(n: int | None) -> Iterator[None]:
+    """torch's intra-op threads for this thread, `n` while inside (None: as they are). OpenMP keeps the
+    count per thread, so the mask pool's worker is not affected; a switch costs under a microsecond."""
+    before = torch.get_num_threads()
+    if n is None or n == before:
+        yield
+        return
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 class Llama:
     """The TEE side of a LLaMA model: norms and RoPE here, products through `backend`.
 
     `offload_attention_from` sends the attention matmuls QKᵀ and AV to the backend's
     MATMUL when a call processes at least that many tokens (long prefills); by default
     they stay in the TEE, where a decoded token costs only O(n·d).
+    `decode_threads` runs decode steps (`DECODE_ROWS`) on that many of torch's threads: a split's
+    runner, whose products run elsewhere, takes 1. Its non-linear ops are a few microseconds each,
+    and waking a second thread for them doubled the step (SmolLM2 on 2 cores: 7.2 against 14 ms a
+    token with products taking no time; docs/benchmarks.md).
     """
 
     def __init__(
@@ -119,8 +142,10 @@ class Llama:
         norms: Mapping[str, torch.Tensor],
         backend: LinearBackend,
         offload_attention_from: int | None = None,
+        decode_threads: int | None = None,
     ) -> None:
         self.config = config
+        self.decode_threads = decode_threads
         self.backend = backend
         self.norms = {name: w.float() for name, w in norms.items()}
         self.rotary = Rotary(hf_config, config.head_dim)
@@ -146,6 +171,12 @@ class Llama:
         caches stay per sequence. `wants_logits[i]` False skips sequence i's lm_head rows (a
         prefill chunk that does not end its prompt), and its entry is None.
         """
+        decoding = sum(ids.numel() for ids, _ in segments) <= DECODE_ROWS
+        with torch_threads(self.decode_threads if decoding else None):
+            return self._forward_many(segments, all_logits, wants_logits)
+
+    def _forward_many(self, segments: Sequence[tuple[torch.Tensor, KVCache]], all_logits: bool,
+                      wants_logits: Sequence[bool] | None) -> list[torch.Tensor | None]:  # fmt: skip
         assert not torch.is_grad_enabled()  # the no_grad guarantee `tsqp check-grad` reports on
         shapes = [tuple(ids.shape) for ids, _ in segments]
         caches = [cache for _, cache in segments]

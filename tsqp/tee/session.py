@@ -47,7 +47,9 @@ class Session:
         rows = backend.shield.max_forward_rows() if isinstance(backend, ShieldedBackend) else None
         if rows is not None:  # a shield that bounds its calls' buffers (otp on a 1B model) bounds the prefill's forwards
             self.prefill_chunk = min(prefill_chunk or rows, rows)
-        self.llama = Llama(model.config, model.hf_config, model.norms(), backend, offload_attention_from)
+        # A split's runner decodes on one thread: its products run elsewhere (`Llama.decode_threads`).
+        decode_threads = None if isinstance(backend, LinearWeights) else 1
+        self.llama = Llama(model.config, model.hf_config, model.norms(), backend, offload_attention_from, decode_threads)
 
     def prompt_ids(self, prompt: str, chat: bool = True, system: str | None = None) -> list[int]:
         """The prompt's token ids: as the user's message under the chat template (after `system`, if any), or raw text."""
