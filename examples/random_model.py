@@ -2,6 +2,7 @@
 
     python examples/random_model.py --like /path/to/hf-folder --out /tmp/smol-shaped   (same config, fresh weights)
     python examples/random_model.py --preset llama-1b --out /tmp/llama-1b             (Llama-3.2-1B dimensions)
+    python examples/random_model.py --preset smollm2 --out /tmp/smol-shaped           (SmolLM2-135M's, no tokenizer)
 
 Speed depends on shapes, not values; answers from random weights mean nothing.
 A tokenizer found beside `--like`'s config is copied, so benches build the same prompts.
@@ -17,6 +18,19 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 PRESETS = {
+    "smollm2": dict(
+        vocab_size=49152,
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        head_dim=64,
+        max_position_embeddings=8192,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=True,
+        rope_theta=100000.0,
+    ),  # fmt: skip
     "llama-1b": dict(
         vocab_size=128256,
         hidden_size=2048,
