@@ -62,7 +62,7 @@ def test_balanced_digits_rebuild_the_integer(value: int) -> None:
 @pytest.mark.parametrize("bits", [12, 16])
 @pytest.mark.parametrize("rows", [1, 3, 70], ids=lambda n: f"{n}-rows")
 def test_int8_digit_products_are_exact_at_the_extremes(bits: int, rows: int, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The server's int8 W_q: weights at ±top, masked inputs at p - 1 and 0, rows in several blocks; the
+    """The server's int8 W_q: weights at ±top, masked inputs at p - 1 and 0, rows in several products and blocks; the
     exact product mod p as Python's integers compute it (16-bit weights take three digits, 12-bit two)."""
     top = (1 << (bits - 1)) - 1
     p = fixedpoint.previous_prime(1 << 40)
@@ -72,8 +72,10 @@ def test_int8_digit_products_are_exact_at_the_extremes(bits: int, rows: int, mon
     x = torch.randint(0, p, (rows, 96), generator=gen, dtype=torch.int64)
     x[0] = p - 1
     x[-1, :10] = 0
-    monkeypatch.setattr(fixedpoint, "BLOCK_BYTES", 8 * 96 * 40)  # a few rows of products a block
     held = fixedpoint.Int8Digits(w.to(torch.int16))
+    n = fixedpoint.digits_for(p - 1)
+    monkeypatch.setattr(fixedpoint, "PRODUCTS_BYTES", 4 * n * held.m * 37 * 16)  # 16 rows an _int_mm: 70 rows in 5 calls
+    monkeypatch.setattr(fixedpoint, "BLOCK_BYTES", 8 * n * held.m * 37 * 5)  # combined 5 rows at a time
     assert held.m == (3 if bits == 16 else 2) and held.shape == (96, 37) and held.nbytes == held.m * w.numel()
     assert fixedpoint.product_mod(x, held, p, 20).tolist() == _exact(x, w.t(), p)
 
