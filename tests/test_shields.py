@@ -388,6 +388,31 @@ def test_the_pools_worker_makes_the_next_calls_masks_beside_the_current_one() ->
     pool.close()
 
 
+def test_the_pools_worker_keeps_the_thread_count_of_the_pools_set_up() -> None:
+    """A split's runner decodes on one torch thread; a worker started during a decode step still makes
+    masks on the count the pool was set up with (a new thread would otherwise take the count of the moment)."""
+    from tsqp.shields.pool import MaskPool, ShieldTimes
+    from tsqp.tee.llama import torch_threads
+
+    sites = [(0, ("o_proj",)), (0, ("down_proj",))]
+    counts: list[int] = []
+
+    def make(site: object, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if threading.current_thread().name == "tsqp-mask-pool":
+            counts.append(torch.get_num_threads())
+        return torch.randn(rows, 4), torch.randn(rows, 2)
+
+    with torch_threads(3):  # the set-up's count, whatever this machine's default
+        pool = MaskPool(make, sites, ShieldTimes(), dict.fromkeys(sites, 48), budget_bytes=1 << 20)
+    with torch_threads(1):  # a decode step starts the worker
+        pool.take(pool.sites[0], 1)
+        deadline = time.monotonic() + 10
+        while not counts and time.monotonic() < deadline:
+            time.sleep(0.01)
+    pool.close()
+    assert counts and set(counts) == {3}
+
+
 def test_an_otp_run_leaves_the_weight_file_out_of_the_tees_memory(tmp_path: Path) -> None:
     """otp's TEE reads the weights (masks' blocks, embedding rows) from the model's file and hands the pages
     back: after a run, what stays resident of a 28 MB file is a few folios, not the weights."""

@@ -68,6 +68,9 @@ class MaskPool:
         self._making: Site | None = None
         self._lock = threading.Condition()
         self._worker: threading.Thread | None = None
+        # torch's threads for the worker: the count now, at set-up. A thread started later would take
+        # the count of that moment, 1 when it starts during a split's decode step (`Llama.decode_threads`).
+        self.worker_threads = torch.get_num_threads()
         self._closed = False
         self.on_take: Callable[[Site, torch.Tensor], None] | None = None  # tests fingerprint every mask handed out
         self.peak_bytes = 0  # the offline phase's memory: the most the pool held at once
@@ -220,6 +223,11 @@ class MaskPool:
 
 def _work(pool_ref: weakref.ReferenceType[MaskPool]) -> None:
     """The background worker: keeps its pool stocked until the pool is closed or gone."""
+    pool = pool_ref()
+    if pool is None:
+        return
+    torch.set_num_threads(pool.worker_threads)  # this thread's own count (OpenMP keeps one per thread)
+    del pool
     while (pool := pool_ref()) is not None:
         if not pool._work_once():
             return

@@ -110,8 +110,9 @@ DECODE_ROWS = 8  # a forward of at most this many rows is a decode step (the non
 
 @contextmanager
 def torch_threads(n: int | None) -> Iterator[None]:
-    """torch's intra-op threads for this thread, `n` while inside (None: as they are). OpenMP keeps the
-    count per thread, so the mask pool's worker is not affected; a switch costs under a microsecond."""
+    """torch's intra-op threads for this thread, `n` while inside (None: as they are); a switch costs
+    under a microsecond. OpenMP keeps the count per thread, but a thread's first parallel op takes
+    the count of that moment, so a thread started meanwhile sets its own (the mask pool's worker does)."""
     before = torch.get_num_threads()
     if n is None or n == before:
         yield
