@@ -247,3 +247,24 @@ def _resident_bytes(address: int) -> int:
         elif current and fields[:1] == ["Rss:"]:
             return int(fields[1]) * 1024
     raise AssertionError(f"no mapping holds {address:#x}")
+
+
+@pytest.mark.parametrize("threads_win", [True, False])
+def test_large_one_row_products_take_the_way_measured_faster(tiny: LoadedModel, threads_win: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """All in the TEE, a one-row product of a large matrix goes to torch's threads only where they were measured
+    faster, once per process; small ones, and every one of a process sharing its cores, stay on numpy's thread."""
+    from tsqp.model import linear
+
+    probes: list[torch.Tensor] = []
+    monkeypatch.setattr(linear, "NUMPY_MAX_WEIGHTS", 64 * 64)  # the tiny model's lm_head and gate|up count as large
+    monkeypatch.setattr(linear, "threads_win_one_row", lambda w_t: probes.append(w_t) or threads_win)
+    weights = LinearWeights(tiny.weights, tiny.config.n_layers)
+    large = weights.lm_head_t
+    small = next(w for _, w, _ in weights.sites() if w.numel() <= 64 * 64)
+    assert weights._one_row_on_numpy(small) and not probes  # small: no measurement needed
+    assert [weights._one_row_on_numpy(large) for _ in range(3)] == [not threads_win] * 3
+    assert len(probes) == 1 and probes[0] is large  # measured once, on the largest matrix
+    sharing = LinearWeights(tiny.weights, tiny.config.n_layers, shares_cores=True)
+    assert sharing._one_row_on_numpy(large) and len(probes) == 1
+    row = torch.randn(1, large.shape[0])
+    assert torch.allclose(weights.lm_head(row), row @ large, atol=1e-5)  # either way, the product

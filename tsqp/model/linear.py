@@ -11,6 +11,8 @@ it is the all-in-TEE baseline. There is no other place where these products are 
 
 from __future__ import annotations
 
+import math
+import time
 from collections.abc import Iterator, Mapping, Sequence
 
 import torch
@@ -26,9 +28,10 @@ CALL_GROUPS = FUSED_GROUPS + (("o_proj",), ("down_proj",))
 
 
 GroupKey = tuple[int, tuple[str, ...]]
-# The largest matrix a one-row product reads through numpy (one thread) rather than torch (all of its
-# threads), unless the process shares its cores. 2 cores, one row: 576x960 numpy 141 µs / torch 204;
-# 576x1536 224 / 175; 2048x3072 1561 / 929.
+# The largest matrix a one-row product always reads through numpy (one thread). Larger ones go to
+# torch's threads where that is measured faster on this machine (`threads_win_one_row`): on one 2-vCPU
+# VM, 576x1536 numpy 224 µs / torch 175, 2048x3072 1561 / 929; on another (2026-12-01, same image)
+# numpy won at every SmolLM2 site, lm_head 4260 / 4608 µs.
 NUMPY_MAX_WEIGHTS = 3 << 18
 
 
@@ -68,6 +71,23 @@ def max_reply_bytes(weights: Mapping[str, torch.Tensor], max_rows: int) -> int:
     return max_rows * max(w for name, w in widths.items() if name != "lm_head") * 8 + max(widths["lm_head"] * 8 * 64, 1 << 20)
 
 
+def threads_win_one_row(w_t: torch.Tensor, rounds: int = 3) -> bool:
+    """Whether a one-row product with `w_t` (K, N) takes less time on torch's threads than on numpy's one
+    (best of `rounds`, the two alternating)."""
+    x = torch.zeros(1, w_t.shape[0], dtype=w_t.dtype)
+    x_np, w_np = x.numpy(), w_t.detach().numpy()
+    best = {True: math.inf, False: math.inf}
+    for _ in range(rounds):
+        for threads in (True, False):
+            started = time.perf_counter()
+            if threads:
+                x @ w_t
+            else:
+                x_np @ w_np
+            best[threads] = min(best[threads], time.perf_counter() - started)
+    return best[True] < best[False]
+
+
 def split_modules(y: torch.Tensor, sizes: Sequence[int]) -> list[torch.Tensor]:
     """A fused product (..., sum N_i) -> one (..., N_i) view per module."""
     return list(y.split(list(sizes), dim=-1)) if len(sizes) > 1 else [y]
@@ -91,6 +111,7 @@ class LinearWeights:
         self.device = torch.device(device)
         self.dtype = dtype
         self._numpy_ok = self.device.type == "cpu" and dtype == torch.float32
+        self._threads_win: bool | None = None  # measured at the first large one-row product (`_one_row_on_numpy`)
         self.embedding = weights["embed"].to(device=self.device, dtype=dtype).contiguous()  # (V, D)
         self.lm_head_t = weights["lm_head"].to(device=self.device, dtype=dtype).t().contiguous()  # (D, V)
         # (layer, modules) -> (W_t (K, sum N), output sizes)
@@ -137,13 +158,22 @@ class LinearWeights:
         return self._product(x, fused)
 
     def _product(self, x: torch.Tensor, w_t: torch.Tensor) -> torch.Tensor:
-        if self._numpy_ok and x.dtype == torch.float32 and x.numel() == w_t.shape[0] and (self.shares_cores or w_t.numel() <= NUMPY_MAX_WEIGHTS):
+        if self._numpy_ok and x.dtype == torch.float32 and x.numel() == w_t.shape[0] and self._one_row_on_numpy(w_t):
             # One decode row on CPU: numpy's BLAS call skips torch's dispatch, the larger cost of a small
-            # product. A one-row product reads its matrix at the memory's speed, so a large one is faster
-            # on torch's threads, one per core, where the cores are this process's (docs/benchmarks.md).
-            # From 2 rows torch's kernel is the faster anyway.
+            # product. From 2 rows torch's kernel is the faster anyway.
             return torch.from_numpy(x.detach().numpy() @ w_t.detach().numpy())
         return x.to(self.device, self.dtype) @ w_t
+
+    def _one_row_on_numpy(self, w_t: torch.Tensor) -> bool:
+        """Whether a one-row product with `w_t` goes through numpy's one thread. A large one reads its matrix
+        at the memory's speed, and whether torch's threads (one per core) read it faster depends on the
+        machine (two vCPUs may share one core's bandwidth): measured once, on the largest matrix. A process
+        sharing its cores with a busy peer (a server beside its runner) keeps to one thread."""
+        if self.shares_cores or w_t.numel() <= NUMPY_MAX_WEIGHTS:
+            return True
+        if self._threads_win is None:
+            self._threads_win = threads_win_one_row(self.lm_head_t)
+        return not self._threads_win
 
     def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
         vocab = self.embedding.shape[0]
