@@ -75,7 +75,7 @@ def threads_win_one_row(w_t: torch.Tensor, rounds: int = 3) -> bool:
     """Whether a one-row product with `w_t` (K, N) takes less time on torch's threads than on numpy's one
     (best of `rounds`, the two alternating)."""
     x = torch.zeros(1, w_t.shape[0], dtype=w_t.dtype)
-    x_np, w_np = x.numpy(), w_t.detach().numpy()
+    x_np, w_np = x.detach().numpy(), w_t.detach().numpy()
     best = {True: math.inf, False: math.inf}
     for _ in range(rounds):
         for threads in (True, False):
