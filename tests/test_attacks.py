@@ -83,3 +83,20 @@ def test_permutation_baseline_counts_frequent_tokens() -> None:
     assert permutation_chance(np.full(100, 7), truth) == pytest.approx(0.51)  # 51 sevens: 1/V says nothing of this
     assert permutation_chance(truth, truth) == pytest.approx((51**2 + 49) / 100**2, abs=0.03)
     assert layer0_references  # the audit's reference rows stay importable for the attacks above
+
+
+def test_the_noise_likelihood_equals_its_direct_formula() -> None:
+    """log p(wire | x) computed without (C, K) temporaries: the direct formula's values and ranking."""
+    import torch
+
+    from tsqp.tools.attacks import gaussian_log_likelihood
+
+    gen = torch.Generator().manual_seed(0)
+    x = 0.05 * torch.randn(4096, 96, generator=gen)
+    for scale in (0.05, 0.5):
+        wire = x[123] + scale * x[123].pow(2).mean().sqrt() * torch.randn(96, generator=gen)
+        c = scale * x.pow(2).mean(-1).sqrt()
+        direct = -(wire - x).pow(2).sum(-1) / (2 * c * c) - x.shape[-1] * c.log()
+        got = gaussian_log_likelihood(wire, x, scale)
+        assert torch.allclose(got, direct, rtol=1e-3, atol=1e-2)
+        assert torch.equal(got.topk(5).indices, direct.topk(5).indices) and int(got.argmax()) == 123

@@ -105,9 +105,14 @@ class _CapturingBackend:
 
 
 def gaussian_log_likelihood(wire: torch.Tensor, x: torch.Tensor, scale: float) -> torch.Tensor:
-    """log p(wire | x) for wire = x + scale·rms(x)·G, G standard Gaussian: wire (K,), x (C, K) -> (C,)."""
-    c = scale * x.pow(2).mean(-1).sqrt().clamp_min(1e-12)
-    return -(wire - x).pow(2).sum(-1) / (2 * c * c) - x.shape[-1] * c.log()
+    """log p(wire | x) for wire = x + scale·rms(x)·G, G standard Gaussian: wire (K,), x (C, K) -> (C,).
+
+    ‖wire − x‖² as ‖x‖² − 2·x·wire + ‖wire‖²: one pass over x and no (C, K) temporaries (against the whole
+    vocabulary's rows, 15 against 121 ms a position); the cancellation costs ~1e-4 of a score, not its ranking."""
+    squares = torch.linalg.vector_norm(x, dim=-1).square()
+    distance = (squares - 2 * (x @ wire) + wire.dot(wire)).clamp_min(0)
+    c = scale * (squares / x.shape[-1]).sqrt().clamp_min(1e-12)
+    return -distance / (2 * c * c) - x.shape[-1] * c.log()
 
 
 @dataclass
