@@ -225,18 +225,22 @@ class QuantizedWeights:
         for key, w_t, sizes in sites:
             # Per output row of W (N, K), kept in that layout: W_q_t is its transposed view, which BLAS
             # reads as it is (a contiguous (K, N) copy would cost a second pass over the weights).
-            if dtype == torch.int8:  # int8 digits; up to 16 bits, the integers fit int16 on the way
-                w_q, scale, l1 = fixedpoint.quantize_matrix(w_t.t(), bits, torch.int16, device)
-                self.groups[key] = (fixedpoint.Int8Digits(w_q), scale.t(), sizes)
-            else:
-                w_q, scale, l1 = fixedpoint.quantize_matrix(w_t.t(), bits, dtype, device)  # (N, K), scale (N, 1)
-                self.groups[key] = (w_q.t(), scale.t(), sizes)
+            # int8 digits are made from the integers held in int16 on the way (up to 16 bits, they fit).
+            w_q, scale, l1 = fixedpoint.quantize_matrix(w_t.t(), bits, torch.int16 if dtype == torch.int8 else dtype, device)  # (N, K), scale (N, 1)
+            self.groups[key] = (fixedpoint.Int8Digits(w_q) if dtype == torch.int8 else w_q.t(), scale.t(), sizes)
             self.l1 = max(self.l1, l1)
 
     @property
     def nbytes(self) -> int:
         """The bytes of W_q held: none when derived."""
         return sum(w_q.nbytes for w_q, _, _ in self.groups.values() if not isinstance(w_q, fixedpoint.DerivedIntegers))
+
+    def check_exact(self, key: GroupKey | str, p: int, limb_bits: int) -> None:
+        """ValueError unless products mod p with `limb_bits`-bit limbs are exact at `key`, however its W_q is held."""
+        fixedpoint.check_product_exact(self.l1, p, limb_bits)
+        w_q = self.groups[key][0]
+        if isinstance(w_q, fixedpoint.Int8Digits):
+            w_q.check(p)
 
     def product_mod(self, key: GroupKey | str, x: torch.Tensor, p: int, limb_bits: int) -> torch.Tensor:
         """x (T, K) int64 in [0, p) -> (T, sum N_i) int64, the modules side by side: x·W_qᵀ mod p, exactly."""

@@ -161,13 +161,11 @@ class Handlers:
         if x.dim() != 2:
             raise ProtocolError(f"an otp input must be (rows, features), got shape {list(x.shape)}")
         quantized = self.quantized_weights(bits)
-        w_q = quantized.groups[key][0]
         try:
-            fixedpoint.check_product_exact(quantized.l1, p, limb_bits)
-            if isinstance(w_q, fixedpoint.Int8Digits):
-                w_q.check(p)
+            quantized.check_exact(key, p, limb_bits)
         except ValueError as e:
             raise ProtocolError(str(e)) from None
+        w_q = quantized.groups[key][0]
         if x.shape[1] != w_q.shape[0]:
             raise ProtocolError(f"input has {x.shape[1]} features, {key} expects {w_q.shape[0]}")
         self.check_result(x.shape[0] * w_q.shape[1])

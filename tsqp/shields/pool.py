@@ -176,7 +176,7 @@ class MaskPool:
 
     def _start_worker(self) -> None:
         if self.background and self._worker is None and self._tokens:
-            self._worker = threading.Thread(target=_work, args=(weakref.ref(self),), name="tsqp-mask-pool", daemon=True)
+            self._worker = threading.Thread(target=_work, args=(weakref.ref(self), self.worker_threads), name="tsqp-mask-pool", daemon=True)
             self._worker.start()
 
     # --- outside the lock ---------------------------------------------------------------------
@@ -221,13 +221,9 @@ class MaskPool:
         return True
 
 
-def _work(pool_ref: weakref.ReferenceType[MaskPool]) -> None:
+def _work(pool_ref: weakref.ReferenceType[MaskPool], threads: int) -> None:
     """The background worker: keeps its pool stocked until the pool is closed or gone."""
-    pool = pool_ref()
-    if pool is None:
-        return
-    torch.set_num_threads(pool.worker_threads)  # this thread's own count (OpenMP keeps one per thread)
-    del pool
+    torch.set_num_threads(threads)  # this thread's own count (OpenMP keeps one per thread)
     while (pool := pool_ref()) is not None:
         if not pool._work_once():
             return
