@@ -126,6 +126,27 @@ def test_wire_stats_count_round_trips_and_bytes(client: RemoteBackend, tiny: Loa
     assert d["round_trips"] == 4 and d["wire_s"] == pytest.approx(max(s.round_trip_s - s.server_s, 0.0))
 
 
+@pytest.mark.parametrize("transport", ["zmq", "shm"])
+def test_hot_calls_carry_the_compact_header_once_the_server_reads_it(tiny_server: Any, make_client: Callable[..., RemoteBackend],
+                                                                      tiny: LoadedModel, transport: str, monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    """Before HELLO, and with a server of protocol 2.0, a call's header is msgpack; after a 2.1 server's HELLO, the fixed compact one."""
+    x = x_input(seed=4)
+
+    def header_bytes(client: RemoteBackend) -> int:
+        before = client.stats.bytes_sent
+        close(client.linear(0, ["o_proj"], x)[0], x @ tiny.weights["layers.0.o_proj"].T)
+        return client.stats.bytes_sent - before - x.nbytes
+
+    fresh = make_client(tiny_server.endpoint, transport=transport)
+    assert header_bytes(fresh) != protocol.COMPACT.size
+    fresh.hello(tiny.fingerprint)
+    assert header_bytes(fresh) == protocol.COMPACT.size
+    monkeypatch.setattr(protocol, "VERSION", (2, 0))  # what the server's HELLO says, and this side compares with
+    old = make_client(tiny_server.endpoint, transport=transport)
+    old.hello(tiny.fingerprint)
+    assert header_bytes(old) != protocol.COMPACT.size
+
+
 def test_server_stats_round_trip(client: RemoteBackend, tiny: LoadedModel) -> None:
     x = x_input(seed=3)
     for _ in range(3):

@@ -2,7 +2,7 @@
 
 A seeded generator (reproducible: SEED) throws random-byte headers, truncated frames, huge
 declared shapes, negative dims, NaN/Inf payloads in valid LINEAR requests, wrong frame counts,
-unknown ops, valid headers with garbage bodies and thousands of tiny messages at `start_server(tiny)`
+unknown ops, valid headers with garbage bodies, damaged compact headers and thousands of tiny messages at `start_server(tiny)`
 on loopback tcp, and the same through a shared-memory channel, bounded in count and time.
 """
 
@@ -53,7 +53,7 @@ def linear_request(rng: random.Random, id: int, x: torch.Tensor | None = None) -
 
 def hostile(rng: random.Random, id: int) -> tuple[list[Any], int | None]:
     """One hostile request and the id its reply must carry (None: any, the header is broken)."""
-    kind = rng.randrange(12)
+    kind = rng.randrange(13)
     if kind == 0:  # random bytes as the header
         return [rng.randbytes(rng.randint(0, 300))], None
     if kind == 1:  # random bytes everywhere, random frame count
@@ -114,6 +114,15 @@ def hostile(rng: random.Random, id: int) -> tuple[list[Any], int | None]:
         a = torch.randn(*[rng.randint(1, 6) for _ in range(rng.randint(1, 4))])
         b = torch.randn(*[rng.randint(1, 6) for _ in range(rng.randint(1, 4))])
         return protocol.encode(protocol.request("MATMUL", id, {}, [a, b])), id
+    if kind == 12:  # the compact header (protocol 2.1): valid hot calls, some bytes of the header overwritten
+        op, args, x = rng.choice([("LINEAR", {"layer": rng.randint(-1, 3), "modules": rng.choice(MODULES)}, torch.randn(rng.randint(0, 3), 64)),
+                                  ("EMBED", {}, torch.tensor([rng.randint(-5, 400)])),
+                                  ("LM_HEAD", {"p": 2**31 - 1, "limb_bits": 8, "weight_bits": 12}, torch.randint(0, 2**31 - 1, (1, 64)))])  # fmt: skip
+        frames = [bytes(memoryview(f)) for f in protocol.encode_compact(protocol.request(op, id, args, [x])) or []]
+        damaged = bytearray(frames[0])
+        for _ in range(rng.randint(0, 3)):
+            damaged[rng.randrange(1, len(damaged))] = rng.randrange(256)
+        return [bytes(damaged), frames[1]], (id if damaged[8:16] == frames[0][8:16] else None)
     # kind 11: valid requests mixed in, with hostile args
     args = rng.choice([{"layer": 2**62, "modules": ["o_proj"]}, {"layer": 0, "modules": [rng.randbytes(4).hex()]},
                        {"layer": 0, "modules": ["o_proj"] * 100}, {"layer": None, "modules": None}])  # fmt: skip

@@ -308,3 +308,138 @@ def test_protocol_module_does_not_use_pickle() -> None:
     assert "import pickle" not in source
     assert "torch.load" not in source
     assert "allow_pickle" not in source
+
+
+# --- the compact header (protocol 2.1) ------------------------------------------------------
+
+OTP = {"p": (1 << 31) - 1, "limb_bits": 8, "weight_bits": 12}
+COMPACT_MESSAGES = [
+    pytest.param(protocol.request("LINEAR", 7, {"layer": 3, "modules": ["q_proj", "k_proj", "v_proj"]}, [make_tensor(torch.float32, (1, 1, 64))]), id="linear"),
+    pytest.param(protocol.request("LINEAR", 2**62, {"layer": -4, "modules": ["o_proj"]}, [make_tensor(torch.bfloat16, (2, 3, 4))]), id="linear-bf16"),
+    pytest.param(protocol.request("LINEAR", 0, {**OTP, "layer": 0, "modules": ["gate_proj", "up_proj"]}, [make_tensor(torch.int64, (5, 7))]), id="otp"),
+    pytest.param(protocol.request("EMBED", 1, {}, [make_tensor(torch.int64, (1, 1))]), id="embed"),
+    pytest.param(protocol.request("LM_HEAD", -3, OTP, [make_tensor(torch.int64, (2, 9))]), id="lm-head-otp"),
+    pytest.param(protocol.request("LM_HEAD", 3, {}, [make_tensor(torch.float64, (4, 0))]), id="empty"),
+    pytest.param(protocol.reply(9, {"compute_s": 1.5e-4}, [make_tensor(torch.float32, (1, 1, 192))]), id="reply"),
+    pytest.param(protocol.reply(9, {}, [make_tensor(torch.int32, (2, 3, 1, 1, 1, 1, 1, 2))]), id="reply-8-dims"),
+]
+
+
+def as_bytes(frames: list[object]) -> list[bytes]:
+    return [bytes(memoryview(f)) for f in frames]  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("msg", COMPACT_MESSAGES)
+def test_a_compact_header_decodes_to_the_same_message_as_msgpack(msg: Message) -> None:
+    frames = protocol.encode_compact(msg)
+    assert frames is not None and bytes(frames[0])[0] == protocol.COMPACT_MAGIC and len(frames[0]) == protocol.COMPACT.size
+    expect_reply = msg.op == protocol.REPLY
+    compact, plain = decode(as_bytes(frames), expect_reply=expect_reply), decode(as_bytes(encode(msg)), expect_reply=expect_reply)
+    assert (compact.op, compact.id, compact.args, compact.ok, compact.error) == (plain.op, plain.id, plain.args, plain.ok, plain.error)
+    assert [(t.dtype, t.shape) for t in compact.tensors] == [(t.dtype, t.shape) for t in plain.tensors] == [(msg.tensors[0].dtype, msg.tensors[0].shape)]
+    assert torch.equal(compact.tensors[0], msg.tensors[0])
+
+
+@pytest.mark.parametrize(
+    "msg",
+    [
+        pytest.param(protocol.request("HELLO", 1, {"transport": "shm"}), id="hello"),
+        pytest.param(protocol.request("MATMUL", 1, {}, [torch.ones(2, 2), torch.ones(2, 2)]), id="two-tensors"),
+        pytest.param(protocol.request("LINEAR", 1, {"layer": 0, "modules": ["o_proj"], "extra": 1}, [torch.ones(1, 4)]), id="unknown-arg"),
+        pytest.param(protocol.request("LINEAR", 1, {"layer": True, "modules": ["o_proj"]}, [torch.ones(1, 4)]), id="layer-bool"),
+        pytest.param(protocol.request("LINEAR", 1, {"layer": "0", "modules": ["o_proj"]}, [torch.ones(1, 4)]), id="layer-str"),
+        pytest.param(protocol.request("LINEAR", 1, {"modules": ["o_proj"]}, [torch.ones(1, 4)]), id="layer-missing"),
+        pytest.param(protocol.request("LINEAR", 1, {"layer": 0, "modules": []}, [torch.ones(1, 4)]), id="no-modules"),
+        pytest.param(protocol.request("LINEAR", 1, {"layer": 0, "modules": ["o_proj|k_proj"]}, [torch.ones(1, 4)]), id="bar-in-name"),
+        pytest.param(protocol.request("LINEAR", 1, {"layer": 0, "modules": ["gate_proj"] * 4}, [torch.ones(1, 4)]), id="names-too-long"),
+        pytest.param(protocol.request("LINEAR", 1, {"layer": 0, "modules": ["ø_proj"]}, [torch.ones(1, 4)]), id="not-ascii"),
+        pytest.param(protocol.request("LM_HEAD", 1, {**OTP, "p": 1 << 63}, [torch.ones(1, 4, dtype=torch.int64)]), id="p-past-int64"),
+        pytest.param(protocol.request("LM_HEAD", 1, {**OTP, "p": 0}, [torch.ones(1, 4, dtype=torch.int64)]), id="p-zero"),
+        pytest.param(protocol.request("LM_HEAD", 1, {"p": 7}, [torch.ones(1, 4, dtype=torch.int64)]), id="field-incomplete"),
+        pytest.param(protocol.request("LM_HEAD", 1 << 63, {}, [torch.ones(1, 4)]), id="id-past-int64"),
+        pytest.param(protocol.request("LM_HEAD", 1, {}, [torch.ones(1, 4, dtype=torch.uint8)]), id="dtype-uint8"),
+        pytest.param(protocol.reply(1, {"compute_s": 1}, [torch.ones(1)]), id="compute-an-int"),
+        pytest.param(protocol.error_reply(1, "no"), id="error-reply"),
+    ],
+)
+def test_what_the_compact_header_cannot_say_goes_as_msgpack(msg: Message) -> None:
+    assert protocol.encode_compact(msg) is None
+
+
+def compact_fields(**changes: object) -> list[bytes]:
+    """A valid compact LINEAR request's frames with some of its header's fields changed."""
+    fields = {"magic": protocol.COMPACT_MAGIC, "major": protocol.VERSION[0], "op": 2, "flags": protocol.HAS_MODULES, "dtype": 0, "ndim": 2,
+              "id": 7, "layer": 0, "p": 0, "limb_bits": 0, "weight_bits": 0, "shape": [1, 4, 0, 0, 0, 0, 0, 0], "compute_s": 0.0, "names": b"o_proj"}  # fmt: skip
+    fields.update(changes)
+    body = changes.pop("body", b"\0" * 16)
+    values = [fields[k] for k in ("magic", "major", "op", "flags", "dtype", "ndim", "id", "layer", "p", "limb_bits", "weight_bits")]
+    return [protocol.COMPACT.pack(*values, *fields["shape"], fields["compute_s"], fields["names"]), body]  # type: ignore[arg-type]
+
+
+def test_the_compact_test_header_is_valid() -> None:
+    msg = decode(compact_fields())
+    assert (msg.op, msg.id, msg.args, msg.tensors[0].shape) == ("LINEAR", 7, {"layer": 0, "modules": ["o_proj"]}, (1, 4))
+
+
+@pytest.mark.parametrize(
+    ("frames", "limits", "keyword"),
+    [
+        pytest.param([compact_fields()[0][:-1], b"\0" * 16], Limits(), "not msgpack, nor a compact header", id="short"),
+        pytest.param([compact_fields()[0] + b"\0", b"\0" * 16], Limits(), "not msgpack, nor a compact header", id="long"),
+        pytest.param(compact_fields(major=protocol.VERSION[0] + 1), Limits(), "version", id="next-major"),
+        pytest.param(compact_fields(op=0), Limits(), "op code", id="op-0"),
+        pytest.param(compact_fields(op=4), Limits(), "op code", id="reply-as-request"),
+        pytest.param(compact_fields(op=200), Limits(), "op code", id="op-200"),
+        pytest.param(compact_fields(flags=8), Limits(), "flags", id="unknown-flag"),
+        pytest.param(compact_fields(dtype=6), Limits(), "dtype", id="dtype-code"),
+        pytest.param(compact_fields(ndim=9, shape=[1] * 8), Limits(), "dimensions", id="ndim-9"),
+        pytest.param(compact_fields(shape=[1, 4, 1, 0, 0, 0, 0, 0]), Limits(), "past them", id="dims-past-ndim"),
+        pytest.param(compact_fields(shape=[-1, -4, 0, 0, 0, 0, 0, 0], body=b""), Limits(), "non-negative", id="negative-dims"),
+        pytest.param(compact_fields(shape=[2**31, 2**31, 0, 0, 0, 0, 0, 0]), Limits(), "limit", id="huge-shape"),
+        pytest.param(compact_fields(body=b"\0" * 15), Limits(), "bytes", id="body-short"),
+        pytest.param([compact_fields()[0]], Limits(), "tensor frames", id="no-body"),
+        pytest.param([*compact_fields(), b""], Limits(), "tensor frames", id="two-bodies"),
+        pytest.param(compact_fields(flags=0), Limits(), "without their flag", id="names-without-flag"),
+        pytest.param(compact_fields(flags=0, names=b"", layer=3), Limits(), "without their flag", id="layer-without-flag"),
+        pytest.param(compact_fields(p=7), Limits(), "without their flag", id="field-without-flag"),
+        pytest.param(compact_fields(compute_s=1.0), Limits(), "without its flag", id="compute-without-flag"),
+        pytest.param(compact_fields(names=b""), Limits(), "one zero-padded string", id="names-empty"),
+        pytest.param(compact_fields(names=b"o_proj\0x"), Limits(), "one zero-padded string", id="names-after-padding"),
+        pytest.param(compact_fields(names=b"\xffproj"), Limits(), "ASCII", id="names-not-ascii"),
+        pytest.param(compact_fields(), Limits(max_message_bytes=160), "exceeds", id="message-too-big"),
+        pytest.param(compact_fields(), Limits(max_tensor_elements=3), "limit", id="too-many-elements"),
+    ],
+)
+def test_a_broken_compact_header_is_refused_by_name(frames: list[bytes], limits: Limits, keyword: str) -> None:
+    with pytest.raises(ProtocolError, match=None) as e:
+        decode(frames, limits)
+    assert keyword.lower() in str(e.value).lower(), str(e.value)
+
+
+def test_a_compact_reply_is_refused_where_a_request_is_expected_and_vice_versa() -> None:
+    reply = as_bytes(protocol.encode_compact(protocol.reply(1, {}, [torch.ones(1)])) or [])
+    request = as_bytes(protocol.encode_compact(protocol.request("EMBED", 1, {}, [torch.ones(1, dtype=torch.int64)])) or [])
+    with pytest.raises(ProtocolError, match="op code"):
+        decode(reply)
+    with pytest.raises(ProtocolError, match="op code"):
+        decode(request, expect_reply=True)
+
+
+def test_random_damage_to_compact_headers_raises_only_protocol_errors() -> None:
+    """Seeded: every byte of the header flipped to random values, a few at a time; decode accepts or names the problem."""
+    import random
+
+    rng = random.Random(20261201)
+    good = compact_fields()
+    accepted = 0
+    for _ in range(3000):
+        header = bytearray(good[0])
+        for _ in range(rng.randint(1, 4)):
+            header[rng.randrange(1, len(header))] = rng.randrange(256)
+        try:
+            msg = decode([bytes(header), good[1]])
+        except ProtocolError:
+            continue
+        accepted += 1
+        assert msg.op in ("EMBED", "LINEAR", "LM_HEAD") and len(msg.tensors) == 1
+    assert 0 < accepted < 3000  # damage to the id, layer or values' fields is still a well-formed request

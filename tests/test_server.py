@@ -165,9 +165,22 @@ def test_stats_count_calls_errors_and_malformed(dealer: zmq.Socket, tiny: Loaded
 
 # --- bad requests: an error reply naming the problem, then business as usual ------------
 
+
+def damaged_compact(offset: int, value: int) -> list[Any]:
+    """A valid compact LINEAR request (id 5) with one byte of its header set to `value`."""
+    frames = protocol.encode_compact(protocol.request("LINEAR", 5, {"layer": 0, "modules": ["o_proj"]}, [torch.ones(2, 64)]))
+    assert frames is not None
+    header = bytearray(frames[0])
+    header[offset] = value
+    return [bytes(header), frames[1]]
+
+
 BAD_REQUESTS: list[Any] = [
     pytest.param(lambda: [b"\x00\xc1\xff garbage \x93"], "msgpack", -1, id="garbage-header"),
     pytest.param(lambda: [pickle.dumps({"v": list(protocol.VERSION), "op": "HELLO", "id": 5})], "msgpack", -1, id="pickle-header"),
+    pytest.param(lambda: damaged_compact(3, 0x80), "flags", 5, id="compact-unknown-flag"),
+    pytest.param(lambda: damaged_compact(2, 9), "op code", 5, id="compact-unknown-op"),
+    pytest.param(lambda: damaged_compact(1, 3), "version", 5, id="compact-next-major"),
     pytest.param(lambda: [msgpack.packb(["LINEAR", 5])], "map", -1, id="header-not-map"),
     pytest.param(lambda: [msgpack.packb({"v": [9, 0], "op": "HELLO", "id": 5})], "version", 5, id="wrong-version"),
     pytest.param(lambda: [raw_header(op="SHUTDOWN")], "unknown op", 5, id="unknown-op"),
@@ -309,6 +322,57 @@ def test_bad_request_gets_error_reply_and_server_keeps_serving(dealer: zmq.Socke
     assert r.tensors == []
     assert keyword.lower() in r.error.lower(), r.error
     assert_valid_linear_works(dealer, tiny)
+
+
+@pytest.mark.parametrize(("make_frames", "keyword", "reply_id"), BAD_REQUESTS)
+def test_a_bad_request_with_the_compact_header_gets_the_same_error_reply(
+    dealer: zmq.Socket, tiny: LoadedModel, make_frames: Any, keyword: str, reply_id: int
+) -> None:
+    """Every bad request the compact header can say is refused as its msgpack form is: same id, same words."""
+    frames = make_frames()
+    try:
+        compact = protocol.encode_compact(protocol.decode(frames))
+    except Exception:
+        compact = None  # not a well-formed message, or one the compact header cannot say
+    if compact is None:
+        return
+    plain, fast = rpc(dealer, frames), rpc(dealer, compact)
+    assert (fast.ok, fast.id, fast.error, fast.tensors) == (plain.ok, plain.id, plain.error, [])
+    assert_valid_linear_works(dealer, tiny)
+
+
+def test_bad_requests_with_the_compact_header_are_tested() -> None:
+    """The test above compares most bad requests, not a handful."""
+    sayable = 0
+    for param in BAD_REQUESTS:
+        try:
+            sayable += protocol.encode_compact(protocol.decode(param.values[0]())) is not None
+        except Exception:
+            pass
+    assert sayable >= 15, sayable
+
+
+COMPACT_CALLS = [
+    pytest.param("LINEAR", {"layer": 1, "modules": ["q_proj", "k_proj", "v_proj"]}, lambda: x_input(rows=3, seed=4)[None], id="linear"),
+    pytest.param("LINEAR", {"layer": 2, "modules": ["down_proj"]}, lambda: x_input(rows=0, features=160), id="no-rows"),
+    pytest.param("LINEAR", {**OTP_ARGS, "layer": 0, "modules": ["gate_proj", "up_proj"]}, lambda: torch.arange(128).view(2, 64) * 1000, id="otp"),
+    pytest.param("EMBED", {}, lambda: torch.tensor([[3, 1, 4]]), id="embed"),
+    pytest.param("LM_HEAD", {}, lambda: x_input(rows=1, seed=5), id="lm-head"),
+]
+
+
+@pytest.mark.parametrize(("op", "args", "make_x"), COMPACT_CALLS)
+def test_a_compact_request_gets_a_compact_reply_with_the_same_numbers(dealer: zmq.Socket, op: str, args: dict[str, Any], make_x: Any) -> None:
+    request = protocol.request(op, 11, args, [make_x()])
+    compact = protocol.encode_compact(request)
+    assert compact is not None
+    send(dealer, compact)
+    raw = dealer.recv_multipart() if dealer.poll(2000) else []
+    assert raw and bytes(raw[0])[0] == protocol.COMPACT_MAGIC, "no compact reply"
+    fast, plain = protocol.decode(raw, expect_reply=True), rpc(dealer, protocol.encode(request))
+    assert fast.ok and plain.ok and fast.id == plain.id == 11
+    assert set(fast.args) == set(plain.args) == {"compute_s"}
+    assert torch.equal(fast.tensors[0], plain.tensors[0])
 
 
 @pytest.mark.parametrize(

@@ -266,7 +266,8 @@ class Server:
         if "shm" in reply.args:
             reply.args["shm"] = self._offer_shm(request)
         try:
-            out = protocol.encode(reply)
+            # A compact request gets a compact reply (an error, or a reply it cannot say, a msgpack one).
+            out = (protocol.encode_compact(reply) if frames and is_compact(frames[0]) else None) or protocol.encode(reply)
         except Exception as e:  # a reply that cannot be sent still gets an answer
             log.exception("cannot encode the reply to request %s", reply.id, extra={"client": key})
             reply = protocol.error_reply(reply.id, f"the server could not encode its reply: {type(e).__name__}")
@@ -418,10 +419,19 @@ class Server:
         reply.tensors[which] = y
 
 
+def is_compact(header: Any) -> bool:
+    """Whether a request's header frame is the compact one (`protocol.encode_compact`)."""
+    raw = frame_buffer(header)
+    return raw.nbytes > 0 and raw[0] == protocol.COMPACT_MAGIC
+
+
 def _salvage_id(frames: list[Any]) -> int:
     """The request id of a message that failed validation, if its header yields one."""
     try:
-        header = msgpack.unpackb(frame_buffer(frames[0]), raw=False)
+        raw = frame_buffer(frames[0])
+        if is_compact(raw) and raw.nbytes == protocol.COMPACT.size:
+            return int(protocol.COMPACT.unpack(raw)[6])
+        header = msgpack.unpackb(raw, raw=False)
         msg_id = header.get("id")
         return msg_id if isinstance(msg_id, int) and not isinstance(msg_id, bool) else -1
     except Exception:

@@ -96,6 +96,7 @@ class RemoteBackend:
         self.server_alive = server_alive
         self.stats = WireStats()
         self.info: dict[str, Any] = {}
+        self._compact = False  # hot calls with the compact header: once the server's HELLO says it reads them
         self.out_features = dict(out_features or {})
         self._next_id = 0
         self._abandoned: set[int] = set()  # ids of timed-out requests, whose late answers are dropped
@@ -168,6 +169,8 @@ class RemoteBackend:
                 raise ModelMismatch(f"the server at {self.endpoint} holds a different model: {e}") from None
             raise
         self.info = reply.args
+        version = reply.args.get("protocol")
+        self._compact = isinstance(version, list) and version[:1] == [protocol.VERSION[0]] and version[1:2] >= [1]  # 2.1 reads compact headers
         self._learn_widths(reply.args.get("widths"))
         if fingerprint is not None and reply.args.get("fingerprint") != fingerprint:
             raise ModelMismatch(f"the server at {self.endpoint} holds a different model (fingerprint {reply.args.get('fingerprint')}, ours {fingerprint})")
@@ -212,7 +215,7 @@ class RemoteBackend:
             for t in request.tensors:
                 self.on_send(op, t)
         t0 = time.perf_counter()
-        frames = protocol.encode(request)
+        frames = (protocol.encode_compact(request) if self._compact and op in HOT_OPS else None) or protocol.encode(request)
         t1 = time.perf_counter()
         shm = self.shm if self.shm is not None and op in HOT_OPS and self.shm.fits(frames) else None
         if shm is None:  # (a shared-memory channel does not outlive a server restart: its peer's lock tells)
@@ -263,18 +266,19 @@ class RemoteBackend:
     def _check_reply(self, request: Message, reply: Message) -> None:
         """Is the reply what `request` asked for: as many tensors, of the right shapes and dtypes, with finite values?"""
         expected = self._expected(request)
-        what = f"{request.op}" + (f" (layer {request.args['layer']} {'|'.join(request.args['modules'])})" if request.op == "LINEAR" else "")
         if len(reply.tensors) != len(expected):
-            raise MalformedReply(f"the server's reply to {what} has {len(reply.tensors)} tensors, expected {len(expected)}")
+            raise MalformedReply(f"the server's reply to {_call_name(request)} has {len(reply.tensors)} tensors, expected {len(expected)}")
         for i, (t, (shape, dtype)) in enumerate(zip(reply.tensors, expected)):
             if t.dtype != dtype:
-                raise MalformedReply(f"the server's reply to {what}: tensor {i} is {protocol.DTYPE_NAMES[t.dtype]}, expected {protocol.DTYPE_NAMES[dtype]}")
+                raise MalformedReply(
+                    f"the server's reply to {_call_name(request)}: tensor {i} is {protocol.DTYPE_NAMES[t.dtype]}, expected {protocol.DTYPE_NAMES[dtype]}"
+                )
             if len(t.shape) != len(shape) or any(want is not None and got != want for got, want in zip(t.shape, shape)):
                 raise MalformedReply(
-                    f"the server's reply to {what}: tensor {i} has shape {list(t.shape)}, expected {[d if d is not None else 'N' for d in shape]}"
+                    f"the server's reply to {_call_name(request)}: tensor {i} has shape {list(t.shape)}, expected {[d if d is not None else 'N' for d in shape]}"
                 )
             if t.is_floating_point() and not all_finite(t):
-                raise MalformedReply(f"the server's reply to {what}: tensor {i} holds NaN or infinite values")
+                raise MalformedReply(f"the server's reply to {_call_name(request)}: tensor {i} holds NaN or infinite values")
 
     def _expected(self, request: Message) -> list[tuple[tuple[int | None, ...], torch.dtype]]:
         """(shape, dtype) of each tensor of an honest reply; None where the width is not known here."""
@@ -358,6 +362,11 @@ class RemoteBackend:
         self.socket.disable_monitor()
         self._monitor.close(linger=0)
         self.socket.close(linger=0)
+
+
+def _call_name(request: Message) -> str:
+    """A hot call as errors name it: the op, and a LINEAR's layer and modules."""
+    return request.op + (f" (layer {request.args['layer']} {'|'.join(request.args['modules'])})" if request.op == "LINEAR" else "")
 
 
 def all_finite(t: torch.Tensor) -> bool:

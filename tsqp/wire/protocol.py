@@ -18,6 +18,9 @@ A LINEAR request names one call group (q|k|v, o, gate|up, down); its reply is on
 modules' outputs side by side in the order asked (protocol 2: one frame to encode, copy, decode and
 check per call, not one per module). HELLO's reply gives each module's width for splitting it.
 
+Protocol 2.1: a hot call and its successful reply may carry a fixed binary header instead of the
+msgpack one (`encode_compact`, below); `decode` takes either.
+
 Never pickle: a pickle from an untrusted peer is remote code execution. Everything
 read from the wire is validated in `decode`, in a fixed order, and a violation raises
 `ProtocolError` naming the field.
@@ -26,6 +29,7 @@ read from the wire is validated in `decode`, in a fixed order, and a violation r
 from __future__ import annotations
 
 import math
+import struct
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -37,7 +41,7 @@ import torch
 from tsqp.errors import ProtocolError
 from tsqp.wire.endpoints import frame_buffer
 
-VERSION = (2, 0)  # 2: a LINEAR reply is one tensor, the modules' outputs side by side
+VERSION = (2, 1)  # 2: a LINEAR reply is one tensor, the modules' outputs side by side; 2.1: the compact header
 VERSION_FIELD = list(VERSION)
 OPS = ("HELLO", "EMBED", "LINEAR", "MATMUL", "LM_HEAD", "STATS", "HEALTH")
 REPLY = "REPLY"
@@ -128,6 +132,8 @@ def decode(frames: Sequence[Any], limits: Limits = Limits(), expect_reply: bool 
     if not frames:
         raise ProtocolError("empty message: no header frame")
     raw = frame_buffer(frames[0])
+    if raw.nbytes and raw[0] == COMPACT_MAGIC:
+        return _decode_compact(raw, frames, limits, expect_reply)
     if len(raw) > limits.max_header_bytes:
         raise ProtocolError(f"header is {len(raw)} bytes, limit {limits.max_header_bytes}")
     try:
@@ -191,3 +197,115 @@ def _tensor(i: int, spec: Any, buf: memoryview, limits: Limits) -> torch.Tensor:
         return torch.empty(shape, dtype=dtype)
     flat = torch.frombuffer(buf, dtype=dtype)
     return flat if len(shape) == 1 else flat.view(shape)
+
+
+# --- the compact header (2.1) --------------------------------------------------------------------
+#
+# The hot calls (EMBED, LINEAR, LM_HEAD, one tensor each) and their successful replies are nearly all
+# of a generation's messages. Their header may be this fixed struct instead of msgpack: it says exactly
+# what the msgpack header says for them, and decodes into the same `Message`, its tensor checked by the
+# same `_tensor` against the same `Limits`, so what a server accepts, refuses and answers does not
+# change. It begins with 0xC1, a byte msgpack never uses: `decode` tells the two apart by it.
+#
+#   u8 0xC1, u8 major version, u8 op (COMPACT_OPS), u8 flags, u8 dtype (DTYPES' order), u8 ndim, 2 zero bytes,
+#   i64 id, i64 layer, i64 p, i64 limb_bits, i64 weight_bits, i64 shape[8], f64 compute_s,
+#   32 bytes: the modules' names joined by "|", ASCII, zero-padded
+#
+# A field its flags do not set is zero. Shape entries past ndim are zero.
+
+COMPACT_MAGIC = 0xC1
+COMPACT = struct.Struct("<BBBBBBxx5q8qd32s")
+COMPACT_OPS = ("EMBED", "LINEAR", "LM_HEAD", REPLY)  # codes 1..4
+HAS_MODULES, HAS_FIELD, HAS_COMPUTE = 1, 2, 4  # flags: args layer+modules; p, limb_bits, weight_bits; compute_s
+FIELD_ARGS = ("p", "limb_bits", "weight_bits")
+_DTYPE_CODES = {dt: i for i, dt in enumerate(DTYPES.values())}
+_DTYPE_BY_CODE = list(DTYPES)
+_I64 = range(-(1 << 63), 1 << 63)
+
+
+def encode_compact(msg: Message) -> list[Any] | None:
+    """`encode`'s frames with the compact header, or None where it cannot say all of `msg` (then use `encode`)."""
+    if msg.op not in COMPACT_OPS or len(msg.tensors) != 1 or not msg.ok:
+        return None
+    t = msg.tensors[0]
+    code = _DTYPE_CODES.get(t.dtype)
+    if code is None or t.dim() > 8 or t.requires_grad or type(msg.id) is not int or msg.id not in _I64:
+        return None
+    args = msg.args
+    flags, layer, names, field, compute = 0, 0, b"", (0, 0, 0), 0.0
+    n_args = 0
+    if "modules" in args or "layer" in args:
+        layer, names = args.get("layer"), _joined_names(args.get("modules"))
+        if type(layer) is not int or layer not in _I64 or names is None:
+            return None
+        flags, n_args = flags | HAS_MODULES, n_args + 2
+    if "p" in args:
+        field = tuple(args.get(name) for name in FIELD_ARGS)
+        if not all(type(v) is int and v in _I64 and v != 0 for v in field):
+            return None
+        flags, n_args = flags | HAS_FIELD, n_args + 3
+    if "compute_s" in args:
+        compute = args["compute_s"]
+        if type(compute) is not float:
+            return None
+        flags, n_args = flags | HAS_COMPUTE, n_args + 1
+    if n_args != len(args):
+        return None  # an argument the compact header has no field for
+    shape = (*t.shape, *(0,) * (8 - t.dim()))
+    header = COMPACT.pack(COMPACT_MAGIC, VERSION[0], COMPACT_OPS.index(msg.op) + 1, flags, code, t.dim(), msg.id, layer, *field, *shape, compute, names)
+    return [header, _body(t)]
+
+
+def _joined_names(modules: Any) -> bytes | None:
+    """Module names as the compact header holds them, or None where it cannot."""
+    if type(modules) is not list or not modules or not all(type(m) is str and m.isascii() and "|" not in m for m in modules):
+        return None
+    names = "|".join(modules).encode()
+    return names if len(names) <= 32 else None
+
+
+def _decode_compact(raw: memoryview, frames: Sequence[Any], limits: Limits, expect_reply: bool) -> Message:
+    if raw.nbytes != COMPACT.size:
+        raise ProtocolError(f"header is not msgpack, nor a compact header ({raw.nbytes} bytes, not {COMPACT.size})")
+    _, major, op_code, flags, dtype_code, ndim, msg_id, layer, p, limb_bits, weight_bits, *rest = COMPACT.unpack(raw)
+    shape, compute, names = rest[:8], rest[8], rest[9]
+    if major != VERSION[0]:
+        raise ProtocolError(f"protocol version {major} not supported; this side speaks {VERSION[0]}.x")
+    op = COMPACT_OPS[op_code - 1] if 1 <= op_code <= len(COMPACT_OPS) else None
+    if op is None or (op == REPLY) != expect_reply:
+        raise ProtocolError(f"unknown op code {op_code} in a compact header")
+    if flags & ~(HAS_MODULES | HAS_FIELD | HAS_COMPUTE):
+        raise ProtocolError(f"unknown flags {flags:#x} in a compact header")
+    if dtype_code >= len(_DTYPE_BY_CODE):
+        raise ProtocolError(f"unknown dtype code {dtype_code} in a compact header")
+    if ndim > 8 or any(shape[ndim:]):
+        raise ProtocolError(f"compact header's shape has {ndim} dimensions and values past them")
+    args: dict[str, Any] = {}
+    if flags & HAS_MODULES:
+        args["layer"], args["modules"] = layer, _module_names(names)
+    elif layer or names.strip(b"\0"):
+        raise ProtocolError("compact header sets layer or modules without their flag")
+    if flags & HAS_FIELD:
+        args.update(p=p, limb_bits=limb_bits, weight_bits=weight_bits)
+    elif p or limb_bits or weight_bits:
+        raise ProtocolError("compact header sets p, limb_bits or weight_bits without their flag")
+    if flags & HAS_COMPUTE:
+        args["compute_s"] = compute
+    elif compute:
+        raise ProtocolError("compact header sets compute_s without its flag")
+    if len(frames) != 2:
+        raise ProtocolError(f"a compact header declares 1 tensor but {len(frames) - 1} tensor frames arrived")
+    tensor = _tensor(0, [_DTYPE_BY_CODE[dtype_code], list(shape[:ndim])], frame_buffer(frames[1]), limits)
+    if raw.nbytes + tensor.numel() * tensor.element_size() > limits.max_message_bytes:
+        raise ProtocolError(f"message exceeds {limits.max_message_bytes} bytes")
+    return Message(op=op, id=msg_id, args=args, tensors=[tensor])
+
+
+def _module_names(field: bytes) -> list[str]:
+    text, _, padding = field.partition(b"\0")
+    if padding.strip(b"\0") or not text:
+        raise ProtocolError("compact header's module names must be one zero-padded string")
+    try:
+        return text.decode("ascii").split("|")
+    except UnicodeDecodeError:
+        raise ProtocolError("compact header's module names must be ASCII") from None

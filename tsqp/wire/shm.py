@@ -226,9 +226,10 @@ class Channel:
         base = self.reply_area if self.server else self.request_area
         buf, offset, lengths = self.buf, base + DATA, []
         for frame in frames:
-            view = memoryview(frame).cast("B")
+            view = memoryview(frame)
             n = view.nbytes
-            buf[offset : offset + n] = view
+            if n:  # an empty tensor's view (a zero in its shape) cannot be cast to bytes
+                buf[offset : offset + n] = view.cast("B")
             lengths.append(n)
             offset += _aligned(n)
         TABLE.pack_into(buf, base, len(frames), 0, *lengths, *([0] * (MAX_FRAMES - len(frames))))
