@@ -9,8 +9,8 @@ import torch
 from helpers import make_tiny_model
 
 from tsqp.errors import ProtocolError
-from tsqp.model import fixedpoint
-from tsqp.model.linear import CALL_GROUPS, FUSED_GROUPS, MODULES, LinearWeights, QuantizedWeights, fused_groups, product_sites
+from tsqp.model import fixedpoint, linear
+from tsqp.model.linear import CALL_GROUPS, FORWARD_ORDER, FUSED_GROUPS, MODULES, LinearWeights, QuantizedWeights, fused_groups, product_sites
 from tsqp.model.loading import LoadedModel
 
 SIZES = {"q_proj": 64, "k_proj": 32, "v_proj": 32, "o_proj": 64, "gate_proj": 160, "up_proj": 160, "down_proj": 64}  # the tiny model's
@@ -32,6 +32,24 @@ def x_for(group: tuple[str, ...], rows: int = 3, seed: int = 0) -> torch.Tensor:
 def test_call_groups_cover_every_module_once() -> None:
     assert sorted(m for g in CALL_GROUPS for m in g) == sorted(MODULES)
     assert set(FUSED_GROUPS) <= set(CALL_GROUPS)
+
+
+def test_next_site_follows_a_forward_pass(weights: LinearWeights) -> None:
+    order = [(layer, group) for layer in range(3) for group in FORWARD_ORDER]
+    assert weights.next_site("embed") == weights.next_site("lm_head") == order[0]
+    assert [weights.next_site(site) for site in order] == [*order[1:], None]  # the lm_head follows the last layer
+
+
+def test_warm_reads_a_matrix_a_block_at_a_time_and_changes_nothing(tiny: LoadedModel, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(linear, "WARM_BLOCK_BYTES", 6400)  # 5 rows of the tiny gate|up's W_t (64, 320)
+    weights = LinearWeights(tiny.weights, tiny.config.n_layers)
+    key = (1, ("gate_proj", "up_proj"))
+    before = weights.group_product(key, x_for(key[1])).clone()
+    assert sum(1 for _ in weights.warm(key)) == 13  # 64 rows of 320 floats, 5 rows (6400 bytes) a block
+    assert torch.equal(weights.group_product(key, x_for(key[1])), before)
+    assert list(LinearWeights(tiny.weights, tiny.config.n_layers, dtype=torch.bfloat16).warm(key)) == []  # not numpy's: nothing to read
+    monkeypatch.setattr(linear, "WARM_MAX_BYTES", 64 * 320 * 4 - 1)
+    assert list(weights.warm(key)) == []  # larger than a cache holds
 
 
 def test_fused_groups_concatenate_transposed_weights(tiny: LoadedModel) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import zmq
@@ -60,9 +60,9 @@ class ShmHub:
     def _any_ready(self) -> bool:
         return any(True for _ in self.ready())
 
-    def wait(self, timeout_ms: int) -> bool:
-        """Spin on the channels for the budget, then block on the socket and every doorbell."""
-        if self.spinner.wait_for(self._any_ready):
+    def wait(self, timeout_ms: int, idle: Callable[[], None] | None = None) -> bool:
+        """Spin on the channels for the budget (calling `idle` between looks), then block on the socket and every doorbell."""
+        if self.spinner.wait_for(self._any_ready, idle):
             return True
         for channel in self.channels.values():
             channel.drain()

@@ -98,13 +98,15 @@ class Spinner:
                 return self.budget_s  # a probe: is the peer quick again?
         return 0.0 if self.crowded or self.ran_out > 0.5 else self.budget_s
 
-    def wait_for(self, ready: Callable[[], bool]) -> bool:
-        """Spin until `ready()` or the budget runs out; True if it became ready."""
+    def wait_for(self, ready: Callable[[], bool], idle: Callable[[], None] | None = None) -> bool:
+        """Spin until `ready()` or the budget runs out, calling `idle()` (short work) between looks; True if it became ready."""
         budget = self.budget()
         if budget <= 0:
             return False
         end = time.perf_counter() + budget
         while not ready():
+            if idle is not None:
+                idle()
             if time.perf_counter() > end:
                 self.ran_out += (1.0 - self.ran_out) * self.WEIGHT
                 return False
