@@ -70,36 +70,28 @@ def test_shm_and_zmq_give_identical_tokens_under_every_shield(tiny: LoadedModel,
     assert tokens["shm"] == tokens["zmq"]
 
 
-def test_the_server_warms_the_next_call_of_a_plain_forward_over_shm_only(tiny: LoadedModel, shm_server: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-    """After each plain hot call over shm the server starts reading the weights of the call that follows it in a
-    forward pass; not after otp's calls (their products read other weights), and not for a zmq-only server."""
-    weights = shm_server.server.handlers.weights
-    warmed: list[Any] = []
-    original = weights.warm
-    monkeypatch.setattr(weights, "warm", lambda key: warmed.append(key) or original(key))
+def test_the_server_warms_after_plain_calls_over_shm_only(tiny: LoadedModel, shm_server: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The server tells its warmer of each plain hot call over shm (it reads the weights of the calls that follow);
+    not of otp's calls (their products read other weights), and a zmq-only server not at all."""
+    answered: list[Any] = []
+    monkeypatch.setattr(shm_server.server.warmer, "answered", answered.append)
     for shield, expect in [("plain", True), ("otp", False)]:
-        warmed.clear()
+        answered.clear()
         backend = remote(shm_server.endpoint, tiny, "shm")
         try:
             llama = Llama(tiny.config, tiny.hf_config, tiny.norms(), shielded(backend, tiny, ShieldConfig(shield)))
             generate(llama, [5, 9, 33], 2)
         finally:
             backend.close()
-        if not expect:
-            assert warmed == []
-            continue
         forward = [(layer, group) for layer in range(tiny.config.n_layers) for group in FORWARD_ORDER]
-        # Two forwards (the prefill, one decode step): EMBED and LM_HEAD are followed by the first layer's first call; the last layer's last by the lm_head, not warmed.
-        assert warmed == 2 * [*forward, forward[0]]
+        assert answered == (2 * ["embed", *forward, "lm_head"] if expect else [])  # the prefill, one decode step
     plain = start_server(tiny, shm_folder=None)
     try:
-        plain_weights = plain.server.handlers.weights
-        monkeypatch.setattr(plain_weights, "warm", lambda key: warmed.append(key) or iter(()))
-        warmed.clear()
+        monkeypatch.setattr(plain.server.warmer, "answered", answered.append)
         backend = remote(plain.endpoint, tiny, "zmq")
         backend.linear(0, ["o_proj"], x_input())
         backend.close()
-        assert warmed == []
+        assert answered == []
     finally:
         plain.close()
 

@@ -190,13 +190,22 @@ class LinearWeights:
             return (layer, FORWARD_ORDER[i])
         return (layer + 1, FORWARD_ORDER[0]) if layer + 1 < self.n_layers else None
 
+    @property
+    def warmable(self) -> bool:
+        """Whether `warm` reads anything: CPU float32 weights."""
+        return self._numpy_ok
+
+    def group_bytes(self, key: GroupKey) -> int:
+        """The bytes of a checked group's fused matrix."""
+        return self._groups[key][0].nbytes
+
     def warm(self, key: GroupKey) -> Iterator[None]:
         """Read `key`'s matrix into the CPU's caches a block at a time, yielding after each block, so that its
         product, when it comes, reads from cache instead of memory: for a server's idle moments, between a
         reply and the next request. A one-row product over each block of rows (the fastest way found to read
         them: 32 GB/s against a sum's 19 on one 2-core VM; docs/benchmarks.md). CPU float32 weights only."""
         w_t = self._groups[key][0]
-        if not self._numpy_ok or w_t.nbytes > WARM_MAX_BYTES:
+        if not self.warmable or w_t.nbytes > WARM_MAX_BYTES:
             return
         w = w_t.detach().numpy()
         rows = max(1, WARM_BLOCK_BYTES // (w.shape[1] * w.itemsize))

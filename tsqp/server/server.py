@@ -40,6 +40,7 @@ from tsqp.server.handlers import CHUNK_FLOPS, Handlers
 from tsqp.server.recording import Recorder
 from tsqp.server.shm import ShmHub
 from tsqp.server.stats import ServerStats, client_key
+from tsqp.server.warming import Warmer
 from tsqp.wire import protocol
 from tsqp.wire.endpoints import (
     HANDSHAKE_ERRORS,
@@ -91,8 +92,6 @@ def default_limits(model: LoadedModel) -> Limits:
     return Limits(max_tensor_elements=elements, max_message_bytes=8 * elements + (1 << 20), max_request_flops=flops)
 
 
-_DONE = object()
-
 MAX_PENDING = 64  # requests received ahead of their round (batching on); zmq's queues hold the rest
 
 
@@ -143,7 +142,7 @@ class Server:
         # one-row products at small k (docs/benchmarks.md), so it is off there unless asked for.
         self.batch = self.device.type == "cuda" if batch is None else batch
         self._pending: deque[Received] = deque()  # arrival order
-        self._warming: Iterator[None] | None = None  # the next call's weights being read into the caches
+        self.warmer = Warmer(weights)  # reads the next calls' weights into the caches while same-host clients compute
         if otp_weight_bits:  # now, while the clients load, rather than on their first request
             self.handlers.quantized_weights(otp_weight_bits)
         self.recorder = Recorder(record_dir) if record_dir is not None else None
@@ -198,7 +197,7 @@ class Server:
         """Until a request may be there: a blocking wait (the client needs the core), after a short
         spin on the shared-memory channels if there are any."""
         if self.shm is not None and self.shm.channels:
-            return self.shm.wait(timeout_ms, self._warm_step)
+            return self.shm.wait(timeout_ms, self.warmer.step)
         return bool(self.socket.poll(timeout_ms))
 
     def serve_one(self) -> None:
@@ -364,7 +363,7 @@ class Server:
             log.exception("%s failed", msg.op, extra={"client": client, "op": msg.op, "error": f"{type(e).__name__}: {e}"})
             return protocol.error_reply(msg.id, f"{msg.op} failed on the server: {type(e).__name__}: {e}")
         if self.shm is not None and (msg.op == "EMBED" or (msg.op in ("LINEAR", "LM_HEAD") and msg.tensors[0].is_floating_point())):
-            self._warm_next(msg)  # a plain call (otp's products read other weights)
+            self._warm_after(msg)
         if msg.op == "HELLO" and self.shm is not None and msg.args.get("transport") == "shm":
             reply.args["shm"] = None  # asked for: `_send`, which knows the requester's socket identity, opens it
         if msg.op in FAULTABLE_OPS and self.fault_rate and self._fault_rng.random() < self.fault_rate:
@@ -377,16 +376,10 @@ class Server:
         reply.args.setdefault("compute_s", elapsed)
         return reply
 
-    def _warm_next(self, msg: Message) -> None:
-        """Start reading the weights of the call a forward pass makes next into the caches, while the client
-        computes its part (`_warm_step`, in the server's idle spins; same-host clients only)."""
+    def _warm_after(self, msg: Message) -> None:
+        """Tell the warmer which site a plain call over shm used (otp's products read other weights)."""
         site = msg.op.lower() if msg.op != "LINEAR" else (msg.args["layer"], tuple(msg.args["modules"]))
-        following = self.handlers.weights.next_site(site)
-        self._warming = self.handlers.weights.warm(following) if following is not None else None
-
-    def _warm_step(self) -> None:
-        if self._warming is not None and next(self._warming, _DONE) is _DONE:
-            self._warming = None
+        self.warmer.answered(site)
 
     def _log_handshake_failures(self) -> None:
         while self._monitor is not None and self._monitor.poll(0):
