@@ -115,7 +115,7 @@ class Handlers:
             return self._product_mod(msg, self.linear_group(msg))
         key, x = self.float_linear(msg)
         flat = x.reshape(-1, x.shape[-1])
-        (y,) = self.chunked(flat.shape[0], 2.0 * x.shape[-1] * self.weights.out_features(key), lambda rows: [self.weights.group_product(key, flat[rows])])
+        (y,) = self.chunked(flat.shape[0], 2.0 * x.shape[-1] * self.weights.out_features(key), lambda chunk: [self.weights.group_product(key, rows(flat, chunk))])
         return protocol.reply(msg.id, tensors=[self.out(y.view(*x.shape[:-1], y.shape[-1]), x.dtype)])
 
     def _matmul(self, msg: Message) -> Message:
@@ -146,7 +146,7 @@ class Handlers:
         self.check_result(rows_of(x) * vocab)
         self.check_flops(2.0 * rows_of(x) * x.shape[-1] * vocab)
         flat = x.reshape(-1, x.shape[-1])
-        (y,) = self.chunked(flat.shape[0], 2.0 * x.shape[-1] * vocab, lambda rows: [self.weights.lm_head(flat[rows])])
+        (y,) = self.chunked(flat.shape[0], 2.0 * x.shape[-1] * vocab, lambda chunk: [self.weights.lm_head(rows(flat, chunk))])
         return protocol.reply(msg.id, tensors=[self.out(y.view(*x.shape[:-1], vocab), x.dtype)])
 
     def _product_mod(self, msg: Message, key: GroupKey | str) -> Message:
@@ -174,7 +174,7 @@ class Handlers:
         if x.numel() and (int(x.min()) < 0 or int(x.max()) >= p):
             raise ProtocolError("otp input values must lie in [0, p)")
         # Chunked: the limbs' float64 temporaries stay a chunk's, not a multiple of the request's.
-        (y,) = self.chunked(x.shape[0], flops_per_row, lambda rows: [quantized.product_mod(key, x[rows], p, limb_bits)])
+        (y,) = self.chunked(x.shape[0], flops_per_row, lambda chunk: [quantized.product_mod(key, rows(x, chunk), p, limb_bits)])
         return protocol.reply(msg.id, tensors=[y.cpu().contiguous()])
 
     def quantized_weights(self, bits: int) -> QuantizedWeights:
@@ -200,7 +200,7 @@ class Handlers:
         written into one preallocated result per output; `between_chunks` runs after every chunk but the last."""
         step = max(1, int(CHUNK_FLOPS // max(flops_per_row, 1.0)))
         if n_rows <= step:
-            return compute(slice(0, n_rows))
+            return compute(ALL_ROWS)
         outputs: list[torch.Tensor] = []
         for start in range(0, n_rows, step):
             parts = compute(slice(start, start + step))
@@ -266,6 +266,14 @@ def free_memory(device: torch.device) -> int:
         return int(fields["MemAvailable"].split()[0]) * 1024
     except (OSError, KeyError, ValueError):
         return 1 << 62
+
+
+ALL_ROWS = slice(None)  # `chunked`'s one chunk: every row, which `rows` leaves as it is
+
+
+def rows(x: torch.Tensor, chunk: slice) -> torch.Tensor:
+    """A chunk of x's rows; x itself for `ALL_ROWS` (indexing costs µs on a decode call's path)."""
+    return x if chunk is ALL_ROWS else x[chunk]
 
 
 def rows_of(x: torch.Tensor) -> int:

@@ -226,8 +226,9 @@ class Server:
 
     def receive_queued(self) -> int:
         """Move the requests already queued on the socket to the pending ones, without waiting; returns how many are pending."""
-        # Polled first: the empty case, the common one with shared memory, costs no exception.
-        while len(self._pending) < MAX_PENDING and self.socket.poll(0):
+        # Asked first: the empty case, the common one with shared memory, costs no exception (and
+        # ZMQ_EVENTS costs a third of a poll: 9 µs of a shm call went to `poll(0)`).
+        while len(self._pending) < MAX_PENDING and self.socket.get(zmq.EVENTS) & zmq.POLLIN:
             identity, *frames = self.socket.recv_multipart(zmq.NOBLOCK, copy=False)
             self._pending.append(Received(identity, frames, client_key(identity.bytes)))
         if self.shm is not None:
