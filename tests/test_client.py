@@ -15,7 +15,7 @@ import pytest
 import torch
 import zmq
 
-from tsqp.errors import ModelMismatch, RemoteError, ServerUnavailable
+from tsqp.errors import MalformedReply, ModelMismatch, RemoteError, ServerUnavailable
 from tsqp.model.loading import LoadedModel
 from tsqp.wire import protocol
 from tsqp.wire.client import RemoteBackend
@@ -383,3 +383,46 @@ def test_ipv6_loopback_endpoint_works(tiny) -> None:  # noqa: ANN001
     finally:
         client.close()
         running.close()
+
+
+# --- replies recognised by their header (compact, over shm) --------------------------------------
+
+
+def known_reply_case(make_client: Callable[..., RemoteBackend]) -> tuple[RemoteBackend, Any, bytes, list[memoryview]]:
+    """A backend, a compact LINEAR request (id 7) and the frames of an honest reply to it, as `Channel.read` gives them."""
+    backend = make_client("ipc:///nonexistent/tsqp-known-reply", out_features={"o_proj": 64})
+    request = protocol.request("LINEAR", 7, {"layer": 0, "modules": ["o_proj"]}, [x_input(rows=1)])
+    sent = protocol.encode_compact(request)
+    reply = protocol.encode_compact(protocol.reply(7, {"compute_s": 3e-5}, [x_input(rows=1, seed=9)]))
+    assert sent is not None and reply is not None
+    return backend, request, sent[0], [memoryview(bytearray(bytes(memoryview(f)))) for f in reply]
+
+
+def test_an_honest_compact_reply_is_taken_without_decoding(make_client: Callable[..., RemoteBackend]) -> None:
+    backend, request, sent, frames = known_reply_case(make_client)
+    reply = backend._known_reply(request, sent, frames)
+    assert reply is not None and reply.id == 7 and reply.args == {"compute_s": 3e-5}
+    assert torch.equal(reply.tensors[0], x_input(rows=1, seed=9))
+
+
+def test_any_other_compact_reply_goes_the_checked_way(make_client: Callable[..., RemoteBackend]) -> None:
+    """Every header byte but the compute time's, changed; another id; a body of another length: none is taken
+    as known (each then meets `_reply_to` and `_check_reply`, which name what is wrong)."""
+    backend, request, sent, frames = known_reply_case(make_client)
+    for i in [*range(protocol.COMPACT_COMPUTE), *range(protocol.COMPACT_COMPUTE + 8, protocol.COMPACT.size)]:
+        damaged = bytearray(frames[0])
+        damaged[i] ^= 0x01
+        assert backend._known_reply(request, sent, [memoryview(damaged), frames[1]]) is None, i
+    assert backend._known_reply(request, sent, [frames[0], frames[1][:-4]]) is None
+    assert backend._known_reply(request, sent, frames[:1]) is None
+    other = protocol.request("LINEAR", 8, request.args, request.tensors)
+    assert backend._known_reply(other, protocol.encode_compact(other)[0], frames) is None  # type: ignore[index]
+
+
+def test_a_known_reply_with_nan_is_refused(make_client: Callable[..., RemoteBackend]) -> None:
+    backend, request, sent, frames = known_reply_case(make_client)
+    frames[1].cast("f")[3] = float("nan")
+    reply = backend._known_reply(request, sent, frames)
+    assert reply is not None
+    with pytest.raises(MalformedReply, match="NaN"):
+        backend._check_finite(request, 0, reply.tensors[0])

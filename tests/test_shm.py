@@ -20,7 +20,7 @@ import pytest
 import torch
 from helpers import ShmDealer, assert_valid_linear_works, call, private_folder, rpc, start_server, x_input
 
-from tsqp.errors import EndpointError, ServerUnavailable
+from tsqp.errors import EndpointError, MalformedReply, ServerUnavailable
 from tsqp.model.linear import FORWARD_ORDER
 from tsqp.model.loading import LoadedModel
 from tsqp.server.shm import ShmHub
@@ -81,6 +81,7 @@ def test_the_server_warms_after_plain_calls_over_shm_only(tiny: LoadedModel, shm
         try:
             llama = Llama(tiny.config, tiny.hf_config, tiny.norms(), shielded(backend, tiny, ShieldConfig(shield)))
             generate(llama, [5, 9, 33], 2)
+            backend.server_stats()  # answered after the server's work for the last call (a reply is posted first)
         finally:
             backend.close()
         forward = [(layer, group) for layer in range(tiny.config.n_layers) for group in FORWARD_ORDER]
@@ -94,6 +95,27 @@ def test_the_server_warms_after_plain_calls_over_shm_only(tiny: LoadedModel, shm
         assert answered == []
     finally:
         plain.close()
+
+
+def test_a_server_lying_on_the_fast_paths_is_caught(tiny: LoadedModel, shm_server: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Replies taken by their header alone (`RemoteBackend._known_reply`) and answered by the server's fast lane
+    are still checked for NaN and infinity; a server that answers another call's shape is caught by name."""
+    weights = shm_server.server.handlers.weights
+    backend = remote(shm_server.endpoint, tiny, "shm")
+    try:
+        x = x_input()
+        for _ in range(3):  # the first answered the generic way, then by the server's fast lane
+            backend.linear(1, ["o_proj"], x)
+        assert backend.server_stats()["fast_lane_requests"] >= 2
+        honest = weights.group_product
+        monkeypatch.setattr(weights, "group_product", lambda key, flat: honest(key, flat) * float("nan"))
+        with pytest.raises(MalformedReply, match="NaN"):
+            backend.linear(1, ["o_proj"], x)
+        monkeypatch.setattr(weights, "group_product", lambda key, flat: honest(key, flat)[:, :-1])
+        with pytest.raises(MalformedReply, match="shape"):
+            backend.linear(1, ["o_proj"], x)
+    finally:
+        backend.close()
 
 
 def test_auto_uses_shm_on_this_host_and_zmq_without_an_offer(tiny: LoadedModel, shm_server: Any) -> None:

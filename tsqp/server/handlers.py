@@ -115,7 +115,9 @@ class Handlers:
             return self._product_mod(msg, self.linear_group(msg))
         key, x = self.float_linear(msg)
         flat = x.reshape(-1, x.shape[-1])
-        (y,) = self.chunked(flat.shape[0], 2.0 * x.shape[-1] * self.weights.out_features(key), lambda chunk: [self.weights.group_product(key, rows(flat, chunk))])
+        (y,) = self.chunked(
+            flat.shape[0], 2.0 * x.shape[-1] * self.weights.out_features(key), lambda chunk: [self.weights.group_product(key, rows(flat, chunk))]
+        )
         return protocol.reply(msg.id, tensors=[self.out(y.view(*x.shape[:-1], y.shape[-1]), x.dtype)])
 
     def _matmul(self, msg: Message) -> Message:

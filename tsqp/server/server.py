@@ -36,6 +36,7 @@ from tsqp.model import fixedpoint
 from tsqp.model.linear import LinearWeights, output_widths, site_parts
 from tsqp.model.loading import LoadedModel
 from tsqp.server.batching import BatchedLinear, LinearBatcher
+from tsqp.server.fastlane import FastLane
 from tsqp.server.handlers import CHUNK_FLOPS, Handlers
 from tsqp.server.recording import Recorder
 from tsqp.server.shm import ShmHub
@@ -150,6 +151,10 @@ class Server:
             raise ValueError(f"fault rate {fault_rate} is not a fraction between 0 and 1")
         self.fault_rate = fault_rate
         self._fault_rng = random.Random(fault_seed)
+        # Headers answered once are answered again without the generic path; not where every request must pass
+        # through `handle` (recording, fault injection) or may join a batch.
+        fast = shm_folder is not None and not self.batch and self.recorder is None and not fault_rate
+        self.fastlane = FastLane(weights, self.stats, self.warmer) if fast else None
         self.context = context or zmq.Context.instance()
         self.socket = new_socket(self.context, zmq.ROUTER, endpoint)
         # Hard cap per frame in libzmq, per connection: a peer declaring a larger frame is dropped before we allocate.
@@ -226,13 +231,14 @@ class Server:
 
     def receive_queued(self) -> int:
         """Move the requests already queued on the socket to the pending ones, without waiting; returns how many are pending."""
+        # Shared memory first: its fast lane answers at once, before the socket's look (~6-9 µs, cold).
+        if self.shm is not None:
+            self._receive_shm(self.shm)
         # Asked first: the empty case, the common one with shared memory, costs no exception (and
-        # ZMQ_EVENTS costs a third of a poll: 9 µs of a shm call went to `poll(0)`).
+        # ZMQ_EVENTS costs less than `poll(0)`).
         while len(self._pending) < MAX_PENDING and self.socket.get(zmq.EVENTS) & zmq.POLLIN:
             identity, *frames = self.socket.recv_multipart(zmq.NOBLOCK, copy=False)
             self._pending.append(Received(identity, frames, client_key(identity.bytes)))
-        if self.shm is not None:
-            self._receive_shm(self.shm)
         return len(self._pending)
 
     def _receive_shm(self, hub: ShmHub) -> None:
@@ -244,7 +250,17 @@ class Server:
                 log.warning("malformed request from %s: %s", key, e, extra={"client": key, "op": None, "error": str(e)})
                 self._send(Received(None, [], key, channel), protocol.error_reply(-1, f"bad request: {e}"))
                 continue
+            if self.fastlane is not None and self._answered_fast(frames, channel, key):
+                continue
             self._pending.append(Received(hub.identities.get(key), frames, key, channel))
+
+    def _answered_fast(self, frames: list[memoryview], channel: Channel, key: str) -> bool:
+        """Whether the fast lane answered; if it failed, the generic path answers (and names the failure)."""
+        try:
+            return self.fastlane is not None and self.fastlane.answer(frames, channel, key)
+        except Exception:
+            log.exception("the fast lane failed on a request of %s; answering it the generic way", key, extra={"client": key})
+            return False
 
     def _serve_others(self) -> None:
         """Between the chunks of a long product: answer the other clients' cheap requests now (HEALTH,
@@ -365,6 +381,8 @@ class Server:
             return protocol.error_reply(msg.id, f"{msg.op} failed on the server: {type(e).__name__}: {e}")
         if self.shm is not None and (msg.op == "EMBED" or (msg.op in ("LINEAR", "LM_HEAD") and msg.tensors[0].is_floating_point())):
             self._warm_after(msg)
+        if self.fastlane is not None and msg.op in ("LINEAR", "LM_HEAD"):
+            self.fastlane.learn(frames, msg, reply)
         if msg.op == "HELLO" and self.shm is not None and msg.args.get("transport") == "shm":
             reply.args["shm"] = None  # asked for: `_send`, which knows the requester's socket identity, opens it
         if msg.op in FAULTABLE_OPS and self.fault_rate and self._fault_rng.random() < self.fault_rate:

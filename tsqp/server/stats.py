@@ -54,6 +54,7 @@ class ServerStats:
     faults_injected: int = 0
     batches: int = 0  # products computed for several requests at once
     batched_requests: int = 0  # requests answered from such a product
+    fast_lane_requests: int = 0  # requests answered by the same-host fast lane (`server.fastlane`)
 
     def client(self, key: str) -> ClientStats:
         """The counters of one client (created if new), now the most recently seen; bounded in number."""
@@ -78,6 +79,7 @@ class ServerStats:
             "faults_injected": self.faults_injected,
             "batches": self.batches,
             "batched_requests": self.batched_requests,
+            "fast_lane_requests": self.fast_lane_requests,
         }
 
 

@@ -215,6 +215,7 @@ def _tensor(i: int, spec: Any, buf: memoryview, limits: Limits) -> torch.Tensor:
 
 COMPACT_MAGIC = 0xC1
 COMPACT = struct.Struct("<BBBBBBxx5q8qd32s")
+COMPACT_ID, COMPACT_COMPUTE = 8, 112  # offsets of the id (i64) and compute_s (f64)
 COMPACT_OPS = ("EMBED", "LINEAR", "LM_HEAD", REPLY)  # codes 1..4
 HAS_MODULES, HAS_FIELD, HAS_COMPUTE = 1, 2, 4  # flags: args layer+modules; p, limb_bits, weight_bits; compute_s
 FIELD_ARGS = ("p", "limb_bits", "weight_bits")

@@ -1,0 +1,120 @@
+"""tsqp.server.fastlane: compact headers the server answered once are answered again without the generic path,
+with the same bytes, the same counters, and nothing else let through."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+from helpers import ShmDealer, rpc, start_server, x_input
+
+from tsqp.model.loading import LoadedModel
+from tsqp.wire import protocol
+
+OTP_ARGS = {"p": (1 << 31) - 1, "limb_bits": 8, "weight_bits": 12}
+
+
+@pytest.fixture
+def server(tiny: LoadedModel) -> Any:
+    running = start_server(tiny)
+    yield running
+    running.close()
+
+
+def compact(op: str, id: int, args: dict[str, Any], x: torch.Tensor) -> list[Any]:
+    frames = protocol.encode_compact(protocol.request(op, id, args, [x]))
+    assert frames is not None
+    return frames
+
+
+def raw_reply(client: ShmDealer, frames: list[Any]) -> list[bytes]:
+    client.send_multipart(frames)
+    assert client.poll(2000)
+    return [bytes(f) for f in client.recv_multipart()]
+
+
+def fast_answers(client: ShmDealer) -> int:
+    """The server's count of requests its fast lane answered (a STATS request: after every earlier answer's counting)."""
+    return int(rpc(client, protocol.encode(protocol.request("STATS", 999))).args["fast_lane_requests"])
+
+
+def without_id_and_time(header: bytes) -> bytes:
+    return header[: protocol.COMPACT_ID] + header[protocol.COMPACT_ID + 8 : protocol.COMPACT_COMPUTE] + header[protocol.COMPACT_COMPUTE + 8 :]
+
+
+@pytest.mark.parametrize(
+    ("op", "args", "x"),
+    [
+        pytest.param("LINEAR", {"layer": 2, "modules": ["q_proj", "k_proj", "v_proj"]}, x_input(rows=1)[None], id="qkv-decode-row"),
+        pytest.param("LINEAR", {"layer": 0, "modules": ["down_proj"]}, x_input(rows=3, features=160), id="down-3-rows"),
+        pytest.param("LM_HEAD", {}, x_input(rows=1), id="lm-head"),
+    ],
+)
+def test_a_header_answered_once_is_answered_again_the_fast_way_with_the_same_bytes(server: Any, op: str, args: dict[str, Any], x: torch.Tensor) -> None:
+    client = ShmDealer(server.endpoint)
+    try:
+        generic = raw_reply(client, compact(op, 1, args, x))
+        assert fast_answers(client) == 0
+        fast = raw_reply(client, compact(op, 2, args, x))
+        assert fast_answers(client) == 1
+        assert without_id_and_time(fast[0]) == without_id_and_time(generic[0]) and fast[1] == generic[1]
+        assert protocol.decode(fast, expect_reply=True).id == 2
+    finally:
+        client.close()
+
+
+def test_only_what_the_generic_path_answered_is_remembered(server: Any) -> None:
+    """otp's integer calls (their values are checked), EMBED, refused requests, msgpack headers and empty inputs
+    always take the generic path; a remembered header with a body of another length too, refused as before."""
+    client = ShmDealer(server.endpoint)
+    lane = server.server.fastlane
+    try:
+        o_proj = {"layer": 0, "modules": ["o_proj"]}
+        for _ in range(2):
+            assert rpc(client, compact("LINEAR", 3, {**OTP_ARGS, **o_proj}, torch.ones(1, 64, dtype=torch.int64))).ok
+            assert rpc(client, compact("EMBED", 4, {}, torch.tensor([[3]]))).ok
+            assert not rpc(client, compact("LINEAR", 5, {"layer": 7, "modules": ["o_proj"]}, x_input(rows=1))).ok
+            assert rpc(client, protocol.encode(protocol.request("LINEAR", 6, o_proj, [x_input(rows=1)]))).ok
+            assert rpc(client, compact("LINEAR", 7, o_proj, x_input(rows=0))).ok
+        assert fast_answers(client) == 0 and lane.plans == {}
+        assert rpc(client, compact("LINEAR", 8, o_proj, x_input(rows=1))).ok  # remembered now
+        header, body = compact("LINEAR", 9, o_proj, x_input(rows=1))
+        short = rpc(client, [header, bytes(memoryview(body))[:-4]])
+        assert not short.ok and short.id == 9 and "bytes" in short.error
+        assert fast_answers(client) == 0
+    finally:
+        client.close()
+
+
+def test_the_fast_way_keeps_the_same_counters(tiny: LoadedModel) -> None:
+    """The same requests to a server with the fast lane and to one without: the same STATS, but for timings."""
+    stats = []
+    for fast in (True, False):
+        running = start_server(tiny)
+        if not fast:
+            running.server.fastlane = None
+        client = ShmDealer(running.endpoint)
+        try:
+            for i in range(4):
+                assert rpc(client, compact("LINEAR", i, {"layer": 1, "modules": ["gate_proj", "up_proj"]}, x_input(rows=1, seed=i))).ok
+                assert rpc(client, compact("LM_HEAD", 10 + i, {}, x_input(rows=1, seed=i))).ok
+            got = rpc(client, protocol.encode(protocol.request("STATS", 99))).args
+            assert got.pop("fast_lane_requests") == (6 if fast else 0)  # the first of each header answered the generic way
+        finally:
+            client.close()
+            running.close()
+        ops = {op: {k: v for k, v in c.items() if k in ("calls", "errors", "bytes_in", "bytes_out", "latency_samples")} for op, c in got["ops"].items()}
+        clients = [{k: v for k, v in c.items() if k in ("requests", "bytes_in", "bytes_out", "errors")} for c in got["clients"].values()]
+        stats.append((got["requests"], got["malformed"], ops, clients))
+    assert stats[0] == stats[1]
+
+
+@pytest.mark.parametrize("kwargs", [{"record_dir": "REC"}, {"fault_rate": 0.5}, {"batch": True}, {"shm_folder": None}])
+def test_no_fast_lane_where_every_request_must_pass_the_generic_path(tiny: LoadedModel, tmp_path: Any, kwargs: dict[str, Any]) -> None:
+    kwargs = {k: (tmp_path / "rec" if v == "REC" else v) for k, v in kwargs.items()}
+    running = start_server(tiny, **kwargs)
+    try:
+        assert running.server.fastlane is None
+    finally:
+        running.close()
