@@ -110,7 +110,7 @@ def test_the_fast_way_keeps_the_same_counters(tiny: LoadedModel) -> None:
     assert stats[0] == stats[1]
 
 
-@pytest.mark.parametrize("kwargs", [{"record_dir": "REC"}, {"fault_rate": 0.5}, {"batch": True}, {"shm_folder": None}])
+@pytest.mark.parametrize("kwargs", [{"record_dir": "REC"}, {"fault_rate": 0.5}, {"batch": True}, {"shm_folder": None}, {"dtype": "bfloat16"}])
 def test_no_fast_lane_where_every_request_must_pass_the_generic_path(tiny: LoadedModel, tmp_path: Any, kwargs: dict[str, Any]) -> None:
     kwargs = {k: (tmp_path / "rec" if v == "REC" else v) for k, v in kwargs.items()}
     running = start_server(tiny, **kwargs)

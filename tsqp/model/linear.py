@@ -191,8 +191,8 @@ class LinearWeights:
         return (layer + 1, FORWARD_ORDER[0]) if layer + 1 < self.n_layers else None
 
     @property
-    def warmable(self) -> bool:
-        """Whether `warm` reads anything: CPU float32 weights."""
+    def cpu_float32(self) -> bool:
+        """Whether the weights are float32 on a CPU (what `warm` reads, and the fast lane answers from)."""
         return self._numpy_ok
 
     def group_bytes(self, key: GroupKey) -> int:
@@ -205,7 +205,7 @@ class LinearWeights:
         reply and the next request. A one-row product over each block of rows (the fastest way found to read
         them: 32 GB/s against a sum's 19 on one 2-core VM; docs/benchmarks.md). CPU float32 weights only."""
         w_t = self._groups[key][0]
-        if not self.warmable or w_t.nbytes > WARM_MAX_BYTES:
+        if not self.cpu_float32 or w_t.nbytes > WARM_MAX_BYTES:
             return
         w = w_t.detach().numpy()
         rows = max(1, WARM_BLOCK_BYTES // (w.shape[1] * w.itemsize))

@@ -151,9 +151,10 @@ class Server:
             raise ValueError(f"fault rate {fault_rate} is not a fraction between 0 and 1")
         self.fault_rate = fault_rate
         self._fault_rng = random.Random(fault_seed)
-        # Headers answered once are answered again without the generic path; not where every request must pass
-        # through `handle` (recording, fault injection) or may join a batch.
-        fast = shm_folder is not None and not self.batch and self.recorder is None and not fault_rate
+        # Headers answered once are answered again without the generic path: on a CPU's float32 weights, whose
+        # products are the replies as they are; not where every request must pass through `handle`
+        # (recording, fault injection) or may join a batch.
+        fast = shm_folder is not None and weights.cpu_float32 and not self.batch and self.recorder is None and not fault_rate
         self.fastlane = FastLane(weights, self.stats, self.warmer) if fast else None
         self.context = context or zmq.Context.instance()
         self.socket = new_socket(self.context, zmq.ROUTER, endpoint)

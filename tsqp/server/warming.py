@@ -25,7 +25,7 @@ class Warmer:
         self._ahead_bytes = 0
         self._last: GroupKey | str | None = None  # the site answered last: reading goes on from there
         self._reading: Iterator[None] | None = None
-        self._done = not weights.warmable  # nothing left to read until the next answer (or ever, off a CPU)
+        self._done = not weights.cpu_float32  # nothing left to read until the next answer (or ever, off a CPU)
 
     def answered(self, site: GroupKey | str) -> None:
         """A request for `site` was answered: what was read for it is used, and what follows it comes next."""
@@ -38,7 +38,7 @@ class Warmer:
             self._ahead.clear()
             self._ahead_bytes, self._reading = 0, None
         self._last = site
-        self._done = not self.weights.warmable
+        self._done = not self.weights.cpu_float32
 
     def step(self) -> None:
         """Read one more block, if anything is left to read within the budget."""
