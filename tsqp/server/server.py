@@ -251,12 +251,12 @@ class Server:
                 log.warning("malformed request from %s: %s", key, e, extra={"client": key, "op": None, "error": str(e)})
                 self._send(Received(None, [], key, channel), protocol.error_reply(-1, f"bad request: {e}"))
                 continue
-            if self.fastlane is not None and self._answered_fast(frames, channel, key):
+            if self._answered_fast(frames, channel, key):
                 continue
             self._pending.append(Received(hub.identities.get(key), frames, key, channel))
 
     def _answered_fast(self, frames: list[memoryview], channel: Channel, key: str) -> bool:
-        """Whether the fast lane answered; if it failed, the generic path answers (and names the failure)."""
+        """Whether the fast lane (if any) answered; if it failed, the generic path answers (and names the failure)."""
         try:
             return self.fastlane is not None and self.fastlane.answer(frames, channel, key)
         except Exception:
