@@ -13,7 +13,6 @@ another length included, goes the generic way.
 
 from __future__ import annotations
 
-import struct
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,14 +23,12 @@ import torch
 from tsqp.model.linear import GroupKey, LinearWeights
 from tsqp.server.handlers import CHUNK_FLOPS
 from tsqp.server.stats import ServerStats
-from tsqp.server.warming import Warmer
+from tsqp.server.warming import Warmer, site_of
 from tsqp.wire import protocol
-from tsqp.wire.protocol import COMPACT, COMPACT_COMPUTE, COMPACT_ID, Message
+from tsqp.wire.protocol import COMPACT, Message
 from tsqp.wire.shm import Channel
 
 MAX_PLANS = 4096  # headers remembered; a decode step uses about 5 a layer (rows grow only in prefills)
-_ID = struct.Struct("<q")
-_SECONDS = struct.Struct("<d")
 
 
 @dataclass(frozen=True)
@@ -56,35 +53,32 @@ class FastLane:
     def learn(self, frames: list[Any], msg: Message, reply: Message) -> None:
         """Remember the header of a request the generic path answered with `reply`, if it is one this lane can answer."""
         header = memoryview(frames[0])
-        if header.nbytes != COMPACT.size or header[0] != protocol.COMPACT_MAGIC or not reply.ok or len(self.plans) >= MAX_PLANS:
+        if header.nbytes != COMPACT.size or not protocol.is_compact(header) or not reply.ok or len(self.plans) >= MAX_PLANS:
             return
         x = msg.tensors[0]
         if msg.op not in ("LINEAR", "LM_HEAD") or x.dtype != torch.float32 or set(msg.args) - {"layer", "modules"} or x.numel() == 0:
             return
         rows, features = x.numel() // x.shape[-1], x.shape[-1]
-        site: GroupKey | str = "lm_head" if msg.op == "LM_HEAD" else (msg.args["layer"], tuple(msg.args["modules"]))
-        width = self.weights.lm_head_t.shape[1] if site == "lm_head" else self.weights.out_features(site)  # type: ignore[arg-type]
-        if 2.0 * rows * features * width > CHUNK_FLOPS:
+        site = site_of(msg)
+        if 2.0 * rows * features * reply.tensors[0].shape[-1] > CHUNK_FLOPS:
             return  # the generic path computes it in chunks, answering others in between
         product = self.weights.lm_head if site == "lm_head" else (lambda flat, key=site: self.weights.group_product(key, flat))  # type: ignore[misc]
         reply_header = protocol.encode_compact(protocol.reply(0, {"compute_s": 0.0}, [reply.tensors[0]]))
         assert reply_header is not None  # a float32 tensor of at most 8 dims and a float compute_s: always sayable
-        self.plans[_key(header)] = Plan(msg.op, site, rows, features, x.numel() * 4, bytes(reply_header[0]), reply.nbytes, product)
+        self.plans[protocol.compact_key(header)] = Plan(msg.op, site, rows, features, x.numel() * 4, bytes(reply_header[0]), reply.nbytes, product)
 
     def answer(self, frames: list[memoryview], channel: Channel, client: str) -> bool:
         """Answer a request taken from `channel` (`frames`: the server's private copy) if its header is remembered."""
         header = frames[0]
         if len(frames) != 2 or header.nbytes != COMPACT.size:
             return False
-        plan = self.plans.get(_key(header))
+        plan = self.plans.get(protocol.compact_key(header))
         if plan is None or frames[1].nbytes != plan.body_bytes:
             return False
         started = time.perf_counter()
         y = plan.product(torch.frombuffer(frames[1], dtype=torch.float32).view(plan.rows, plan.features))
         elapsed = time.perf_counter() - started
-        reply = bytearray(plan.reply_header)
-        _ID.pack_into(reply, COMPACT_ID, _ID.unpack_from(header, COMPACT_ID)[0])
-        _SECONDS.pack_into(reply, COMPACT_COMPUTE, elapsed)
+        reply = protocol.stamped(plan.reply_header, protocol.compact_id(header), elapsed)
         body = y.detach().contiguous().numpy()
         if body.nbytes != plan.reply_bytes:
             raise RuntimeError(f"a product of {body.nbytes} bytes where its header says {plan.reply_bytes}")
@@ -107,8 +101,3 @@ class FastLane:
         counters.requests += 1
         counters.bytes_in += header_in + plan.body_bytes
         counters.bytes_out += header_out + body_out
-
-
-def _key(header: memoryview) -> bytes:
-    """A compact request header without its id: what decides whether the server accepts it."""
-    return bytes(header[:COMPACT_ID]) + bytes(header[COMPACT_ID + 8 :])

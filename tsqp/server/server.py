@@ -41,7 +41,7 @@ from tsqp.server.handlers import CHUNK_FLOPS, Handlers
 from tsqp.server.recording import Recorder
 from tsqp.server.shm import ShmHub
 from tsqp.server.stats import ServerStats, client_key
-from tsqp.server.warming import Warmer
+from tsqp.server.warming import Warmer, site_of
 from tsqp.wire import protocol
 from tsqp.wire.endpoints import (
     HANDSHAKE_ERRORS,
@@ -287,7 +287,7 @@ class Server:
             reply.args["shm"] = self._offer_shm(request)
         try:
             # A compact request gets a compact reply (an error, or a reply it cannot say, a msgpack one).
-            out = (protocol.encode_compact(reply) if frames and is_compact(frames[0]) else None) or protocol.encode(reply)
+            out = (protocol.encode_compact(reply) if frames and protocol.is_compact(frames[0]) else None) or protocol.encode(reply)
         except Exception as e:  # a reply that cannot be sent still gets an answer
             log.exception("cannot encode the reply to request %s", reply.id, extra={"client": key})
             reply = protocol.error_reply(reply.id, f"the server could not encode its reply: {type(e).__name__}")
@@ -381,7 +381,7 @@ class Server:
             log.exception("%s failed", msg.op, extra={"client": client, "op": msg.op, "error": f"{type(e).__name__}: {e}"})
             return protocol.error_reply(msg.id, f"{msg.op} failed on the server: {type(e).__name__}: {e}")
         if self.shm is not None and (msg.op == "EMBED" or (msg.op in ("LINEAR", "LM_HEAD") and msg.tensors[0].is_floating_point())):
-            self._warm_after(msg)
+            self.warmer.answered(site_of(msg))  # a plain call (otp's products read other weights)
         if self.fastlane is not None and msg.op in ("LINEAR", "LM_HEAD"):
             self.fastlane.learn(frames, msg, reply)
         if msg.op == "HELLO" and self.shm is not None and msg.args.get("transport") == "shm":
@@ -395,11 +395,6 @@ class Server:
         stats.bytes_out += reply.nbytes
         reply.args.setdefault("compute_s", elapsed)
         return reply
-
-    def _warm_after(self, msg: Message) -> None:
-        """Tell the warmer which site a plain call over shm used (otp's products read other weights)."""
-        site = msg.op.lower() if msg.op != "LINEAR" else (msg.args["layer"], tuple(msg.args["modules"]))
-        self.warmer.answered(site)
 
     def _log_handshake_failures(self) -> None:
         while self._monitor is not None and self._monitor.poll(0):
@@ -448,18 +443,12 @@ class Server:
         reply.tensors[which] = y
 
 
-def is_compact(header: Any) -> bool:
-    """Whether a request's header frame is the compact one (`protocol.encode_compact`)."""
-    raw = frame_buffer(header)
-    return raw.nbytes > 0 and raw[0] == protocol.COMPACT_MAGIC
-
-
 def _salvage_id(frames: list[Any]) -> int:
     """The request id of a message that failed validation, if its header yields one."""
     try:
         raw = frame_buffer(frames[0])
-        if is_compact(raw) and raw.nbytes == protocol.COMPACT.size:
-            return int(protocol.COMPACT.unpack(raw)[6])
+        if protocol.is_compact(raw) and raw.nbytes == protocol.COMPACT.size:
+            return protocol.compact_id(raw)
         header = msgpack.unpackb(raw, raw=False)
         msg_id = header.get("id")
         return msg_id if isinstance(msg_id, int) and not isinstance(msg_id, bool) else -1

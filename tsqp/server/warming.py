@@ -13,9 +13,15 @@ from collections import deque
 from collections.abc import Iterator
 
 from tsqp.model.linear import GroupKey, LinearWeights
+from tsqp.wire.protocol import Message
 
 WARM_AHEAD_BYTES = 12 << 20  # o, gate|up and down of a SmolLM2 layer: well inside a server CPU's last-level cache
 _DONE = object()
+
+
+def site_of(msg: Message) -> GroupKey | str:
+    """The site a checked EMBED, LINEAR or LM_HEAD request used: "embed", (layer, modules) or "lm_head"."""
+    return (msg.args["layer"], tuple(msg.args["modules"])) if msg.op == "LINEAR" else msg.op.lower()
 
 
 class Warmer:

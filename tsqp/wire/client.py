@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import math
 import os
-import struct
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -30,12 +29,11 @@ from tsqp.errors import AuthError, EndpointError, MalformedReply, ModelMismatch,
 from tsqp.wire import protocol
 from tsqp.wire.endpoints import CONNECT_TIMEOUT_S, HANDSHAKE_FAILED, check_endpoint, is_local_endpoint, new_socket
 from tsqp.wire.keys import ClientKeys, client_keys, set_client_keys
-from tsqp.wire.protocol import COMPACT_COMPUTE, COMPACT_ID, Message
+from tsqp.wire.protocol import Message
 from tsqp.wire.shm import DEFAULT_SPIN_US, HOT_OPS, TRANSPORTS, Channel, Spinner
 
 DEFAULT_ENDPOINT = "tcp://127.0.0.1:5555"
 MAX_REPLY_SHAPES = 4096  # compact request headers whose honest replies are remembered (a decode step uses ~5 a layer)
-_I64, _F64 = struct.Struct("<q"), struct.Struct("<d")
 
 
 @dataclass
@@ -296,9 +294,9 @@ class RemoteBackend:
         """The reply to a compact request if its header is, byte for byte, the one an honest server sends for it
         (this id, any compute time) and its body as long as that header says: then it needs no decoding and
         no checks but finiteness. Anything else (None) goes through `_reply_to` and `_check_reply`."""
-        if len(frames) != 2 or not isinstance(sent_header, bytes) or sent_header[0] != protocol.COMPACT_MAGIC:
+        if len(frames) != 2 or not protocol.is_compact(sent_header):
             return None
-        key = sent_header[:COMPACT_ID] + sent_header[COMPACT_ID + 8 :]
+        key = protocol.compact_key(sent_header)
         known = self._reply_shapes.get(key, False)
         if known is False:
             if len(self._reply_shapes) >= MAX_REPLY_SHAPES:
@@ -308,12 +306,13 @@ class RemoteBackend:
             return None
         header, shape, dtype, nbytes = known
         got = frames[0]
-        if (got.nbytes != len(header) or frames[1].nbytes != nbytes or got[:COMPACT_ID] != header[:COMPACT_ID]
-                or got[COMPACT_ID + 8 : COMPACT_COMPUTE] != header[COMPACT_ID + 8 : COMPACT_COMPUTE]
-                or got[COMPACT_COMPUTE + 8 :] != header[COMPACT_COMPUTE + 8 :] or _I64.unpack_from(got, COMPACT_ID)[0] != request.id):  # fmt: skip
+        if got.nbytes != len(header) or frames[1].nbytes != nbytes:
+            return None
+        compute_s = protocol.compact_compute_s(got)
+        if got != protocol.stamped(header, request.id, compute_s):  # every byte honest but the compute time's
             return None
         tensor = torch.frombuffer(frames[1], dtype=dtype).view(shape)
-        return protocol.reply(request.id, {"compute_s": _F64.unpack_from(got, COMPACT_COMPUTE)[0]}, [tensor])
+        return protocol.reply(request.id, {"compute_s": compute_s}, [tensor])
 
     def _honest_reply(self, request: Message) -> tuple[bytes, tuple[int, ...], torch.dtype, int] | None:
         """(compact header, shape, dtype, body bytes) of an honest reply to `request`; None where not all is known here."""

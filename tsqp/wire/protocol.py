@@ -132,7 +132,7 @@ def decode(frames: Sequence[Any], limits: Limits = Limits(), expect_reply: bool 
     if not frames:
         raise ProtocolError("empty message: no header frame")
     raw = frame_buffer(frames[0])
-    if raw.nbytes and raw[0] == COMPACT_MAGIC:
+    if is_compact(raw):
         return _decode_compact(raw, frames, limits, expect_reply)
     if len(raw) > limits.max_header_bytes:
         raise ProtocolError(f"header is {len(raw)} bytes, limit {limits.max_header_bytes}")
@@ -216,6 +216,7 @@ def _tensor(i: int, spec: Any, buf: memoryview, limits: Limits) -> torch.Tensor:
 COMPACT_MAGIC = 0xC1
 COMPACT = struct.Struct("<BBBBBBxx5q8qd32s")
 COMPACT_ID, COMPACT_COMPUTE = 8, 112  # offsets of the id (i64) and compute_s (f64)
+_ID_FIELD, _COMPUTE_FIELD = struct.Struct("<q"), struct.Struct("<d")
 COMPACT_OPS = ("EMBED", "LINEAR", "LM_HEAD", REPLY)  # codes 1..4
 HAS_MODULES, HAS_FIELD, HAS_COMPUTE = 1, 2, 4  # flags: args layer+modules; p, limb_bits, weight_bits; compute_s
 FIELD_ARGS = ("p", "limb_bits", "weight_bits")
@@ -255,6 +256,36 @@ def encode_compact(msg: Message) -> list[Any] | None:
     shape = (*t.shape, *(0,) * (8 - t.dim()))
     header = COMPACT.pack(COMPACT_MAGIC, VERSION[0], COMPACT_OPS.index(msg.op) + 1, flags, code, t.dim(), msg.id, layer, *field, *shape, compute, names)
     return [header, _body(t)]
+
+
+def is_compact(header: Any) -> bool:
+    """Whether a header frame is (meant to be) the compact one: its first byte says so."""
+    raw = frame_buffer(header)
+    return raw.nbytes > 0 and raw[0] == COMPACT_MAGIC
+
+
+def compact_key(header: Any) -> bytes:
+    """A compact header without its id: the same bytes for every call of one kind."""
+    raw = frame_buffer(header)
+    return bytes(raw[:COMPACT_ID]) + bytes(raw[COMPACT_ID + 8 :])
+
+
+def compact_id(header: Any) -> int:
+    """The id field of a header of `COMPACT.size` bytes."""
+    return int(_ID_FIELD.unpack_from(header, COMPACT_ID)[0])
+
+
+def compact_compute_s(header: Any) -> float:
+    """The compute_s field of a header of `COMPACT.size` bytes."""
+    return float(_COMPUTE_FIELD.unpack_from(header, COMPACT_COMPUTE)[0])
+
+
+def stamped(header: bytes, msg_id: int, compute_s: float) -> bytearray:
+    """A copy of a compact header with this id and compute_s: a known reply's, made without encoding."""
+    out = bytearray(header)
+    _ID_FIELD.pack_into(out, COMPACT_ID, msg_id)
+    _COMPUTE_FIELD.pack_into(out, COMPACT_COMPUTE, compute_s)
+    return out
 
 
 def _joined_names(modules: Any) -> bytes | None:
