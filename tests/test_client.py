@@ -15,10 +15,11 @@ import pytest
 import torch
 import zmq
 
-from tsqp.errors import MalformedReply, ModelMismatch, RemoteError, ServerUnavailable
+from tsqp.errors import ModelMismatch, RemoteError, ServerUnavailable
 from tsqp.model.loading import LoadedModel
 from tsqp.wire import protocol
-from tsqp.wire.client import RemoteBackend
+from tsqp.wire.client import KnownCall, RemoteBackend
+from tsqp.wire.shm import DATA, Layout
 
 SLACK_S = 0.75  # poll slices are 200 ms; allow for a loaded machine
 
@@ -388,41 +389,35 @@ def test_ipv6_loopback_endpoint_works(tiny) -> None:  # noqa: ANN001
 # --- replies recognised by their header (compact, over shm) --------------------------------------
 
 
-def known_reply_case(make_client: Callable[..., RemoteBackend]) -> tuple[RemoteBackend, Any, bytes, list[memoryview]]:
-    """A backend, a compact LINEAR request (id 7) and the frames of an honest reply to it, as `Channel.read` gives them."""
-    backend = make_client("ipc:///nonexistent/tsqp-known-reply", out_features={"o_proj": 64})
+def known_call_case() -> tuple[KnownCall, bytes]:
+    """The `KnownCall` of a compact LINEAR request (id 7) whose honest reply is 64 floats, and the first bytes
+    (frame table, compact header) of that reply in a shared-memory area, compute_s 3e-5."""
     request = protocol.request("LINEAR", 7, {"layer": 0, "modules": ["o_proj"]}, [x_input(rows=1)])
-    sent = protocol.encode_compact(request)
+    known = KnownCall.of(request, (1, 64), torch.float32, 1 << 16)
     reply = protocol.encode_compact(protocol.reply(7, {"compute_s": 3e-5}, [x_input(rows=1, seed=9)]))
-    assert sent is not None and reply is not None
-    return backend, request, sent[0], [memoryview(bytearray(bytes(memoryview(f)))) for f in reply]
+    assert known is not None and reply is not None
+    table = Layout.of([memoryview(f).nbytes for f in reply]).table
+    return known, table + bytes(DATA - len(table)) + bytes(reply[0])
 
 
-def test_an_honest_compact_reply_is_taken_without_decoding(make_client: Callable[..., RemoteBackend]) -> None:
-    backend, request, sent, frames = known_reply_case(make_client)
-    reply = backend._known_reply(request, sent, frames)
-    assert reply is not None and reply.id == 7 and reply.args == {"compute_s": 3e-5}
-    assert torch.equal(reply.tensors[0], x_input(rows=1, seed=9))
+def test_an_honest_compact_reply_is_known_by_its_first_bytes() -> None:
+    known, head = known_call_case()
+    assert len(head) == known.reply_head and known.honest_compute_s(head, 7) == 3e-5
 
 
-def test_any_other_compact_reply_goes_the_checked_way(make_client: Callable[..., RemoteBackend]) -> None:
-    """Every header byte but the compute time's, changed; another id; a body of another length: none is taken
-    as known (each then meets `_reply_to` and `_check_reply`, which name what is wrong)."""
-    backend, request, sent, frames = known_reply_case(make_client)
-    for i in [*range(protocol.COMPACT_COMPUTE), *range(protocol.COMPACT_COMPUTE + 8, protocol.COMPACT.size)]:
-        damaged = bytearray(frames[0])
+def test_any_other_reply_goes_the_checked_way() -> None:
+    """Every byte of the frame table and the header but the compute time's, changed; another id; a body of another length;
+    a compute time that is not a duration: none is taken as known (each then meets `_reply_to` and
+    `_check_reply`, which name what is wrong)."""
+    known, head = known_call_case()
+    compute = DATA + protocol.COMPACT_COMPUTE
+    for i in [*range(len(known.reply_table)), *range(DATA, compute), *range(compute + 8, len(head))]:
+        damaged = bytearray(head)
         damaged[i] ^= 0x01
-        assert backend._known_reply(request, sent, [memoryview(damaged), frames[1]]) is None, i
-    assert backend._known_reply(request, sent, [frames[0], frames[1][:-4]]) is None
-    assert backend._known_reply(request, sent, frames[:1]) is None
-    other = protocol.request("LINEAR", 8, request.args, request.tensors)
-    assert backend._known_reply(other, protocol.encode_compact(other)[0], frames) is None  # type: ignore[index]
-
-
-def test_a_known_reply_with_nan_is_refused(make_client: Callable[..., RemoteBackend]) -> None:
-    backend, request, sent, frames = known_reply_case(make_client)
-    frames[1].cast("f")[3] = float("nan")
-    reply = backend._known_reply(request, sent, frames)
-    assert reply is not None
-    with pytest.raises(MalformedReply, match="NaN"):
-        backend._check_finite(request, 0, reply.tensors[0])
+        assert known.honest_compute_s(bytes(damaged), 7) is None, i
+    assert known.honest_compute_s(head, 8) is None
+    shorter = Layout.of([protocol.COMPACT.size, 63 * 4]).table
+    shorter += head[len(shorter) :]
+    assert known.honest_compute_s(shorter, 7) is None
+    for bad in (float("nan"), float("inf"), -1.0):
+        assert known.honest_compute_s(head[:DATA] + bytes(protocol.stamped(head[DATA:], 7, bad)), 7) is None, bad

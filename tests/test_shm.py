@@ -98,8 +98,8 @@ def test_the_server_warms_after_plain_calls_over_shm_only(tiny: LoadedModel, shm
 
 
 def test_a_server_lying_on_the_fast_paths_is_caught(tiny: LoadedModel, shm_server: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Replies taken by their header alone (`RemoteBackend._known_reply`) and answered by the server's fast lane
-    are still checked for NaN and infinity; a server that answers another call's shape is caught by name."""
+    """Replies taken by their first bytes (`KnownCall`) and answered by the server's fast lane are still checked
+    for NaN and infinity; a server that answers another call's shape is caught by name."""
     weights = shm_server.server.handlers.weights
     backend = remote(shm_server.endpoint, tiny, "shm")
     try:
@@ -107,10 +107,17 @@ def test_a_server_lying_on_the_fast_paths_is_caught(tiny: LoadedModel, shm_serve
         for _ in range(3):  # the first answered the generic way, then by the server's fast lane
             backend.linear(1, ["o_proj"], x)
         assert backend.server_stats()["fast_lane_requests"] >= 2
-        honest = weights.group_product
-        monkeypatch.setattr(weights, "group_product", lambda key, flat: honest(key, flat) * float("nan"))
+        honest_into = weights.product_into
+
+        def nan_into(site: Any, rows: Any, out: Any) -> None:
+            honest_into(site, rows, out)
+            out[0, 3] = float("nan")
+
+        monkeypatch.setattr(weights, "product_into", nan_into)
         with pytest.raises(MalformedReply, match="NaN"):
             backend.linear(1, ["o_proj"], x)
+        shm_server.server.fastlane.plans.clear()  # the generic path answers, narrower than asked
+        honest = weights.group_product
         monkeypatch.setattr(weights, "group_product", lambda key, flat: honest(key, flat)[:, :-1])
         with pytest.raises(MalformedReply, match="shape"):
             backend.linear(1, ["o_proj"], x)

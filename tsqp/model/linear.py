@@ -162,11 +162,23 @@ class LinearWeights:
         return self._product(x, fused)
 
     def _product(self, x: torch.Tensor, w_t: torch.Tensor) -> torch.Tensor:
-        if self._numpy_ok and x.dtype == torch.float32 and x.numel() == w_t.shape[0] and self._one_row_on_numpy(w_t):
-            # One decode row on CPU: numpy's BLAS call skips torch's dispatch, the larger cost of a small
-            # product. From 2 rows torch's kernel is the faster anyway.
+        if x.dtype == torch.float32 and self._on_numpy(x.numel(), w_t):
             return torch.from_numpy(x.detach().numpy() @ w_t.detach().numpy())
         return x.to(self.device, self.dtype) @ w_t
+
+    def product_into(self, site: GroupKey | str, x: np.ndarray, out: np.ndarray) -> None:
+        """The product `group_product` (or `lm_head`) gives for float32 rows `x` (rows, K) of CPU float32 weights,
+        written into `out` (rows, N): the same kernel, so the same bits (the server's fast lane)."""
+        w_t = self.lm_head_t if site == "lm_head" else self._groups[site][0]  # type: ignore[index]
+        if self._on_numpy(x.size, w_t):
+            np.matmul(x, w_t.detach().numpy(), out=out)
+        else:
+            torch.matmul(torch.from_numpy(x), w_t, out=torch.from_numpy(out))
+
+    def _on_numpy(self, elements: int, w_t: torch.Tensor) -> bool:
+        """Whether a product of an input of `elements` floats goes through numpy: one decode row on CPU, where numpy's
+        BLAS call skips torch's dispatch, the larger cost of a small product (from 2 rows torch's kernel is the faster)."""
+        return self._numpy_ok and elements == w_t.shape[0] and self._one_row_on_numpy(w_t)
 
     def _one_row_on_numpy(self, w_t: torch.Tensor) -> bool:
         """Whether a one-row product with `w_t` goes through numpy's one thread. A large one reads its matrix

@@ -14,10 +14,10 @@ another length included, goes the generic way.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 from tsqp.model.linear import GroupKey, LinearWeights
@@ -25,79 +25,89 @@ from tsqp.server.handlers import CHUNK_FLOPS
 from tsqp.server.stats import ServerStats
 from tsqp.server.warming import Warmer, site_of
 from tsqp.wire import protocol
-from tsqp.wire.protocol import COMPACT, Message
-from tsqp.wire.shm import Channel
+from tsqp.wire.endpoints import frame_buffer
+from tsqp.wire.protocol import COMPACT, COMPACT_ID, Message
+from tsqp.wire.shm import DATA, TABLE, Channel, Layout
 
 MAX_PLANS = 4096  # headers remembered; a decode step uses about 5 a layer (rows grow only in prefills)
+HEAD = DATA + COMPACT.size  # a request area's first bytes: its frame table, then the compact header
+
+
+def request_key(table: bytes, header: bytes) -> bytes:
+    """A request's frame table and compact header without its id: the same bytes for every call of one kind."""
+    return table + header[:COMPACT_ID] + header[COMPACT_ID + 8 :]
 
 
 @dataclass(frozen=True)
 class Plan:
-    """How to answer one remembered header."""
+    """How to answer one remembered request."""
 
     op: str
     site: GroupKey | str
     rows: int
     features: int
-    body_bytes: int
+    out_features: int
+    body: int  # the request body's offset in its area
+    reply: Layout
     reply_header: bytes  # the compact reply's header, id and compute_s zero
-    reply_bytes: int
-    product: Callable[[torch.Tensor], torch.Tensor]
 
 
 class FastLane:
-    def __init__(self, weights: LinearWeights, stats: ServerStats, warmer: Warmer) -> None:
-        self.weights, self.stats, self.warmer = weights, stats, warmer
+    def __init__(self, weights: LinearWeights, stats: ServerStats, warmer: Warmer, area_bytes: int) -> None:
+        self.weights, self.stats, self.warmer, self.area_bytes = weights, stats, warmer, area_bytes
         self.plans: dict[bytes, Plan] = {}
 
     def learn(self, frames: list[Any], msg: Message, reply: Message) -> None:
         """Remember the header of a request the generic path answered with `reply`, if it is one this lane can answer."""
-        header = memoryview(frames[0])
-        if header.nbytes != COMPACT.size or not protocol.is_compact(header) or not reply.ok or len(self.plans) >= MAX_PLANS:
+        header = frame_buffer(frames[0])
+        if len(frames) != 2 or header.nbytes != COMPACT.size or not protocol.is_compact(header) or not reply.ok or len(self.plans) >= MAX_PLANS:
             return
         x = msg.tensors[0]
         if msg.op not in ("LINEAR", "LM_HEAD") or x.dtype != torch.float32 or set(msg.args) - {"layer", "modules"} or x.numel() == 0:
             return
-        rows, features = x.numel() // x.shape[-1], x.shape[-1]
-        site = site_of(msg)
-        if 2.0 * rows * features * reply.tensors[0].shape[-1] > CHUNK_FLOPS:
+        rows, features, out_features = x.numel() // x.shape[-1], x.shape[-1], reply.tensors[0].shape[-1]
+        if 2.0 * rows * features * out_features > CHUNK_FLOPS:
             return  # the generic path computes it in chunks, answering others in between
-        product = self.weights.lm_head if site == "lm_head" else (lambda flat, key=site: self.weights.group_product(key, flat))  # type: ignore[misc]
         reply_header = protocol.encode_compact(protocol.reply(0, {"compute_s": 0.0}, [reply.tensors[0]]))
         assert reply_header is not None  # a float32 tensor of at most 8 dims and a float compute_s: always sayable
-        self.plans[protocol.compact_key(header)] = Plan(msg.op, site, rows, features, x.numel() * 4, bytes(reply_header[0]), reply.nbytes, product)
+        request, answer = Layout.of([COMPACT.size, x.numel() * 4]), Layout.of([COMPACT.size, reply.nbytes])
+        if answer.size > self.area_bytes:
+            return  # the generic path sends it over zmq
+        plan = Plan(msg.op, site_of(msg), rows, features, out_features, request.offsets[1], answer, bytes(reply_header[0]))
+        self.plans[request_key(request.table, bytes(header))] = plan
 
-    def answer(self, frames: list[memoryview], channel: Channel, client: str) -> bool:
-        """Answer a request taken from `channel` (`frames`: the server's private copy) if its header is remembered."""
-        header = frames[0]
-        if len(frames) != 2 or header.nbytes != COMPACT.size:
+    def answer(self, channel: Channel, client: str) -> bool:
+        """Answer the request posted on `channel` in place, if it is a remembered one: the product is computed from
+        the request area into the reply area (the client can change its own input under it, and nothing else)."""
+        head = bytes(channel.incoming(0, HEAD))  # a copy: what is checked is what is used
+        plan = self.plans.get(request_key(head[: TABLE.size], head[DATA:]))
+        if plan is None:
             return False
-        plan = self.plans.get(protocol.compact_key(header))
-        if plan is None or frames[1].nbytes != plan.body_bytes:
-            return False
+        channel.seq = channel.incoming_seq()
+        x = np.frombuffer(channel.incoming(plan.body, plan.rows * plan.features * 4), np.float32).reshape(plan.rows, plan.features)
+        out = np.frombuffer(channel.outgoing(plan.reply.offsets[1], plan.reply.lengths[1]), np.float32).reshape(plan.rows, plan.out_features)
         started = time.perf_counter()
-        y = plan.product(torch.frombuffer(frames[1], dtype=torch.float32).view(plan.rows, plan.features))
+        self.weights.product_into(plan.site, x, out)
         elapsed = time.perf_counter() - started
-        reply = protocol.stamped(plan.reply_header, protocol.compact_id(header), elapsed)
-        body = y.detach().contiguous().numpy()
-        if body.nbytes != plan.reply_bytes:
-            raise RuntimeError(f"a product of {body.nbytes} bytes where its header says {plan.reply_bytes}")
-        channel.post([reply, body], channel.seq)
-        self._count(plan, client, header.nbytes, len(reply), body.nbytes, elapsed)
+        header = protocol.stamped(plan.reply_header, protocol.compact_id(head[DATA:]), elapsed)
+        channel.write(plan.reply, (header,))
+        channel.post_seq(channel.seq)
+        self._count(plan, client, elapsed)
         self.warmer.answered(plan.site)
         return True
 
-    def _count(self, plan: Plan, client: str, header_in: int, header_out: int, body_out: int, seconds: float) -> None:
+    def _count(self, plan: Plan, client: str, seconds: float) -> None:
         """The counters `Server._handle` and `Server._send` keep for a request they answer."""
+        body_in, body_out = plan.rows * plan.features * 4, plan.reply.lengths[1]
         self.stats.fast_lane_requests += 1
         self.stats.requests += 1
         op = self.stats.ops[plan.op]
         op.calls += 1
-        op.bytes_in += plan.body_bytes
+        op.bytes_in += body_in
         op.bytes_out += body_out
         op.record(seconds)
         op.compute_s += seconds
         counters = self.stats.client(client)
         counters.requests += 1
-        counters.bytes_in += header_in + plan.body_bytes
-        counters.bytes_out += header_out + body_out
+        counters.bytes_in += COMPACT.size + body_in
+        counters.bytes_out += COMPACT.size + body_out

@@ -155,7 +155,7 @@ class Server:
         # products are the replies as they are; not where every request must pass through `handle`
         # (recording, fault injection) or may join a batch.
         fast = shm_folder is not None and weights.cpu_float32 and not self.batch and self.recorder is None and not fault_rate
-        self.fastlane = FastLane(weights, self.stats, self.warmer) if fast else None
+        self.fastlane = FastLane(weights, self.stats, self.warmer, shm_area_bytes) if fast else None
         self.context = context or zmq.Context.instance()
         self.socket = new_socket(self.context, zmq.ROUTER, endpoint)
         # Hard cap per frame in libzmq, per connection: a peer declaring a larger frame is dropped before we allocate.
@@ -244,6 +244,8 @@ class Server:
 
     def _receive_shm(self, hub: ShmHub) -> None:
         for key, channel in list(hub.ready()):
+            if self._answered_fast(channel, key):
+                continue
             try:
                 frames = hub.take(key, channel)
             except ProtocolError as e:  # a frame table ZeroMQ's framing could not have produced
@@ -251,14 +253,13 @@ class Server:
                 log.warning("malformed request from %s: %s", key, e, extra={"client": key, "op": None, "error": str(e)})
                 self._send(Received(None, [], key, channel), protocol.error_reply(-1, f"bad request: {e}"))
                 continue
-            if self._answered_fast(frames, channel, key):
-                continue
             self._pending.append(Received(hub.identities.get(key), frames, key, channel))
 
-    def _answered_fast(self, frames: list[memoryview], channel: Channel, key: str) -> bool:
-        """Whether the fast lane (if any) answered; if it failed, the generic path answers (and names the failure)."""
+    def _answered_fast(self, channel: Channel, key: str) -> bool:
+        """Whether the fast lane (if any) answered the request on `channel`; if it failed, the generic path answers
+        (and names the failure)."""
         try:
-            return self.fastlane is not None and self.fastlane.answer(frames, channel, key)
+            return self.fastlane is not None and self.fastlane.answer(channel, key)
         except Exception:
             log.exception("the fast lane failed on a request of %s; answering it the generic way", key, extra={"client": key})
             return False

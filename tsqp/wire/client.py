@@ -30,10 +30,59 @@ from tsqp.wire import protocol
 from tsqp.wire.endpoints import CONNECT_TIMEOUT_S, HANDSHAKE_FAILED, check_endpoint, is_local_endpoint, new_socket
 from tsqp.wire.keys import ClientKeys, client_keys, set_client_keys
 from tsqp.wire.protocol import Message
-from tsqp.wire.shm import DEFAULT_SPIN_US, HOT_OPS, TRANSPORTS, Channel, Spinner
+from tsqp.wire.shm import DATA, DEFAULT_SPIN_US, HOT_OPS, TRANSPORTS, Channel, Layout, Spinner
 
 DEFAULT_ENDPOINT = "tcp://127.0.0.1:5555"
-MAX_REPLY_SHAPES = 4096  # compact request headers whose honest replies are remembered (a decode step uses ~5 a layer)
+MAX_KNOWN_CALLS = 4096  # hot calls whose bytes are remembered (`KnownCall`; a decode step makes ~5 kinds a layer)
+NUMPY_DTYPES = {torch.float32: np.float32, torch.float64: np.float64, torch.float16: np.float16, torch.int64: np.int64, torch.int32: np.int32}
+
+
+@dataclass(frozen=True)
+class KnownCall:
+    """A hot call over shared memory whose bytes are known but for its id: the request's (its compact header and
+    frame table), and an honest reply's but for the id and the compute time. A reply whose first bytes are those
+    is taken without decoding and checked only for finiteness; any other goes the checked way."""
+
+    header: bytes  # the request's compact header, id 0
+    request: Layout
+    reply_table: bytes  # an honest reply's frame table
+    reply_header: bytes  # an honest reply's compact header, id and compute_s 0
+    reply_body: int  # the reply body's offset in the area
+    reply_bytes: int  # and its length
+    shape: tuple[int, ...]
+    dtype: Any  # the reply's numpy dtype
+
+    @classmethod
+    def of(cls, request: Message, shape: tuple[int | None, ...], dtype: torch.dtype, area_bytes: int) -> KnownCall | None:
+        """`request`'s, whose honest reply is one tensor of `shape` and `dtype`; None where its bytes cannot be known, or
+        either message would not fit an area of `area_bytes`."""
+        frames = protocol.encode_compact(request)
+        if frames is None or None in shape or math.prod(shape) == 0 or dtype not in NUMPY_DTYPES:  # type: ignore[arg-type]
+            return None
+        reply = protocol.encode_compact(protocol.reply(0, {"compute_s": 0.0}, [torch.empty(shape, dtype=dtype)]))  # type: ignore[arg-type]
+        assert reply is not None  # one tensor of a dtype numpy has, and a float compute_s: always sayable
+        layout, reply_layout = Layout.of([memoryview(f).nbytes for f in frames]), Layout.of([memoryview(f).nbytes for f in reply])
+        if max(layout.size, reply_layout.size) > area_bytes:
+            return None
+        header = bytes(protocol.stamped(frames[0], 0, 0.0))
+        body = reply_layout.offsets[1], reply_layout.lengths[1]
+        return cls(header, layout, reply_layout.table, bytes(reply[0]), *body, shape, np.dtype(NUMPY_DTYPES[dtype]))  # type: ignore[arg-type]
+
+    @property
+    def reply_head(self) -> int:
+        """Bytes from the reply area's start that `honest_compute_s` looks at."""
+        return DATA + len(self.reply_header)
+
+    def honest_compute_s(self, head: bytes, msg_id: int) -> float | None:
+        """The compute time in `head` (a copy of the reply area's first `reply_head` bytes) if it starts the honest
+        reply to call `msg_id`; else None."""
+        if head[: len(self.reply_table)] != self.reply_table:  # (the bytes between table and header are unused)
+            return None
+        header = head[DATA:]
+        compute_s = protocol.compact_compute_s(header)
+        if not 0.0 <= compute_s < math.inf or header != protocol.stamped(self.reply_header, msg_id, compute_s):
+            return None
+        return compute_s
 
 
 @dataclass
@@ -99,7 +148,7 @@ class RemoteBackend:
         self.stats = WireStats()
         self.info: dict[str, Any] = {}
         self._compact = False  # hot calls with the compact header: once the server's HELLO says it reads them
-        self._reply_shapes: dict[bytes, Any] = {}  # compact request header (id aside) -> its honest reply (`_honest_reply`)
+        self._known_calls: dict[tuple[Any, ...], KnownCall | None] = {}  # a hot call's kind -> its bytes (`_known_call`)
         self.out_features = dict(out_features or {})
         self._next_id = 0
         self._abandoned: set[int] = set()  # ids of timed-out requests, whose late answers are dropped
@@ -218,6 +267,9 @@ class RemoteBackend:
             for t in request.tensors:
                 self.on_send(op, t)
         t0 = time.perf_counter()
+        known = self._known_call(request) if self.shm is not None and self._compact and op in HOT_OPS else None
+        if known is not None:
+            return self._call_known(known, request, t0, timeout_s)
         frames = (protocol.encode_compact(request) if self._compact and op in HOT_OPS else None) or protocol.encode(request)
         t1 = time.perf_counter()
         shm = self.shm if self.shm is not None and op in HOT_OPS and self.shm.fits(frames) else None
@@ -227,29 +279,79 @@ class RemoteBackend:
             self.socket.send_multipart(frames, copy=False)
         deadline = time.monotonic() + (self.timeout_s if timeout_s is None else timeout_s)
         try:
+            if shm is not None:
+                self._shm_round_trip(shm, op, frames, deadline)
             # Through shared memory: None when the reply was too large for the area and came over zmq.
-            first = self._shm_round_trip(shm, op, frames, deadline) if shm is not None else None
-            known = self._known_reply(request, frames[0], first) if first is not None else None
-            reply_frames, reply = (first, known) if known is not None else self._reply_to(request, deadline, first)  # type: ignore[assignment]
+            reply_frames, reply = self._reply_to(request, deadline, shm.read() if shm is not None else None)
         except ServerUnavailable:
             self._abandoned.add(request.id)  # its answer may still come; it must not pass for the next one's
             raise
-        t2 = time.perf_counter()
+        return self._checked(request, len(frames[0]), reply_frames, reply, t0, t1, time.perf_counter())
+
+    def _checked(self, request: Message, header_bytes: int, frames: list[Any], reply: Message, t0: float, t1: float, t2: float) -> Message:
+        """`reply` (its `frames`) to `request` (sent with a header of `header_bytes`) if it is what was asked for, counted:
+        encoded from `t0` to `t1`, received at `t2`."""
         if not reply.ok:
-            raise RemoteError(f"server refused {op}: {clean_text(reply.error)}")
-        if known is not None:
-            self._check_finite(request, 0, reply.tensors[0])
-        elif op in HOT_OPS:
+            raise RemoteError(f"server refused {request.op}: {clean_text(reply.error)}")
+        if request.op in HOT_OPS:
             self._check_reply(request, reply)
-        t3 = time.perf_counter()
+        self._count(request.nbytes + header_bytes, reply.nbytes + len(frames[0]), t1 - t0, t2 - t1, time.perf_counter() - t2, reply)
+        return reply
+
+    def _count(self, sent: int, received: int, encode_s: float, round_trip_s: float, check_s: float, reply: Message) -> None:
         s = self.stats
         s.round_trips += 1
-        s.bytes_sent += request.nbytes + len(frames[0])
-        s.bytes_received += reply.nbytes + len(reply_frames[0])
-        s.round_trip_s += t2 - t1
-        s.serialize_s += (t1 - t0) + (t3 - t2)
+        s.bytes_sent += sent
+        s.bytes_received += received
+        s.round_trip_s += round_trip_s
+        s.serialize_s += encode_s + check_s
         compute = reply.args.get("compute_s")
-        s.server_s += compute if isinstance(compute, float) else 0.0
+        s.server_s += compute if isinstance(compute, float) and 0.0 <= compute < math.inf else 0.0
+
+    def _known_call(self, request: Message) -> KnownCall | None:
+        """The `KnownCall` for `request`, made at its kind's first call; None where its bytes cannot be known here."""
+        if len(request.tensors) != 1:
+            return None
+        x = request.tensors[0]
+        key = (request.op, x.dtype, x.shape, x.requires_grad, *[(name, type(v), tuple(v) if type(v) is list else v) for name, v in request.args.items()])
+        known = self._known_calls.get(key, False)
+        if known is False:
+            if len(self._known_calls) >= MAX_KNOWN_CALLS:
+                self._known_calls.clear()
+            known = self._known_calls[key] = self._make_known_call(request)
+        return known
+
+    def _make_known_call(self, request: Message) -> KnownCall | None:
+        expected = self._expected(request)
+        if self.shm is None or len(expected) != 1:
+            return None
+        ((shape, dtype),) = expected
+        return KnownCall.of(request, shape, dtype, self.shm.area_bytes)
+
+    def _call_known(self, known: KnownCall, request: Message, t0: float, timeout_s: float | None) -> Message:
+        """`call` for a `KnownCall` (begun at `t0`): its bytes written straight into shared memory, an honest reply copied
+        straight out."""
+        shm = self.shm
+        assert shm is not None
+        header = protocol.stamped(known.header, request.id, 0.0)
+        shm.write(known.request, (header, protocol.tensor_bytes(request.tensors[0])))
+        t1 = time.perf_counter()
+        deadline = time.monotonic() + (self.timeout_s if timeout_s is None else timeout_s)
+        try:
+            self._shm_round_trip(shm, request.op, None, deadline)
+            compute_s = known.honest_compute_s(bytes(shm.incoming(0, known.reply_head)), request.id)
+            if compute_s is None:  # anything else (an error, a reply over zmq, a lie) goes the checked way
+                frames, reply = self._reply_to(request, deadline, shm.read())
+                return self._checked(request, len(header), frames, reply, t0, t1, time.perf_counter())
+            body = np.frombuffer(bytearray(shm.incoming(known.reply_body, known.reply_bytes)), known.dtype)
+        except ServerUnavailable:
+            self._abandoned.add(request.id)
+            raise
+        t2 = time.perf_counter()
+        tensor = torch.from_numpy(body.reshape(known.shape))
+        self._check_finite(request, 0, tensor)
+        reply = protocol.reply(request.id, {"compute_s": compute_s}, [tensor])
+        self._count(request.nbytes + len(header), body.nbytes + len(known.reply_header), t1 - t0, t2 - t1, time.perf_counter() - t2, reply)
         return reply
 
     def _reply_to(self, request: Message, deadline: float, frames: list[Any] | None = None) -> tuple[list[Any], Message]:
@@ -290,38 +392,6 @@ class RemoteBackend:
         if t.is_floating_point() and not all_finite(t):
             raise MalformedReply(f"the server's reply to {_call_name(request)}: tensor {i} holds NaN or infinite values")
 
-    def _known_reply(self, request: Message, sent_header: Any, frames: list[memoryview]) -> Message | None:
-        """The reply to a compact request if its header is, byte for byte, the one an honest server sends for it
-        (this id, any compute time) and its body as long as that header says: then it needs no decoding and
-        no checks but finiteness. Anything else (None) goes through `_reply_to` and `_check_reply`."""
-        if len(frames) != 2 or not protocol.is_compact(sent_header):
-            return None
-        key = protocol.compact_key(sent_header)
-        known = self._reply_shapes.get(key, False)
-        if known is False:
-            if len(self._reply_shapes) >= MAX_REPLY_SHAPES:
-                self._reply_shapes.clear()
-            known = self._reply_shapes[key] = self._honest_reply(request)
-        if known is None:
-            return None
-        header, shape, dtype, nbytes = known
-        got = frames[0]
-        if got.nbytes != len(header) or frames[1].nbytes != nbytes:
-            return None
-        compute_s = protocol.compact_compute_s(got)
-        if got != protocol.stamped(header, request.id, compute_s):  # every byte honest but the compute time's
-            return None
-        tensor = torch.frombuffer(frames[1], dtype=dtype).view(shape)
-        return protocol.reply(request.id, {"compute_s": compute_s}, [tensor])
-
-    def _honest_reply(self, request: Message) -> tuple[bytes, tuple[int, ...], torch.dtype, int] | None:
-        """(compact header, shape, dtype, body bytes) of an honest reply to `request`; None where not all is known here."""
-        ((shape, dtype),) = self._expected(request)
-        if None in shape or math.prod(shape) == 0:  # type: ignore[arg-type]
-            return None
-        frames = protocol.encode_compact(protocol.reply(0, {"compute_s": 0.0}, [torch.empty(shape, dtype=dtype)]))  # type: ignore[arg-type]
-        return (frames[0], shape, dtype, math.prod(shape) * dtype.itemsize) if frames is not None else None  # type: ignore[return-value,arg-type]
-
     def _expected(self, request: Message) -> list[tuple[tuple[int | None, ...], torch.dtype]]:
         """(shape, dtype) of each tensor of an honest reply; None where the width is not known here."""
         x = request.tensors[0]
@@ -336,16 +406,19 @@ class RemoteBackend:
         b = request.tensors[1]  # MATMUL
         return [((*torch.broadcast_shapes(x.shape[:-2], b.shape[:-2]), x.shape[-2], b.shape[-1]), x.dtype)]
 
-    def _shm_round_trip(self, shm: Channel, op: str, frames: list[Any], deadline: float) -> list[memoryview] | None:
+    def _shm_round_trip(self, shm: Channel, op: str, frames: list[Any] | None, deadline: float) -> None:
+        """Post a request (its `frames`, or None: written already) and wait for its reply."""
         shm.seq += 1
-        shm.post(frames, shm.seq)
+        if frames is None:
+            shm.post_seq(shm.seq)
+        else:
+            shm.post(frames, shm.seq)
         try:
             shm.wait(shm.seq, self.spinner, deadline, lambda: self._check_server(op))
         except EndpointError:
             raise ServerUnavailable(f"the tsqp server at {self.endpoint} went away while answering {op}") from None
         except TimeoutError:
             raise self._no_answer(op) from None
-        return shm.read()
 
     def _receive(self, op: str, deadline: float) -> list[Any]:
         while True:

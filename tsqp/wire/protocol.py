@@ -113,13 +113,13 @@ def encode(msg: Message) -> list[Any]:
             # so a forward that forgot `no_grad` is caught here (see `tsqp check-grad`).
             raise RuntimeError("Can't call numpy() on Tensor that requires grad: run the forward under torch.no_grad()")
         specs.append([name, list(t.shape)])
-        frames.append(_body(t))
+        frames.append(tensor_bytes(t))
     header["tensors"] = specs
     frames[0] = msgpack.packb(header, use_bin_type=True)
     return frames
 
 
-def _body(t: torch.Tensor) -> Any:
+def tensor_bytes(t: torch.Tensor) -> Any:
     """A tensor's bytes as a numpy array on its memory: one call on the decode path's hot tensors,
     where each torch op of a detach/contiguous/reshape/view chain costs per frame."""
     if not t.is_contiguous():
@@ -255,7 +255,7 @@ def encode_compact(msg: Message) -> list[Any] | None:
         return None  # an argument the compact header has no field for
     shape = (*t.shape, *(0,) * (8 - t.dim()))
     header = COMPACT.pack(COMPACT_MAGIC, VERSION[0], COMPACT_OPS.index(msg.op) + 1, flags, code, t.dim(), msg.id, layer, *field, *shape, compute, names)
-    return [header, _body(t)]
+    return [header, tensor_bytes(t)]
 
 
 def is_compact(header: Any) -> bool:

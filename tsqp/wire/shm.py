@@ -42,6 +42,7 @@ import stat
 import struct
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -136,6 +137,30 @@ def frames_size(frames: Sequence[Any]) -> int:
     return DATA + sum(_aligned(memoryview(f).nbytes) for f in frames)
 
 
+@dataclass(frozen=True)
+class Layout:
+    """Where frames of these lengths lie in an area: its table's bytes, and each frame's offset from the
+    area's start. A message of known lengths (a hot call's, over and over) is laid out once."""
+
+    table: bytes
+    offsets: tuple[int, ...]
+    lengths: tuple[int, ...]
+
+    @classmethod
+    def of(cls, lengths: Sequence[int]) -> Layout:
+        offsets, end = [], DATA
+        for n in lengths:
+            offsets.append(end)
+            end += _aligned(n)
+        table = TABLE.pack(len(lengths), 0, *lengths, *([0] * (MAX_FRAMES - len(lengths))))
+        return cls(table, tuple(offsets), tuple(lengths))
+
+    @property
+    def size(self) -> int:
+        """Bytes an area needs for this message."""
+        return self.offsets[-1] + _aligned(self.lengths[-1]) if self.lengths else DATA
+
+
 def check_private_folder(folder: str | os.PathLike[str]) -> Path:
     """`folder` if it is a directory of this user's that no one else may enter (0700); else `EndpointError`."""
     path = Path(folder)
@@ -157,6 +182,8 @@ class Channel:
         self.path, self.area_bytes, self.server = path, area_bytes, server
         self.size = CONTROL + 2 * area_bytes
         self.request_area, self.reply_area = CONTROL, CONTROL + area_bytes
+        # Where this side reads its peer's messages, and writes its own.
+        self.incoming_area, self.outgoing_area = (self.request_area, self.reply_area) if server else (self.reply_area, self.request_area)
         self.seq = 0  # the client's last request; on the server, the last request taken
         self.busy = False  # the server: that request is not answered yet
         self.closed = False
@@ -225,17 +252,26 @@ class Channel:
 
     def post(self, frames: Sequence[Any], seq: int) -> None:
         """Write `frames` into this side's outgoing area, then `seq`, then ring (the caller checked `fits`)."""
-        base = self.reply_area if self.server else self.request_area
-        buf, offset, lengths = self.buf, base + DATA, []
-        for frame in frames:
-            view = memoryview(frame)
-            n = view.nbytes
-            if n:  # an empty tensor's view (a zero in its shape) cannot be cast to bytes
-                buf[offset : offset + n] = view.cast("B")
-            lengths.append(n)
-            offset += _aligned(n)
-        TABLE.pack_into(buf, base, len(frames), 0, *lengths, *([0] * (MAX_FRAMES - len(frames))))
+        views = [memoryview(f) for f in frames]
+        self.write(Layout.of([v.nbytes for v in views]), views)
         self.post_seq(seq)
+
+    def write(self, layout: Layout, frames: Sequence[Any]) -> None:
+        """Write `layout`'s table and its first `len(frames)` frames into the outgoing area (the frames after
+        them are in place already: a product written into `outgoing`); `post_seq` then posts the message."""
+        base, buf = self.outgoing_area, self.buf
+        for offset, n, frame in zip(layout.offsets, layout.lengths, frames):
+            if n:  # an empty tensor's view (a zero in its shape) cannot be cast to bytes
+                buf[base + offset : base + offset + n] = memoryview(frame).cast("B")
+        buf[base : base + TABLE.size] = layout.table
+
+    def incoming(self, offset: int, n: int) -> memoryview:
+        """`n` bytes of the incoming area from `offset`, in shared memory: copy what must not change under a check."""
+        return self.buf[self.incoming_area + offset : self.incoming_area + offset + n]
+
+    def outgoing(self, offset: int, n: int) -> memoryview:
+        """`n` bytes of the outgoing area from `offset`, to write a frame in place."""
+        return self.buf[self.outgoing_area + offset : self.outgoing_area + offset + n]
 
     def post_over_zmq(self, seq: int) -> None:
         """Tell the client that reply `seq` went over ZeroMQ."""
@@ -254,7 +290,7 @@ class Channel:
         """The frames in the incoming area, copied once into `into` (the server's buffer for this
         channel), or into new memory: the peer could change shared memory under the reader's checks,
         and the next message reuses the area. None when the reply went over ZeroMQ."""
-        base = self.request_area if self.server else self.reply_area
+        base = self.incoming_area
         count, _, *lengths = TABLE.unpack_from(self.buf, base)  # read once: later writes change nothing
         if count == OVER_ZMQ and not self.server:
             return None
