@@ -264,12 +264,6 @@ def is_compact(header: Any) -> bool:
     return raw.nbytes > 0 and raw[0] == COMPACT_MAGIC
 
 
-def compact_key(header: Any) -> bytes:
-    """A compact header without its id: the same bytes for every call of one kind."""
-    raw = frame_buffer(header)
-    return bytes(raw[:COMPACT_ID]) + bytes(raw[COMPACT_ID + 8 :])
-
-
 def compact_id(header: Any) -> int:
     """The id field of a header of `COMPACT.size` bytes."""
     return int(_ID_FIELD.unpack_from(header, COMPACT_ID)[0])
