@@ -348,8 +348,9 @@ class RemoteBackend:
             self._abandoned.add(request.id)
             raise
         t2 = time.perf_counter()
+        if known.dtype.kind == "f" and not np.isfinite(body).all():
+            raise _not_finite(request, 0)
         tensor = torch.from_numpy(body.reshape(known.shape))
-        self._check_finite(request, 0, tensor)
         reply = protocol.reply(request.id, {"compute_s": compute_s}, [tensor])
         self._count(request.nbytes + len(header), body.nbytes + len(known.reply_header), t1 - t0, t2 - t1, time.perf_counter() - t2, reply)
         return reply
@@ -390,7 +391,7 @@ class RemoteBackend:
     @staticmethod
     def _check_finite(request: Message, i: int, t: torch.Tensor) -> None:
         if t.is_floating_point() and not all_finite(t):
-            raise MalformedReply(f"the server's reply to {_call_name(request)}: tensor {i} holds NaN or infinite values")
+            raise _not_finite(request, i)
 
     def _expected(self, request: Message) -> list[tuple[tuple[int | None, ...], torch.dtype]]:
         """(shape, dtype) of each tensor of an honest reply; None where the width is not known here."""
@@ -482,6 +483,10 @@ class RemoteBackend:
 def _call_name(request: Message) -> str:
     """A hot call as errors name it: the op, and a LINEAR's layer and modules."""
     return request.op + (f" (layer {request.args['layer']} {'|'.join(request.args['modules'])})" if request.op == "LINEAR" else "")
+
+
+def _not_finite(request: Message, i: int) -> MalformedReply:
+    return MalformedReply(f"the server's reply to {_call_name(request)}: tensor {i} holds NaN or infinite values")
 
 
 def all_finite(t: torch.Tensor) -> bool:
