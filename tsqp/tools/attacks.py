@@ -23,7 +23,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
-from tsqp.model.linear import CALL_GROUPS, LinearWeights
+from tsqp.model.linear import CALL_GROUPS, FORWARD_ORDER, LinearWeights
 from tsqp.model.loading import LoadedModel
 from tsqp.tee.llama import KVCache, Llama, rms_norm
 
@@ -84,17 +84,24 @@ class _Truncated(Exception):
 
 
 class _CapturingBackend:
-    """The public weights in-process, keeping each call's last-position input (the candidates' rows)."""
+    """The public weights in-process, keeping each call's last-position input (the candidates' rows).
 
-    def __init__(self, weights: LinearWeights) -> None:
+    The last call of the last layer (`layers - 1`'s down_proj) is captured but not computed: its
+    output only feeds the lm_head, which the decoder never reaches (a quarter of a layer's products)."""
+
+    def __init__(self, weights: LinearWeights, layers: int) -> None:
         self.weights = weights
         self.inputs: dict[Site, torch.Tensor] = {}
+        self.unread: Site = (layers - 1, FORWARD_ORDER[-1])
 
     def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
         return self.weights.embed(token_ids)
 
     def linear(self, layer: int, modules: Sequence[str], x: torch.Tensor, groups: Sequence[int] | None = None) -> list[torch.Tensor]:
-        self.inputs[(layer, tuple(modules))] = x.reshape(-1, x.shape[-1])  # (C, K): each candidate feeds one token
+        site = (layer, tuple(modules))
+        self.inputs[site] = x.reshape(-1, x.shape[-1])  # (C, K): each candidate feeds one token
+        if site == self.unread:
+            return [x.new_zeros(*x.shape[:-1], self.weights.out_features(self.weights.check_linear(layer, modules)))]
         return self.weights.linear(layer, modules, x)
 
     def lm_head(self, x: torch.Tensor, groups: Sequence[int] | None = None) -> torch.Tensor:
@@ -104,15 +111,21 @@ class _CapturingBackend:
         return a @ b
 
 
-def gaussian_log_likelihood(wire: torch.Tensor, x: torch.Tensor, scale: float) -> torch.Tensor:
+def gaussian_log_likelihood(wire: torch.Tensor, x: torch.Tensor, scale: float, squares: torch.Tensor | None = None) -> torch.Tensor:
     """log p(wire | x) for wire = x + scale·rms(x)·G, G standard Gaussian: wire (K,), x (C, K) -> (C,).
 
     ‖wire − x‖² as ‖x‖² − 2·x·wire + ‖wire‖²: one pass over x and no (C, K) temporaries (against the whole
-    vocabulary's rows, 15 against 121 ms a position); the cancellation costs ~1e-4 of a score, not its ranking."""
-    squares = torch.linalg.vector_norm(x, dim=-1).square()
+    vocabulary's rows, 15 against 121 ms a position); the cancellation costs ~1e-4 of a score, not its ranking.
+    `squares`, ‖x‖² per row (`row_squares(x)`), when x is read at every position: the same scores, half the reading."""
+    squares = row_squares(x) if squares is None else squares
     distance = (squares - 2 * (x @ wire) + wire.dot(wire)).clamp_min(0)
     c = scale * (squares / x.shape[-1]).sqrt().clamp_min(1e-12)
     return -distance / (2 * c * c) - x.shape[-1] * c.log()
+
+
+def row_squares(x: torch.Tensor) -> torch.Tensor:
+    """‖x‖² of each row of x (C, K), as `gaussian_log_likelihood` computes it."""
+    return torch.linalg.vector_norm(x, dim=-1).square()
 
 
 @dataclass
@@ -128,16 +141,17 @@ class _Stage:
 
 
 def decode_noise(model: LoadedModel, rows: Mapping[Site, np.ndarray], scale: float, layers: int = NOISE_LAYERS,
-                 prior: bool = True) -> np.ndarray:  # fmt: skip
+                 prior: bool = True, weights: LinearWeights | None = None) -> np.ndarray:  # fmt: skip
     """One sequence's tokens from its noisy LINEAR inputs: rows[(layer, modules)] (positions, K), layers < `layers`.
 
     Two stages per position: the likeliest `WIDE` tokens by their layer-0 row (and the model's
     likeliest next ones) run through layer 0, scored by its four rows; the best `NARROW` of
     those run through all `layers`, scored by every row. `prior` adds the public model's
-    log-probability of each candidate after the decoded prefix.
+    log-probability of each candidate after the decoded prefix. `weights`: the model's
+    `LinearWeights`, when one is already built (several sequences decoded in turn).
     """
     layers = min(layers, model.config.n_layers)
-    weights = LinearWeights(model.weights, model.config.n_layers)
+    weights = LinearWeights(model.weights, model.config.n_layers) if weights is None else weights
     wire = {site: torch.from_numpy(np.asarray(r, dtype=np.float32)) for site, r in rows.items() if site[0] < layers}
     qkv = (0, CALL_GROUPS[0])
     positions = wire[qkv].shape[0]
@@ -146,11 +160,12 @@ def decode_noise(model: LoadedModel, rows: Mapping[Site, np.ndarray], scale: flo
     full = Llama(model.config, model.hf_config, model.norms(), weights)
     prior_cache = full.new_cache(positions)
     references = rms_norm(weights.embedding, full.norms["layers.0.attn_norm"], model.config.rms_norm_eps)  # (V, D) layer-0 rows
+    reference_squares = row_squares(references)  # read at every position
     log_prior = torch.zeros(vocab)
     tokens = np.zeros(positions, dtype=np.int64)
     with torch.no_grad():
         for i in range(positions):
-            score = gaussian_log_likelihood(wire[qkv][i], references, scale) + (log_prior if prior else 0)  # (V,)
+            score = gaussian_log_likelihood(wire[qkv][i], references, scale, reference_squares) + (log_prior if prior else 0)  # (V,)
             candidates = torch.arange(vocab)
             for stage in stages:
                 keep = score.topk(stage.n).indices
@@ -174,7 +189,7 @@ def decode_noise(model: LoadedModel, rows: Mapping[Site, np.ndarray], scale: flo
 
 
 def _stage(model: LoadedModel, weights: LinearWeights, wire: Mapping[Site, torch.Tensor], layers: int, n: int, positions: int) -> _Stage:
-    capture = _CapturingBackend(weights)
+    capture = _CapturingBackend(weights, layers)
     llama = Llama(replace(model.config, n_layers=layers), model.hf_config, model.norms(), capture)
     sites = [(layer, group) for layer in range(layers) for group in CALL_GROUPS if (layer, group) in wire]
     return _Stage(llama, capture, llama.new_cache(positions, batch=n), sites, n)

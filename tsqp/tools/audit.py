@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from tsqp.errors import TsqpError
+from tsqp.model.linear import LinearWeights
 from tsqp.model.loading import LoadedModel
 from tsqp.server.recording import Recorded, read_recording
 from tsqp.shields.config import NOISE_SCALE, SHIELDS, ShieldConfig
@@ -299,11 +300,12 @@ def decode_noise_recording(model: LoadedModel, messages: Sequence[Recorded], gen
     """`noise-ml` over each generation: its prompt, then its generated tokens (each answer's last, never fed
     back, from the lm_head guess)."""
     forwards = _forwards(messages)
+    weights = LinearWeights(model.weights, model.config.n_layers)  # built once, for every generation
     prompts, generated, first, head = [], [], 0, 0
     for g in generations:
         n = forwards_per_generation(g)
         rows = {site: np.concatenate([f[site] for f in forwards[first : first + n]]) for site in forwards[first]}
-        tokens = decode_noise(model, rows, scale)
+        tokens = decode_noise(model, rows, scale, weights=weights)
         prompts.append(tokens[: len(g.prompt_token_ids)])
         generated.append(np.append(tokens[len(g.prompt_token_ids) :], lm_head_guesses[head + len(g.token_ids) - 1])[: len(g.token_ids)])
         first, head = first + n, head + len(g.token_ids)
