@@ -24,11 +24,14 @@ SHIELDED = ("plain", "otp", "noise", "seqmix")
 SIZES = (8, 16)
 N_LAYERS = 3  # the tiny models of conftest
 TINY_RUN = ["--prompt-tokens", "8,16", "--new-tokens", "6", "--repeat", "2"]
+CLIENTS = [1, 2]
 
 
 @pytest.fixture(scope="module")
 def report(tiny_chat_path: Path) -> BenchReport:
-    return runs.run(BenchConfig(model=str(tiny_chat_path), prompt_tokens=list(SIZES), new_tokens=6, repeat=2))
+    """One library run for every test that reads a report: every mode and size, and the load test (--clients)
+    on the first mode and size (plain, 8 tokens). A run without --clients: `test_cli_writes_json_and_prints_the_table`."""
+    return runs.run(BenchConfig(model=str(tiny_chat_path), prompt_tokens=list(SIZES), new_tokens=6, repeat=2, clients=CLIENTS))
 
 
 def check_report(data: dict[str, Any], verify: bool | None = None, shields: tuple[str, ...] = SHIELDED) -> None:
@@ -98,6 +101,7 @@ def test_cli_writes_json_and_prints_the_table(tiny_chat_path: Path, tmp_path: Pa
     assert result.exit_code == 0, result.output
     data = json.loads(out.read_text())
     check_report(data, verify=True, shields=("plain", "otp"))
+    assert "load" not in data  # no --clients, no load test
     assert (data["settings"]["precompute"], data["settings"]["prefill_chunk"], data["settings"]["pool_mib"]) == (True, 5, 2)
     for mode in ("hf-generate", "local", "plain", "otp"):
         assert mode in result.stdout
@@ -177,11 +181,6 @@ def test_plot_draws_stacked_bars(report: BenchReport, tmp_path: Path) -> None:
 # --- load test (--clients) -------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def load_report(tiny_chat_path: Path) -> BenchReport:
-    return runs.run(BenchConfig(model=str(tiny_chat_path), shields=["plain"], prompt_tokens=[8], new_tokens=5, repeat=1, clients=[1, 2]))
-
-
 def check_load(data: dict[str, Any], clients: list[int]) -> None:
     load = data["load"]
     assert [r["clients"] for r in load] == clients
@@ -191,34 +190,31 @@ def check_load(data: dict[str, Any], clients: list[int]) -> None:
         assert set(r["step_ms"]) == {"p50", "p99"}
         assert 0 < r["step_ms"]["p50"] <= r["step_ms"]["p99"], r
         assert r["answers_match_single_client"] is True, r
-        assert r["tokens"] == 5 * r["clients"] and r["wall_s"] > 0
+        assert r["tokens"] == 6 * r["clients"] and r["wall_s"] > 0
         assert r["shield"] == "plain", r  # the runners' sessions say so: the mode asked, not connect's default
 
 
-def test_load_test_runs_concurrent_clients_against_one_server(load_report: BenchReport) -> None:
-    data = json.loads(json.dumps(load_report.to_json()))
-    check_load(data, [1, 2])
-    assert data["settings"]["clients"] == [1, 2]
+def test_load_test_runs_concurrent_clients_against_one_server(report: BenchReport) -> None:
+    data = json.loads(json.dumps(report.to_json()))
+    check_load(data, CLIENTS)
+    assert data["settings"]["clients"] == CLIENTS
 
 
-def test_load_table_and_mismatch_exit(load_report: BenchReport, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.setattr(runs, "run", lambda config, progress=None: load_report)
+def test_load_table_and_mismatch_exit(report: BenchReport, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setattr(runs, "run", lambda config, progress=None: report)
     out = tmp_path / "load.json"
     result = runner.invoke(app, ["bench", "--clients", "1,2", "--json", str(out)], env={"COLUMNS": "100"})
     assert result.exit_code == 0, result.output
     check_load(json.loads(out.read_text()), [1, 2])
     assert "load test" in result.stdout and "aggregate" in result.stdout and "match" in result.stdout
-    load_report.load[1].answers_match_single_client = False  # what a server mixing up sessions would cause
+    assert report.load is not None
+    report.load[1].answers_match_single_client = False  # what a server mixing up sessions would cause
     try:
         result = runner.invoke(app, ["bench", "--clients", "1,2"])
     finally:
-        load_report.load[1].answers_match_single_client = True
+        report.load[1].answers_match_single_client = True
     assert result.exit_code == 1
     assert "answers differ" in result.output and "server bug" in result.output
-
-
-def test_no_clients_no_load_key(report: BenchReport) -> None:
-    assert "load" not in report.to_json()
 
 
 @pytest.mark.parametrize("text", ["0", "1,two", ""])

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -69,15 +69,16 @@ class ProgressCounter:
             self.report(description, self.done, self.total)
 
 
-def private_server(config: BenchConfig, folder: Path) -> PrivateServer | None:
-    """The private server the split modes and the load test use, unless `config.endpoint` names one; None then."""
+def private_server(config: BenchConfig, folder: Path, modes: Sequence[str] | None = None) -> PrivateServer | None:
+    """The private server the split modes and the load test use, unless `config.endpoint` names one; None then.
+    `modes`: the shields it will serve (default: every --shields mode)."""
     from tsqp.tee.private_server import PrivateServer
 
     if config.endpoint is not None:
         return None
     # Quantized weights (float64, ~8 bytes a weight) only when otp is measured: otherwise they
     # would inflate every mode's server memory and start-up.
-    shield = config.shield("otp" if "otp" in config.shields else "plain")
+    shield = config.shield("otp" if "otp" in (config.shields if modes is None else modes) else "plain")
     args = [] if config.batch is None else ["--batch" if config.batch else "--no-batch"]
     return PrivateServer(folder, config.device, config.dtype, shield, extra_args=args, spin_us=config.spin_us)
 
