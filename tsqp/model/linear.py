@@ -27,7 +27,7 @@ MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 FUSED_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 CALL_GROUPS = FUSED_GROUPS + (("o_proj",), ("down_proj",))
 FORWARD_ORDER = (("q_proj", "k_proj", "v_proj"), ("o_proj",), ("gate_proj", "up_proj"), ("down_proj",))  # a layer's calls, in turn
-WARM_BLOCK_BYTES = 256 << 10  # read per step of `warm`: ~8 µs of a CPU's memory bandwidth, the most it delays a request
+WARM_BLOCK_BYTES = 64 << 10  # read per step of `warm`, the most it delays a request: 256 KiB cost ~5 µs of wire a call (docs/benchmarks.md)
 WARM_MAX_BYTES = 16 << 20  # a matrix larger than half a server CPU's last-level cache is not worth warming
 
 
