@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import signal
 import sys
 
@@ -98,3 +99,8 @@ def main() -> None:
     except KeyboardInterrupt:
         err.print("interrupted")
         sys.exit(130)
+    finally:
+        # Everything is closed by now (files by `with`, servers by their owners, atexit's work comes later):
+        # exiting without one last collection of the millions of objects torch and transformers made
+        # ends a process in 0.15 s instead of 0.6.
+        gc.freeze()
