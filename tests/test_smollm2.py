@@ -10,12 +10,13 @@ from collections.abc import Iterator
 
 import pytest
 import torch
-from helpers import start_server
 from transformers import AutoModelForCausalLM
 
 from tsqp.model.loading import LoadedModel, load, resolve
+from tsqp.shields.config import ShieldConfig
 from tsqp.tee.generation import generate
 from tsqp.tee.llama import Llama
+from tsqp.tee.private_server import PrivateServer
 from tsqp.tee.session import Session
 from tsqp.wire.client import RemoteBackend
 
@@ -43,12 +44,14 @@ def smol_hf(smol: LoadedModel) -> AutoModelForCausalLM:
 
 @pytest.fixture(scope="module")
 def split(smol: LoadedModel) -> Iterator[Session]:
-    running = start_server(smol)
-    remote = RemoteBackend(running.endpoint, timeout_s=60)
-    remote.hello(smol.fingerprint)
-    yield Session(smol, remote)
-    remote.close()
-    running.close()
+    """A split over shared memory to a `serve-gpu` process of its own, as `run-tee` starts it (its W_q made at start-up,
+    for the otp test): a server thread in this process would share its interpreter with the runner."""
+    with PrivateServer(smol.path, device="cpu", shield=ShieldConfig("otp")) as server:
+        server.wait_ready()
+        remote = RemoteBackend(server.endpoint, timeout_s=60, server_alive=server.alive)
+        remote.hello(smol.fingerprint)
+        yield Session(smol, remote)
+        remote.close()
 
 
 @pytest.mark.parametrize("prompt", PROMPTS)
@@ -115,7 +118,6 @@ OTP_MIN_AGREEING = 7  # of 8 prompts; measured: 8 of 8 with 12-bit weights and 1
 
 def test_otp_keeps_the_fp32_greedy_tokens(smol: LoadedModel, smol_hf: AutoModelForCausalLM, split: Session) -> None:
     """Fixed-point otp (exact mod p, quantized) against transformers in fp32: the first 16 greedy tokens."""
-    from tsqp.shields.config import ShieldConfig
     from tsqp.tee.session import shielded
 
     otp = Session(smol, shielded(split.backend, smol, ShieldConfig("otp", verify=True)))
