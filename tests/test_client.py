@@ -8,9 +8,11 @@ import sys
 import textwrap
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 import zmq
@@ -18,7 +20,7 @@ import zmq
 from tsqp.errors import ModelMismatch, RemoteError, ServerUnavailable
 from tsqp.model.loading import LoadedModel
 from tsqp.wire import protocol
-from tsqp.wire.client import KnownCall, RemoteBackend
+from tsqp.wire.client import KnownCall, RemoteBackend, finite_floats
 from tsqp.wire.shm import DATA, Layout
 
 SLACK_S = 0.75  # poll slices are 200 ms; allow for a loaded machine
@@ -421,3 +423,17 @@ def test_any_other_reply_goes_the_checked_way() -> None:
     assert known.honest_compute_s(shorter, 7) is None
     for bad in (float("nan"), float("inf"), -1.0):
         assert known.honest_compute_s(head[:DATA] + bytes(protocol.stamped(head[DATA:], 7, bad)), 7) is None, bad
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16])
+def test_finite_floats_finds_every_nan_and_infinity(dtype: Any) -> None:
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        for at in (0, 7, 575):
+            values = np.ones(576, dtype)
+            values[at] = bad
+            assert not finite_floats(values), (bad, at)
+    assert finite_floats(np.random.default_rng(0).standard_normal(576).astype(dtype))
+    largest = float(np.finfo(dtype).max)
+    with warnings.catch_warnings():  # its squares overflow: the elementwise look decides
+        warnings.simplefilter("ignore", RuntimeWarning)
+        assert finite_floats(np.array([largest, -largest], dtype))

@@ -334,7 +334,8 @@ class RemoteBackend:
         shm = self.shm
         assert shm is not None
         header = protocol.stamped(known.header, request.id, 0.0)
-        shm.write(known.request, (header, protocol.tensor_bytes(request.tensors[0])))
+        x = request.tensors[0]  # its dtype numpy's, no grad: `_known_call`'s key
+        shm.write(known.request, (header, (x if x.is_contiguous() else x.contiguous()).numpy()))
         t1 = time.perf_counter()
         deadline = time.monotonic() + (self.timeout_s if timeout_s is None else timeout_s)
         try:
@@ -348,7 +349,7 @@ class RemoteBackend:
             self._abandoned.add(request.id)
             raise
         t2 = time.perf_counter()
-        if known.dtype.kind == "f" and not np.isfinite(body).all():
+        if known.dtype.kind == "f" and not finite_floats(body):
             raise _not_finite(request, 0)
         tensor = torch.from_numpy(body.reshape(known.shape))
         reply = protocol.reply(request.id, {"compute_s": compute_s}, [tensor])
@@ -490,7 +491,14 @@ def _not_finite(request: Message, i: int) -> MalformedReply:
 
 
 def all_finite(t: torch.Tensor) -> bool:
-    """No NaN or infinity in `t`. numpy's check costs 2 µs on a decode row, torch's 9 (the reply of every call runs it)."""
+    """No NaN or infinity in `t` (the reply of every call is checked)."""
     if t.dtype == torch.float32 or t.dtype == torch.float64:
-        return bool(np.isfinite(t.detach().numpy()).all())
+        return finite_floats(t.detach().numpy().reshape(-1))
     return bool(torch.isfinite(t).all())
+
+
+def finite_floats(a: np.ndarray) -> bool:
+    """No NaN or infinity in a 1-D float array. Its dot with itself is finite exactly when every value is (a NaN
+    spreads, an infinity's square is +inf, and squares cannot cancel), in one BLAS call: in a decode step, cold,
+    3 µs against 10 for `isfinite(a).all()`. Only a sum of squares past the dtype's range needs the elementwise look."""
+    return math.isfinite(np.dot(a, a)) or bool(np.isfinite(a).all())
