@@ -4,11 +4,13 @@ A decode step sends the same few headers over and over (each layer's four call g
 one row each); only the id changes. Whether the server accepts a plain float LINEAR or LM_HEAD depends on
 its header alone (op, layer, modules, dtype, shape and the limits: no value is checked), so once the
 generic path (`protocol.decode`, `Handlers`) has answered a compact header, the same bytes, id aside, are
-accepted again. `FastLane` remembers such headers (`learn`, after the generic path's answer) with what
-answering them takes, and answers them from a shared-memory channel without decoding, dispatch or
-encoding (`answer`): the same product (`LinearWeights.group_product`, `lm_head`), the same reply bytes
-(the compact header, with this id and compute time), the same counters. Anything else, a body of
-another length included, goes the generic way.
+accepted again. `FastLane` remembers such requests by their frame table and header (`learn`, after the
+generic path's answer) with what answering them takes, and answers them in place on a shared-memory
+channel, without copying, decoding, dispatch or encoding (`answer`): the table and header are copied out
+and matched, the product reads the input where the client wrote it (changing it mid-product changes only
+that client's answer) and is written into the reply area by the kernel the generic path uses
+(`LinearWeights.product_into`), so the reply's bytes and the counters are the generic path's. Anything
+else, a body of another length included, goes the generic way.
 """
 
 from __future__ import annotations
