@@ -413,7 +413,7 @@ def test_any_other_reply_goes_the_checked_way() -> None:
     `_check_reply`, which name what is wrong)."""
     known, head = known_call_case()
     compute = DATA + protocol.COMPACT_COMPUTE
-    for i in [*range(len(known.reply_table)), *range(DATA, compute), *range(compute + 8, len(head))]:
+    for i in [*range(len(known.reply.table)), *range(DATA, compute), *range(compute + 8, len(head))]:
         damaged = bytearray(head)
         damaged[i] ^= 0x01
         assert known.honest_compute_s(bytes(damaged), 7) is None, i

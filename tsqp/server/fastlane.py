@@ -49,7 +49,7 @@ class Plan:
     rows: int
     features: int
     out_features: int
-    body: int  # the request body's offset in its area
+    request: Layout
     reply: Layout
     reply_header: bytes  # the compact reply's header, id and compute_s zero
 
@@ -75,24 +75,24 @@ class FastLane:
         request, answer = Layout.of([COMPACT.size, x.numel() * 4]), Layout.of([COMPACT.size, reply.nbytes])
         if answer.size > self.area_bytes:
             return  # the generic path sends it over zmq
-        plan = Plan(msg.op, site_of(msg), rows, features, out_features, request.offsets[1], answer, bytes(reply_header[0]))
+        plan = Plan(msg.op, site_of(msg), rows, features, out_features, request, answer, bytes(reply_header[0]))
         self.plans[request_key(request.table, bytes(header))] = plan
 
     def answer(self, channel: Channel, client: str) -> bool:
         """Answer the request posted on `channel` in place, if it is a remembered one: the product is computed from
         the request area into the reply area (the client can change its own input under it, and nothing else)."""
         head = bytes(channel.incoming(0, HEAD))  # a copy: what is checked is what is used
-        plan = self.plans.get(request_key(head[: TABLE.size], head[DATA:]))
+        header = head[DATA:]
+        plan = self.plans.get(request_key(head[: TABLE.size], header))
         if plan is None:
             return False
         channel.seq = channel.incoming_seq()
-        x = np.frombuffer(channel.incoming(plan.body, plan.rows * plan.features * 4), np.float32).reshape(plan.rows, plan.features)
+        x = np.frombuffer(channel.incoming(plan.request.offsets[1], plan.request.lengths[1]), np.float32).reshape(plan.rows, plan.features)
         out = np.frombuffer(channel.outgoing(plan.reply.offsets[1], plan.reply.lengths[1]), np.float32).reshape(plan.rows, plan.out_features)
         started = time.perf_counter()
         self.weights.product_into(plan.site, x, out)
         elapsed = time.perf_counter() - started
-        header = protocol.stamped(plan.reply_header, protocol.compact_id(head[DATA:]), elapsed)
-        channel.write(plan.reply, (header,))
+        channel.write(plan.reply, (protocol.stamped(plan.reply_header, protocol.compact_id(header), elapsed),))
         channel.post_seq(channel.seq)
         self._count(plan, client, elapsed)
         self.warmer.answered(plan.site)
@@ -100,7 +100,7 @@ class FastLane:
 
     def _count(self, plan: Plan, client: str, seconds: float) -> None:
         """The counters `Server._handle` and `Server._send` keep for a request they answer."""
-        body_in, body_out = plan.rows * plan.features * 4, plan.reply.lengths[1]
+        body_in, body_out = plan.request.lengths[1], plan.reply.lengths[1]
         self.stats.fast_lane_requests += 1
         self.stats.requests += 1
         op = self.stats.ops[plan.op]

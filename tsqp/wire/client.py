@@ -45,10 +45,8 @@ class KnownCall:
 
     header: bytes  # the request's compact header, id 0
     request: Layout
-    reply_table: bytes  # an honest reply's frame table
+    reply: Layout  # an honest reply's: its frame table, its body's offset and length
     reply_header: bytes  # an honest reply's compact header, id and compute_s 0
-    reply_body: int  # the reply body's offset in the area
-    reply_bytes: int  # and its length
     shape: tuple[int, ...]
     dtype: Any  # the reply's numpy dtype
 
@@ -65,8 +63,7 @@ class KnownCall:
         if max(layout.size, reply_layout.size) > area_bytes:
             return None
         header = bytes(protocol.stamped(frames[0], 0, 0.0))
-        body = reply_layout.offsets[1], reply_layout.lengths[1]
-        return cls(header, layout, reply_layout.table, bytes(reply[0]), *body, shape, np.dtype(NUMPY_DTYPES[dtype]))  # type: ignore[arg-type]
+        return cls(header, layout, reply_layout, bytes(reply[0]), shape, np.dtype(NUMPY_DTYPES[dtype]))  # type: ignore[arg-type]
 
     @property
     def reply_head(self) -> int:
@@ -76,7 +73,7 @@ class KnownCall:
     def honest_compute_s(self, head: bytes, msg_id: int) -> float | None:
         """The compute time in `head` (a copy of the reply area's first `reply_head` bytes) if it starts the honest
         reply to call `msg_id`; else None."""
-        if head[: len(self.reply_table)] != self.reply_table:  # (the bytes between table and header are unused)
+        if head[: len(self.reply.table)] != self.reply.table:  # (the bytes between table and header are unused)
             return None
         header = head[DATA:]
         compute_s = protocol.compact_compute_s(header)
@@ -343,7 +340,7 @@ class RemoteBackend:
             if compute_s is None:  # anything else (an error, a reply over zmq, a lie) goes the checked way
                 frames, reply = self._reply_to(request, deadline, shm.read())
                 return self._checked(request, len(header), frames, reply, t0, t1, time.perf_counter())
-            body = np.frombuffer(bytearray(shm.incoming(known.reply_body, known.reply_bytes)), known.dtype)
+            body = np.frombuffer(bytearray(shm.incoming(known.reply.offsets[1], known.reply.lengths[1])), known.dtype)
         except ServerUnavailable:
             self._abandoned.add(request.id)
             raise

@@ -41,7 +41,7 @@ import select
 import stat
 import struct
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -134,7 +134,12 @@ def _aligned(n: int) -> int:
 
 def frames_size(frames: Sequence[Any]) -> int:
     """Bytes an area needs for these frames."""
-    return DATA + sum(_aligned(memoryview(f).nbytes) for f in frames)
+    return _area_bytes(memoryview(f).nbytes for f in frames)
+
+
+def _area_bytes(lengths: Iterable[int]) -> int:
+    """Bytes an area needs for frames of these lengths: the table, then each frame at an aligned offset."""
+    return DATA + sum(_aligned(n) for n in lengths)
 
 
 @dataclass(frozen=True)
@@ -158,7 +163,7 @@ class Layout:
     @property
     def size(self) -> int:
         """Bytes an area needs for this message."""
-        return self.offsets[-1] + _aligned(self.lengths[-1]) if self.lengths else DATA
+        return _area_bytes(self.lengths)
 
 
 def check_private_folder(folder: str | os.PathLike[str]) -> Path:
