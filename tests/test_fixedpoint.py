@@ -51,11 +51,16 @@ def _exact(x: torch.Tensor, w: torch.Tensor, p: int) -> list[list[int]]:
     return [[sum(int(a) * int(b) for a, b in zip(row, col)) % p for col in w.t().tolist()] for row in x.tolist()]
 
 
-@pytest.mark.parametrize("value", [0, 1, -1, 127, -128, 128, -129, 255, 32767, -32767, (1 << 40) - 1])
+BALANCED_TOP = [127 * (256**n - 1) // 255 for n in range(1, 9)]  # the largest integer n balanced digits hold
+
+
+@pytest.mark.parametrize("value", [0, 1, -1, 127, -128, 128, -129, 255, 32767, -32767, (1 << 40) - 1, *BALANCED_TOP, *(-t - 1 for t in BALANCED_TOP[:-1])])
 def test_balanced_digits_rebuild_the_integer(value: int) -> None:
     n = fixedpoint.digits_for(abs(value))
-    digits = fixedpoint.balanced_digits(torch.tensor([value]), n)
-    assert digits.dtype == torch.int8 and sum(int(d) * 256**j for j, d in enumerate(digits[:, 0])) == value
+    digits = fixedpoint.balanced_digits(np.array([value, -value - 1 if value > 0 else 0]), n)
+    assert digits.dtype == np.int8 and digits.shape == (n, 2)
+    assert sum(int(d) * 256**j for j, d in enumerate(digits[:, 0])) == value
+    assert sum(int(d) * 256**j for j, d in enumerate(digits[:, 1])) == (-value - 1 if value > 0 else 0)
     assert n == 1 or 127 * (256 ** (n - 1) - 1) // 255 < abs(value)  # the fewest digits that hold it
 
 

@@ -234,15 +234,19 @@ def digits_for(magnitude: int) -> int:
     return n
 
 
-def balanced_digits(x: torch.Tensor, n: int) -> torch.Tensor:
-    """Integers x (int64, |x| within `digits_for`'s bound for n) -> n int8 digits (n, *x.shape),
-    least significant first, with x = Σ_j digits_j · 256^j."""
-    out = torch.empty(n, *x.shape, dtype=torch.int8, device=x.device)
-    for j in range(n):
-        digit = ((x + 128) & 255) - 128
-        out[j] = digit
-        x = (x - digit) >> 8
-    return out
+def balanced_digits(x: np.ndarray, n: int) -> np.ndarray:
+    """Integers x (int64, within `digits_for`'s range for n) -> n int8 digits (n, *x.shape), least
+    significant first, with x = Σ_j digits_j · 256^j.
+
+    x + Σ_j 128·256^j lies in [0, 256^n) exactly when x is within that range, and its n low bytes are
+    then the digits, each plus 128: one add, a byte view and a flip of each byte's top bit (a few µs
+    for a decode row, where a loop of shifts and subtractions took ~100)."""
+    offset = np.uint64(128 * (DIGIT_BASE**n - 1) // (DIGIT_BASE - 1))
+    shifted = (np.asarray(x, dtype=np.int64).view(np.uint64) + offset).astype("<u8", copy=False)  # wraps mod 2⁶⁴: exact for n = 8 too
+    low_bytes = shifted.view(np.uint8).reshape(*shifted.shape, 8)[..., :n]
+    out = np.empty((n, *shifted.shape), dtype=np.uint8)
+    np.bitwise_xor(np.moveaxis(low_bytes, -1, 0), 0x80, out=out)
+    return out.view(np.int8)
 
 
 class Int8Digits:
@@ -267,14 +271,14 @@ class Int8Digits:
         self._w = torch.empty(w_q.shape[1], self.m * n_out, dtype=torch.int8, device=w_q.device)
         l1 = [0] * self.m  # per digit: the largest Σ_k |digit| of one output row
         for start, end in block_ranges(n_out, w_q.shape[1]):
-            digits = balanced_digits(w_q[start:end].to(torch.int64), self.m)
+            digits = torch.from_numpy(balanced_digits(w_q[start:end].detach().cpu().numpy(), self.m))
             for i in range(self.m):
                 self._w[:, i * n_out + start : i * n_out + end] = digits[i].t()
                 if end > start:
                     l1[i] = max(l1[i], int(digits[i].abs().sum(dim=1, dtype=torch.int64).max()))
         if 128 * max(l1) >= INT32_LIMIT:
             raise ValueError(f"weights too wide for int32 sums of int8 digit products (a digit row's L1 reaches {max(l1)})")
-        # |Σ_i P_i · 256^i| for one digit of x (|digit| <= 128): what one output of `_digit_products` can reach.
+        # |Σ_i P_i · 256^i| for one digit of x (|digit| <= 128): what one of x's digits' recombined products can reach (`_combine_digits`).
         self.digit_bound = 128 * sum(part * DIGIT_BASE**i for i, part in enumerate(l1))
 
     @property
@@ -291,41 +295,44 @@ class Int8Digits:
 
         One `_int_mm` for as many rows as `PRODUCTS_BYTES` of int32 products allow (each call repacks
         the weights: a 128-row SmolLM2 chunk took 416 ms over 40 sites in one call each, 485 in 4 MiB
-        blocks), then the digits are combined a cache-sized block of rows at a time."""
+        blocks), then the digits are combined a cache-sized block of rows at a time, in numpy: a decode
+        row's dozen small integer ops cost ~2 µs each there against ~5 in torch, whose two threads also
+        wait on each other when the TEE keeps a core busy (docs/benchmarks.md)."""
         self.check(p)
         n = digits_for(p - 1)
         k, n_out = self.shape
-        out = torch.empty(x.shape[0], n_out, dtype=torch.int64, device=x.device)
+        x_np = x.detach().cpu().numpy()
+        out = np.empty((x_np.shape[0], n_out), dtype=np.int64)
         per_call = max(1, PRODUCTS_BYTES // (4 * n * self.m * max(n_out, 1)))
-        for start in range(0, x.shape[0], per_call):
-            rows = min(per_call, x.shape[0] - start)
-            digits = balanced_digits(x[start : start + rows], n).view(n * rows, k)
-            products = torch._int_mm(digits, self._w).view(n, rows, self.m, n_out)
+        for start in range(0, x_np.shape[0], per_call):
+            rows = min(per_call, x_np.shape[0] - start)
+            digits = torch.from_numpy(balanced_digits(x_np[start : start + rows], n).reshape(n * rows, k)).to(self.device)
+            products = torch._int_mm(digits, self._w).detach().cpu().numpy().reshape(n, rows, self.m, n_out)
             for a, b in block_ranges(rows, n * self.m * n_out):
-                out[start + a : start + b] = _horner_digits(_digit_products(products[:, a:b]), p, self.digit_bound)
-        return out
+                _combine_digits(products[:, a:b], p, self.digit_bound, out[start + a : start + b])
+        return torch.from_numpy(out).to(x.device)
 
 
-def _digit_products(products: torch.Tensor) -> torch.Tensor:
-    """(n, T, m, N) int32 products of x's digits with W_q's -> (n, T, N) int64: W_q's digits recombined."""
-    m = products.shape[2]
-    acc = products[:, :, m - 1].to(torch.int64)
+def _combine_digits(products: np.ndarray, p: int, part_bound: int, out: np.ndarray) -> None:
+    """(n, T, m, N) int32 products of x's digits (j) with W_q's (i) -> Σ_j Σ_i products_ji · 256^(i+j) mod p into out (T, N).
+
+    W_q's digits are recombined first (|part| <= part_bound per digit of x), then x's by Horner's rule
+    from the most significant, reducing only when the next step could leave int64 (int64 remainders
+    are the costly step)."""
+    n, _, m, _ = products.shape
+    parts = products[:, :, m - 1].astype(np.int64)  # (n, T, N), our own: the steps below work in place
     for i in reversed(range(m - 1)):
-        acc *= DIGIT_BASE
-        acc += products[:, :, i]
-    return acc
-
-
-def _horner_digits(parts: torch.Tensor, p: int, part_bound: int) -> torch.Tensor:
-    """(n, T, N) int64 parts with |part| <= part_bound -> Σ_j parts_j · 256^j mod p, reducing only
-    when the next step could leave int64 (int64 remainders are the costly step)."""
-    acc, bound = parts[-1], part_bound
-    for j in reversed(range(parts.shape[0] - 1)):
+        parts *= DIGIT_BASE
+        parts += products[:, :, i]
+    acc, bound = parts[n - 1], part_bound
+    for j in reversed(range(n - 1)):
         if bound * DIGIT_BASE + part_bound >= INT64_LIMIT:
-            acc, bound = torch.remainder(acc, p), p
-        acc = acc * DIGIT_BASE + parts[j]
+            np.remainder(acc, p, out=acc)
+            bound = p
+        acc *= DIGIT_BASE
+        acc += parts[j]
         bound = bound * DIGIT_BASE + part_bound
-    return torch.remainder(acc, p)
+    np.remainder(acc, p, out=out)
 
 
 def float32_limb_bits(l1: int) -> int:
