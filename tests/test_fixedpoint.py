@@ -61,6 +61,8 @@ def test_balanced_digits_rebuild_the_integer(value: int) -> None:
     assert digits.dtype == np.int8 and digits.shape == (n, 2)
     assert sum(int(d) * 256**j for j, d in enumerate(digits[:, 0])) == value
     assert sum(int(d) * 256**j for j, d in enumerate(digits[:, 1])) == (-value - 1 if value > 0 else 0)
+    strided = fixedpoint.balanced_digits(np.array([[value, 0], [7, 7]]).T, n)  # a transposed view: the column holding value
+    assert np.array_equal(strided[:, 0], np.stack([digits[:, 0], fixedpoint.balanced_digits(np.array([7]), n)[:, 0]], axis=1))
     assert n == 1 or 127 * (256 ** (n - 1) - 1) // 255 < abs(value)  # the fewest digits that hold it
 
 

@@ -388,6 +388,42 @@ def test_the_pools_worker_makes_the_next_calls_masks_beside_the_current_one() ->
     pool.close()
 
 
+def test_a_call_its_sites_stock_covers_does_not_wait_for_the_worker_making_that_site() -> None:
+    """Decode refills a site before it runs dry: while the worker makes the site's next block, a call
+    still served by the rows held takes them at once (waiting for the block stalled every such step)."""
+    from tsqp.shields.pool import REFILL_ROWS, MaskPool, ShieldTimes
+
+    sites = [(0, ("o_proj",)), (0, ("down_proj",))]
+    gate, making = threading.Event(), threading.Event()
+
+    def make(site: object, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if threading.current_thread().name == "tsqp-mask-pool" and site == first and stocked.is_set() and not making.is_set():
+            making.set()  # the site's next block: held up until the call below has been tried
+            gate.wait(10)
+        return torch.randn(rows, 4), torch.randn(rows, 2)
+
+    stocked = threading.Event()
+    pool = MaskPool(make, sites, ShieldTimes(), dict.fromkeys(sites, 48), budget_bytes=1 << 20)
+    first = pool.sites[0]
+    pool.take(first, 1)  # made by this call; the worker then stocks both sites
+    deadline = time.monotonic() + 10
+    while any(pool.available(s) < REFILL_ROWS for s in pool.sites) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    stocked.set()
+    for _ in range(REFILL_ROWS // 2 + 1):  # below half a refill: the worker starts the site's next block
+        pool.take(first, 1)
+    assert making.wait(10), "the worker did not start refilling the site"
+    held = pool.available(first)
+    taker = threading.Thread(target=pool.take, args=(first, 1))
+    taker.start()
+    taker.join(2)
+    finished = not taker.is_alive()
+    gate.set()
+    taker.join(10)
+    pool.close()
+    assert held > 0 and finished, "a call its site's stock covered waited for the worker's block"
+
+
 def test_the_pools_worker_keeps_the_thread_count_of_the_pools_set_up() -> None:
     """A split's runner decodes on one torch thread; a worker started during a decode step still makes
     masks on the count the pool was set up with (a new thread would otherwise take the count of the moment)."""

@@ -242,7 +242,7 @@ def balanced_digits(x: np.ndarray, n: int) -> np.ndarray:
     then the digits, each plus 128: one add, a byte view and a flip of each byte's top bit (a few µs
     for a decode row, where a loop of shifts and subtractions took ~100)."""
     offset = np.uint64(128 * (DIGIT_BASE**n - 1) // (DIGIT_BASE - 1))
-    shifted = (np.asarray(x, dtype=np.int64).view(np.uint64) + offset).astype("<u8", copy=False)  # wraps mod 2⁶⁴: exact for n = 8 too
+    shifted = (np.ascontiguousarray(x, dtype=np.int64).view(np.uint64) + offset).astype("<u8", copy=False)  # wraps mod 2⁶⁴: exact for n = 8 too
     low_bytes = shifted.view(np.uint8).reshape(*shifted.shape, 8)[..., :n]
     out = np.empty((n, *shifted.shape), dtype=np.uint8)
     np.bitwise_xor(np.moveaxis(low_bytes, -1, 0), 0x80, out=out)

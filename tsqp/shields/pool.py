@@ -105,8 +105,11 @@ class MaskPool:
         """`rows` unused mask rows of `site` and their products, from the pool or made now (a stall)."""
         started = time.perf_counter()
         with self._lock:
-            waited = self._making == site
-            self._wait_while_making(site)
+            # The worker making this site's next block matters only to a call its stock cannot cover:
+            # waiting whenever it was made stalled decode steps on rows they did not need.
+            waited = self._making == site and self._rows[site] < rows
+            if waited:
+                self._wait_while_making(site)
             parts = self._pop(site, rows)
             if site != "lm_head":
                 # A call of a site's most rows may be one piece of a longer one: the tokens are at least that.
