@@ -6,10 +6,12 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers import RunningServer
 from typer.testing import CliRunner
 
 from tsqp.cli.app import app
@@ -161,6 +163,32 @@ def test_breakdown_adds_up_to_the_median_step() -> None:
     assert r.ms_per_token == pytest.approx(1000 / 65)
     assert sum(r.breakdown_ms_per_token.values()) == pytest.approx(1000 / 65)
     assert r.breakdown_ms_per_token["server_compute"] == pytest.approx(3.0 * (1000 / 65) / (1000 / 50))  # the median run (50 tok/s), scaled
+
+
+def test_a_decode_call_waiting_for_its_masks_is_counted_as_a_stall_not_as_tee(tiny_path: Path, tiny_server: RunningServer,
+                                                                              monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    """Each otp call here waits 2 ms in the pool (as when the worker has not made its masks yet): a decoded token's
+    stall is at least those waits, apart from TEE compute, and the breakdown still adds up to the step."""
+    from tsqp.shields.pool import MaskPool
+    from tsqp.tee.session import connect
+
+    take = MaskPool.take
+
+    def slow_take(pool: MaskPool, site: Any, rows: int) -> Any:
+        started = time.perf_counter()
+        time.sleep(0.002)
+        pool.times.stall_s += time.perf_counter() - started
+        return take(pool, site, rows)
+
+    monkeypatch.setattr(MaskPool, "take", slow_take)
+    with connect(tiny_server.endpoint, tiny_path, shield="otp") as session:
+        run = runs._tsqp_run(session, list(range(3, 11)))(4)
+    calls_per_token = 4 * N_LAYERS + 1  # LINEAR calls and LM_HEAD, each with its masks
+    assert run.mask_stall_s >= calls_per_token * 0.002
+    assert run.stall_s > run.mask_stall_s  # the prefill's waits too, over the whole run
+    r = aggregate("otp", True, 8, 4, [run], {"tee": 1.0, "server": 2.0})
+    assert r.breakdown_ms_per_token["mask_stall"] == pytest.approx(1000 * run.mask_stall_s)  # one run: no scaling
+    assert sum(r.breakdown_ms_per_token.values()) == pytest.approx(1000 / run.decode_tokens_per_s)
 
 
 def test_plot_without_matplotlib_is_a_clear_error(report: BenchReport, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -17,6 +17,7 @@ A decoded token's time (`1 / decode tokens/s`) is split into parts:
 - `server_compute`: the compute time the server reports for its replies;
 - `wire`: round trip minus server compute (transport, server-side (de)serialization, scheduling);
 - `mask_unmask`, `verify`: shield work;
+- `mask_stall`: calls waiting for their masks (the pool short: made by the call, or by the worker while it waits);
 - `tee_compute`: the rest, i.e. the non-linear work, sampling and the loop itself.
 
 Modules: `config` (what to measure, the prompts, the private server), `runs` (the measured

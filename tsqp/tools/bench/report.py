@@ -21,9 +21,9 @@ def render_table(report: BenchReport) -> Any:
     for name in ("mode", "prompt", "prefill s", "decode tok/s", "×local", "TEE MiB", "srv MiB"):
         speed.add_column(name, justify="left" if name == "mode" else "right")
     per_token = Table(title="per decoded token (medians): time in ms, round trips, KiB", box=box.SIMPLE_HEAD, pad_edge=False,
-                      caption="total = tee + mask(/unmask) + verif(y) + ser(ialization) + wire + server compute; trips, KiB: round trips and bytes per token; "
+                      caption="total = tee + mask(/unmask) + stall (waiting for masks) + verif(y) + ser(ialization) + wire + server compute; trips, KiB: round trips and bytes per token; "
                               "offline: mask pool ms per token, made before or beside the run; pool: its peak MiB")  # fmt: skip
-    for name in ("mode", "prompt", "total", "tee", "mask", "verif", "ser", "wire", "server", "trips", "KiB", "offline", "pool"):
+    for name in ("mode", "prompt", "total", "tee", "mask", "stall", "verif", "ser", "wire", "server", "trips", "KiB", "offline", "pool"):
         per_token.add_column(name, justify="left" if name == "mode" else "right")
     for r in report.results:
         mode, b, p = r.mode + (" +verify" if r.verify else ""), r.breakdown_ms_per_token, r.peak_rss_mib
@@ -32,7 +32,7 @@ def render_table(report: BenchReport) -> Any:
             mode, str(r.prompt_tokens), _stat(r.prefill_s, "{:.3f}"), _stat(r.decode_tokens_per_s, "{:.1f}"), ratio, _mib(p["tee"]), _mib(p["server"])
         )
         per_token.add_row(mode, str(r.prompt_tokens), f"{r.ms_per_token:.1f}",
-                          *(f"{b[k]:.1f}" for k in ("tee_compute", "mask_unmask", "verify", "serialization", "wire", "server_compute")),
+                          *(f"{b[k]:.1f}" for k in ("tee_compute", "mask_unmask", "mask_stall", "verify", "serialization", "wire", "server_compute")),
                           f"{r.round_trips_per_token:.0f}", f"{r.bytes_per_token / 1024:.1f}", f"{1000 * r.offline_s_per_token:.1f}",
                           _mib(r.pool_peak_mib))  # fmt: skip
     if report.load is None:

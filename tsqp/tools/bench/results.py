@@ -6,7 +6,7 @@ import statistics
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-PARTS = ("tee_compute", "serialization", "wire", "server_compute", "mask_unmask", "verify")
+PARTS = ("tee_compute", "serialization", "wire", "server_compute", "mask_unmask", "mask_stall", "verify")
 
 
 @dataclass
@@ -22,8 +22,9 @@ class Run:
     bytes: float = 0.0
     mask_unmask_s: float = 0.0
     verify_s: float = 0.0
+    mask_stall_s: float = 0.0  # per decoded token: calls waiting for their masks (made them, or waited for the worker)
     offline_s: float = 0.0  # mask pool for the whole run (prefill and decode), made before it or beside it
-    stall_s: float = 0.0  # online time the run's calls waited for masks (made them, or waited for the worker)
+    stall_s: float = 0.0  # the same over the whole run (prefill and decode)
 
 
 @dataclass
@@ -119,7 +120,7 @@ def aggregate(mode: str, verify: bool, n: int, new_tokens: int, runs: list[Run],
     middle = sorted(runs, key=lambda r: r.decode_tokens_per_s)[(len(runs) - 1) // 2]
     step_ms = 1000.0 / middle.decode_tokens_per_s
     measured = {"serialization": middle.serialization_s, "wire": middle.wire_s, "server_compute": middle.server_s,
-                "mask_unmask": middle.mask_unmask_s, "verify": middle.verify_s}  # fmt: skip
+                "mask_unmask": middle.mask_unmask_s, "mask_stall": middle.mask_stall_s, "verify": middle.verify_s}  # fmt: skip
     parts = {part: 1000.0 * seconds for part, seconds in measured.items()}
     parts = {"tee_compute": max(step_ms - sum(parts.values()), 0.0), **parts}
     scale = ms_per_token / max(sum(parts.values()), 1e-12)

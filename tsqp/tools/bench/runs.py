@@ -175,6 +175,9 @@ def _tsqp_run(session: Any, ids: list[int], precompute: bool = False) -> Callabl
     stats = getattr(session.backend, "stats", None)  # WireStats of a RemoteBackend; local has none
     shield = getattr(session.backend, "shield", None)
 
+    def counters() -> dict[str, float]:
+        return {**_wire(stats), "stall_s": shield.times.stall_s if shield is not None else 0.0}
+
     def once(new_tokens: int) -> Run:
         offline_before = stall_before = 0.0
         if shield is not None:
@@ -185,10 +188,10 @@ def _tsqp_run(session: Any, ids: list[int], precompute: bool = False) -> Callabl
 
         def on_token(_: int) -> None:
             if not marks:  # the first token: the prefill is done, no decode forward yet
-                marks.append(_wire(stats))
+                marks.append(counters())
 
         result = generate(session.llama, ids, new_tokens, eos_ids=(), on_token=on_token, prefill_chunk=session.prefill_chunk)
-        t, after = result.timings, _wire(stats)
+        t, after = result.timings, counters()
         steps = t["decode_steps"]
         d = {k: (after[k] - marks[0][k]) / steps for k in after}
         return Run(
@@ -201,6 +204,7 @@ def _tsqp_run(session: Any, ids: list[int], precompute: bool = False) -> Callabl
             bytes=d["bytes_sent"] + d["bytes_received"],
             mask_unmask_s=d["mask_s"] + d["unmask_s"],
             verify_s=d["verify_s"],
+            mask_stall_s=d["stall_s"],
             offline_s=shield.times.offline_s - offline_before if shield is not None else 0.0,
             stall_s=shield.times.stall_s - stall_before if shield is not None else 0.0,
         )
