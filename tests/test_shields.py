@@ -388,6 +388,37 @@ def test_the_pools_worker_makes_the_next_calls_masks_beside_the_current_one() ->
     pool.close()
 
 
+def test_a_prompts_masks_leave_the_first_decode_step_its_own() -> None:
+    """The worker's blocks for a prompt's calls carry a decode batch, kept as a block of its own: after the prompt,
+    every site holds one, and the first decode step makes no masks itself."""
+    from tsqp.shields.pool import REFILL_ROWS, MaskPool, ShieldTimes
+
+    sites = [(layer, group) for layer in range(2) for group in (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("o_proj",), ("down_proj",))]
+    made_by: list[tuple[object, int, str]] = []
+
+    def make(site: object, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+        made_by.append((site, rows, threading.current_thread().name))
+        return torch.randn(rows, 4), torch.randn(rows, 2)
+
+    pool = MaskPool(make, sites, ShieldTimes(), dict.fromkeys(sites, 48), budget_bytes=1 << 20)
+    prompt = 5
+    pool.take(pool.sites[0], prompt)  # nothing made yet: the prompt's first call makes its own
+    deadline = time.monotonic() + 10
+    while any(pool.available(s) < prompt + REFILL_ROWS for s in pool.sites[1:]) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    for site in pool.sites[1:]:
+        pool.take(site, prompt)
+    assert all(pool.available(s) == REFILL_ROWS for s in pool.sites[1:])
+    while pool.available(pool.sites[0]) < prompt + REFILL_ROWS and time.monotonic() < deadline:
+        time.sleep(0.01)  # the worker's last job: the next prompt's first site (then every site is covered)
+    assert pool.nbytes() == 48 * sum(pool.available(s) for s in pool.sites)  # the prompt's rows are gone, memory and all
+    own = len([m for m in made_by if m[2] != "tsqp-mask-pool"])
+    for site in pool.sites[1:]:
+        pool.take(site, 1)  # the first decode step
+    pool.close()
+    assert len([m for m in made_by if m[2] != "tsqp-mask-pool"]) == own == 1
+
+
 def test_a_call_its_sites_stock_covers_does_not_wait_for_the_worker_making_that_site() -> None:
     """Decode refills a site before it runs dry: while the worker makes the site's next block, a call
     still served by the rows held takes them at once (waiting for the block stalled every such step)."""
