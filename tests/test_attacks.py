@@ -18,6 +18,15 @@ NEW_TOKENS = 6
 # random (its next-token prior says little), so its noise is scaled down to the same effect.
 NOISE_SCALE = 3.0
 MODEL = dict(vocab_size=VOCAB, hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2)
+# Against otp's uniform masks an attack guesses blindly: ~1/4096 of tokens by chance, a few times more for "hub"
+# tokens that are nearest to many random directions. One hit in 36 prompt tokens came in 1 of 110 recordings (a
+# stress run), two in one suite run; four or more are a < 1e-6 event, while the broken shields give up ≥ 90%.
+MAX_CHANCE_HITS = 3
+
+
+def at_chance(recovery: float, tokens: int) -> bool:
+    """Whether a share `recovery` of `tokens` is no more than blind guessing gets."""
+    return round(recovery * tokens) <= MAX_CHANCE_HITS
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +62,8 @@ def test_rank_one_unmixing_recovers_seqmix_prompts_and_nothing_under_otp(model: 
     assert seqmix.attacks["rank-one"]["prompt"] >= 0.95  # every row, up to its scale
     assert seqmix.attacks["nearest"]["prompt"] < seqmix.attacks["rank-one"]["prompt"]  # the plane is what hid them
     otp = evaluate("otp", weights, *recordings["otp"])
-    assert otp.attacks["rank-one"]["prompt"] <= 0.05 and otp.prompt_token_recovery <= 0.05
+    assert otp.prompt_tokens == 3 * 12  # every prompt row scored: the chance bound is over all of them
+    assert at_chance(otp.attacks["rank-one"]["prompt"], otp.prompt_tokens) and at_chance(otp.prompt_token_recovery, otp.prompt_tokens), otp.attacks
 
 
 def test_rank_one_on_synthetic_mixing() -> None:
@@ -74,7 +84,7 @@ def test_noise_decoding_recovers_most_tokens_and_nothing_under_otp(model: Loaded
     assert ml["prompt"] >= 0.9 and ml["generated"] >= 0.8, noise.attacks
     assert ml["generated"] > noise.attacks["nearest"]["generated"], noise.attacks  # many rows beat one
     otp = evaluate("otp", weights, *recordings["otp"], model=model, noise_scale=NOISE_SCALE)
-    assert otp.attacks["noise-ml"]["prompt"] <= 0.05 and otp.prompt_token_recovery <= 0.05, otp.attacks
+    assert at_chance(otp.attacks["noise-ml"]["prompt"], otp.prompt_tokens) and at_chance(otp.prompt_token_recovery, otp.prompt_tokens), otp.attacks
     assert otp.generated_token_recovery <= max(0.2, 3 * otp.permutation_chance_generated), otp.attacks
 
 
