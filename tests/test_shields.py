@@ -7,7 +7,7 @@ import hashlib
 import math
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -362,12 +362,24 @@ def test_precision_is_the_runners_policy() -> None:
     assert ShieldConfig("otp", precision="bfloat16").server_precision("float32") == "bfloat16"  # never tighter than asked
 
 
+TWO_LAYERS_OF_SITES = [
+    (layer, group) for layer in range(2) for group in (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("o_proj",), ("down_proj",))
+]
+
+
+def until(condition: Callable[[], bool], seconds: float = 10.0) -> None:
+    """Poll `condition` (the pool's worker runs beside the test) until it holds or `seconds` pass; the asserts follow."""
+    deadline = time.monotonic() + seconds
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
 def test_the_pools_worker_makes_the_next_calls_masks_beside_the_current_one() -> None:
     """After a call takes its rows, the worker stocks the following sites in forward order, so the
     next calls find their masks made and make none themselves."""
     from tsqp.shields.pool import MaskPool, ShieldTimes
 
-    sites = [(layer, group) for layer in range(2) for group in (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("o_proj",), ("down_proj",))]
+    sites = TWO_LAYERS_OF_SITES
     made_by: list[tuple[object, str]] = []
 
     def make(site: object, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -377,9 +389,7 @@ def test_the_pools_worker_makes_the_next_calls_masks_beside_the_current_one() ->
     pool = MaskPool(make, sites, ShieldTimes(), dict.fromkeys(sites, 48), budget_bytes=1 << 20)
     assert pool.sites[1] == (0, ("o_proj",))  # forward order, not the order given
     pool.take(pool.sites[0], 5)  # nothing made yet: this call makes its own
-    deadline = time.monotonic() + 10
-    while any(pool.available(s) < 5 for s in pool.sites[1:]) and time.monotonic() < deadline:
-        time.sleep(0.01)
+    until(lambda: all(pool.available(s) >= 5 for s in pool.sites[1:]))
     by_worker = [site for site, thread in made_by if thread == "tsqp-mask-pool"]
     assert by_worker[:7] == pool.sites[1:]  # in the order the forward pass will call them
     for site in pool.sites[1:]:
@@ -393,7 +403,7 @@ def test_a_prompts_masks_leave_the_first_decode_step_its_own() -> None:
     every site holds one, and the first decode step makes no masks itself."""
     from tsqp.shields.pool import REFILL_ROWS, MaskPool, ShieldTimes
 
-    sites = [(layer, group) for layer in range(2) for group in (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("o_proj",), ("down_proj",))]
+    sites = TWO_LAYERS_OF_SITES
     made_by: list[tuple[object, int, str]] = []
 
     def make(site: object, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -403,14 +413,11 @@ def test_a_prompts_masks_leave_the_first_decode_step_its_own() -> None:
     pool = MaskPool(make, sites, ShieldTimes(), dict.fromkeys(sites, 48), budget_bytes=1 << 20)
     prompt = 5
     pool.take(pool.sites[0], prompt)  # nothing made yet: the prompt's first call makes its own
-    deadline = time.monotonic() + 10
-    while any(pool.available(s) < prompt + REFILL_ROWS for s in pool.sites[1:]) and time.monotonic() < deadline:
-        time.sleep(0.01)
+    until(lambda: all(pool.available(s) >= prompt + REFILL_ROWS for s in pool.sites[1:]))
     for site in pool.sites[1:]:
         pool.take(site, prompt)
     assert all(pool.available(s) == REFILL_ROWS for s in pool.sites[1:])
-    while pool.available(pool.sites[0]) < prompt + REFILL_ROWS and time.monotonic() < deadline:
-        time.sleep(0.01)  # the worker's last job: the next prompt's first site (then every site is covered)
+    until(lambda: pool.available(pool.sites[0]) >= prompt + REFILL_ROWS)  # the worker's last job: the next prompt's first site
     assert pool.nbytes() == 48 * sum(pool.available(s) for s in pool.sites)  # the prompt's rows are gone, memory and all
     own = len([m for m in made_by if m[2] != "tsqp-mask-pool"])
     for site in pool.sites[1:]:
@@ -437,9 +444,7 @@ def test_a_call_its_sites_stock_covers_does_not_wait_for_the_worker_making_that_
     pool = MaskPool(make, sites, ShieldTimes(), dict.fromkeys(sites, 48), budget_bytes=1 << 20)
     first = pool.sites[0]
     pool.take(first, 1)  # made by this call; the worker then stocks both sites
-    deadline = time.monotonic() + 10
-    while any(pool.available(s) < REFILL_ROWS for s in pool.sites) and time.monotonic() < deadline:
-        time.sleep(0.01)
+    until(lambda: all(pool.available(s) >= REFILL_ROWS for s in pool.sites))
     stocked.set()
     for _ in range(REFILL_ROWS // 2 + 1):  # below half a refill: the worker starts the site's next block
         pool.take(first, 1)
@@ -473,9 +478,7 @@ def test_the_pools_worker_keeps_the_thread_count_of_the_pools_set_up() -> None:
         pool = MaskPool(make, sites, ShieldTimes(), dict.fromkeys(sites, 48), budget_bytes=1 << 20)
     with torch_threads(1):  # a decode step starts the worker
         pool.take(pool.sites[0], 1)
-        deadline = time.monotonic() + 10
-        while not counts and time.monotonic() < deadline:
-            time.sleep(0.01)
+        until(lambda: bool(counts))
     pool.close()
     assert counts and set(counts) == {3}
 
