@@ -26,6 +26,7 @@ import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -93,6 +94,15 @@ class PublicWeights:
     def vocab_size(self) -> int:
         return self.embed.shape[0]
 
+    @cached_property
+    def layer0_references(self) -> np.ndarray:
+        """Every vocabulary row's layer-0 input, rms_norm(embed_v) · attn_norm, as unit rows (V, D): made once, for
+        every attack that reads it (in float32 but for the mean square: the attacks compare cosines, and a float64
+        copy of a large vocabulary took seconds)."""
+        mean_square = np.einsum("vd,vd->v", self.embed, self.embed, dtype=np.float64) / self.embed.shape[1]
+        scale = (1.0 / np.sqrt(mean_square + self.eps)).astype(np.float32)
+        return unit_rows(self.embed * scale[:, None] * self.attn_norm)
+
 
 # --- what the server received, as the attacker reads it ---------------------------------
 
@@ -121,9 +131,7 @@ def is_layer0_input(m: Recorded) -> bool:
 
 def layer0_references(weights: PublicWeights) -> np.ndarray:
     """Every vocabulary row's layer-0 input, rms_norm(embed_v) · attn_norm, as unit rows (V, D)."""
-    e = weights.embed.astype(np.float64)
-    normed = e / np.sqrt((e * e).mean(axis=-1, keepdims=True) + weights.eps) * weights.attn_norm
-    return unit_rows(normed)
+    return weights.layer0_references
 
 
 def guess_prompt_tokens(weights: PublicWeights, messages: Iterable[Recorded]) -> list[np.ndarray]:
