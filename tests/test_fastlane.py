@@ -15,6 +15,11 @@ from tsqp.wire import protocol
 OTP_ARGS = {"p": (1 << 31) - 1, "limb_bits": 8, "weight_bits": 12}
 
 
+def masked(rows: int, features: int = 64, seed: int = 0) -> torch.Tensor:
+    """An otp input: residues mod p."""
+    return torch.randint(0, OTP_ARGS["p"], (rows, features), generator=torch.Generator().manual_seed(seed), dtype=torch.int64)
+
+
 @pytest.fixture
 def server(tiny: LoadedModel) -> Any:
     running = start_server(tiny)
@@ -49,6 +54,9 @@ def without_id_and_time(header: bytes) -> bytes:
         pytest.param("LINEAR", {"layer": 2, "modules": ["q_proj", "k_proj", "v_proj"]}, x_input(rows=1)[None], id="qkv-decode-row"),
         pytest.param("LINEAR", {"layer": 0, "modules": ["down_proj"]}, x_input(rows=3, features=160), id="down-3-rows"),
         pytest.param("LM_HEAD", {}, x_input(rows=1), id="lm-head"),
+        pytest.param("LINEAR", {**OTP_ARGS, "layer": 1, "modules": ["gate_proj", "up_proj"]}, masked(rows=1), id="otp-gate-up-row"),
+        pytest.param("LINEAR", {**OTP_ARGS, "layer": 0, "modules": ["o_proj"]}, masked(rows=5), id="otp-o-5-rows"),
+        pytest.param("LM_HEAD", OTP_ARGS, masked(rows=1), id="otp-lm-head"),
     ],
 )
 def test_a_header_answered_once_is_answered_again_the_fast_way_with_the_same_bytes(server: Any, op: str, args: dict[str, Any], x: torch.Tensor) -> None:
@@ -65,16 +73,16 @@ def test_a_header_answered_once_is_answered_again_the_fast_way_with_the_same_byt
 
 
 def test_only_what_the_generic_path_answered_is_remembered(server: Any) -> None:
-    """otp's integer calls (their values are checked), EMBED, refused requests, msgpack headers and empty inputs
-    always take the generic path; a remembered header with a body of another length too, refused as before."""
+    """EMBED, refused requests, msgpack headers and empty inputs always take the generic path; a remembered header
+    with a body of another length too, refused as before."""
     client = ShmDealer(server.endpoint)
     lane = server.server.fastlane
     try:
         o_proj = {"layer": 0, "modules": ["o_proj"]}
         for _ in range(2):
-            assert rpc(client, compact("LINEAR", 3, {**OTP_ARGS, **o_proj}, torch.ones(1, 64, dtype=torch.int64))).ok
             assert rpc(client, compact("EMBED", 4, {}, torch.tensor([[3]]))).ok
             assert not rpc(client, compact("LINEAR", 5, {"layer": 7, "modules": ["o_proj"]}, x_input(rows=1))).ok
+            assert not rpc(client, compact("LINEAR", 5, {**OTP_ARGS, "weight_bits": 40, **o_proj}, masked(rows=1))).ok
             assert rpc(client, protocol.encode(protocol.request("LINEAR", 6, o_proj, [x_input(rows=1)]))).ok
             assert rpc(client, compact("LINEAR", 7, o_proj, x_input(rows=0))).ok
         assert fast_answers(client) == 0 and lane.plans == {}
@@ -83,6 +91,29 @@ def test_only_what_the_generic_path_answered_is_remembered(server: Any) -> None:
         short = rpc(client, [header, bytes(memoryview(body))[:-4]])
         assert not short.ok and short.id == 9 and "bytes" in short.error
         assert fast_answers(client) == 0
+    finally:
+        client.close()
+
+
+def test_a_remembered_otp_header_still_has_its_values_checked(server: Any) -> None:
+    """An otp input's range is checked on a copy, as the generic path checks it: out of [0, p) it is refused the
+    generic way, naming why; weights quantized to another width since send it the generic way too."""
+    client = ShmDealer(server.endpoint)
+    o_proj = {**OTP_ARGS, "layer": 0, "modules": ["o_proj"]}
+    try:
+        first = rpc(client, compact("LINEAR", 1, o_proj, masked(rows=1)))
+        assert first.ok and rpc(client, compact("LINEAR", 2, o_proj, masked(rows=1, seed=1))).ok
+        assert fast_answers(client) == 1
+        for bad in (-1, OTP_ARGS["p"]):
+            x = masked(rows=1, seed=2)
+            x[0, 5] = bad
+            refused = rpc(client, compact("LINEAR", 3, o_proj, x))
+            assert not refused.ok and "[0, p)" in refused.error
+        assert fast_answers(client) == 1
+        assert rpc(client, compact("LINEAR", 4, {**o_proj, "weight_bits": 10}, masked(rows=1))).ok  # quantized again, to 10 bits
+        again = rpc(client, compact("LINEAR", 5, o_proj, masked(rows=1)))  # 12 bits: the lane steps aside, the generic path requantizes
+        assert again.ok and torch.equal(again.tensors[0], first.tensors[0])
+        assert fast_answers(client) == 1
     finally:
         client.close()
 
@@ -99,8 +130,9 @@ def test_the_fast_way_keeps_the_same_counters(tiny: LoadedModel) -> None:
             for i in range(4):
                 assert rpc(client, compact("LINEAR", i, {"layer": 1, "modules": ["gate_proj", "up_proj"]}, x_input(rows=1, seed=i))).ok
                 assert rpc(client, compact("LM_HEAD", 10 + i, {}, x_input(rows=1, seed=i))).ok
+                assert rpc(client, compact("LINEAR", 20 + i, {**OTP_ARGS, "layer": 0, "modules": ["o_proj"]}, masked(rows=1, seed=i))).ok
             got = rpc(client, protocol.encode(protocol.request("STATS", 99))).args
-            assert got.pop("fast_lane_requests") == (6 if fast else 0)  # the first of each header answered the generic way
+            assert got.pop("fast_lane_requests") == (9 if fast else 0)  # the first of each header answered the generic way
         finally:
             client.close()
             running.close()
@@ -110,11 +142,29 @@ def test_the_fast_way_keeps_the_same_counters(tiny: LoadedModel) -> None:
     assert stats[0] == stats[1]
 
 
-@pytest.mark.parametrize("kwargs", [{"record_dir": "REC"}, {"fault_rate": 0.5}, {"batch": True}, {"shm_folder": None}, {"dtype": "bfloat16"}])
+@pytest.mark.parametrize("kwargs", [{"record_dir": "REC"}, {"fault_rate": 0.5}, {"shm_folder": None}])
 def test_no_fast_lane_where_every_request_must_pass_the_generic_path(tiny: LoadedModel, tmp_path: Any, kwargs: dict[str, Any]) -> None:
     kwargs = {k: (tmp_path / "rec" if v == "REC" else v) for k, v in kwargs.items()}
     running = start_server(tiny, **kwargs)
     try:
         assert running.server.fastlane is None
     finally:
+        running.close()
+
+
+@pytest.mark.parametrize("kwargs", [{"batch": True}, {"dtype": "bfloat16"}])
+def test_plain_products_keep_to_the_generic_path_where_they_may_batch_or_are_not_float32(tiny: LoadedModel, kwargs: dict[str, Any]) -> None:
+    """Cross-client batching answers plain products together, and bfloat16 weights' products are not the replies as
+    they are: those stay generic; otp's take the lane (batching leaves them alone)."""
+    running = start_server(tiny, **kwargs)
+    client = ShmDealer(running.endpoint)
+    try:
+        for i in range(2):
+            assert rpc(client, compact("LINEAR", i, {"layer": 0, "modules": ["o_proj"]}, x_input(rows=1))).ok
+        assert fast_answers(client) == 0
+        for i in range(2):
+            assert rpc(client, compact("LINEAR", 10 + i, {**OTP_ARGS, "layer": 0, "modules": ["o_proj"]}, masked(rows=1))).ok
+        assert fast_answers(client) == 1
+    finally:
+        client.close()
         running.close()

@@ -1,16 +1,20 @@
-"""The same-host fast lane: plain float products whose compact header the server has answered before.
+"""The same-host fast lane: products whose compact header the server has answered before.
 
 A decode step sends the same few headers over and over (each layer's four call groups and the lm_head,
-one row each); only the id changes. Whether the server accepts a plain float LINEAR or LM_HEAD depends on
-its header alone (op, layer, modules, dtype, shape and the limits: no value is checked), so once the
-generic path (`protocol.decode`, `Handlers`) has answered a compact header, the same bytes, id aside, are
-accepted again. `FastLane` remembers such requests by their frame table and header (`learn`, after the
-generic path's answer) with what answering them takes, and answers them in place on a shared-memory
-channel, without copying, decoding, dispatch or encoding (`answer`): the table and header are copied out
-and matched, the product reads the input where the client wrote it (changing it mid-product changes only
-that client's answer) and is written into the reply area by the kernel the generic path uses
-(`LinearWeights.product_into`), so the reply's bytes and the counters are the generic path's. Anything
-else, a body of another length included, goes the generic way.
+one row each); only the id changes. Whether the server accepts a LINEAR or LM_HEAD request depends on its
+header alone (op, layer, modules, dtype, shape, otp's field and the limits), but for one value check: an
+otp input must lie in [0, p). So once the generic path (`protocol.decode`, `Handlers`) has answered a
+compact header, the same bytes, id aside, are accepted again. `FastLane` remembers such requests by their
+frame table and header (`learn`, after the generic path's answer) with what answering them takes, and
+answers them on a shared-memory channel without decoding, dispatch or encoding (`answer`): the table and
+header are copied out and matched, and the product is written into the reply area by the kernel the
+generic path uses, so the reply's bytes and the counters are the generic path's.
+- A plain float product (a CPU's float32 weights; `plain`) reads its input where the client wrote it:
+  changing it mid-product changes only that client's answer (`LinearWeights.product_into`).
+- An otp product (`QuantizedWeights.product_mod`) copies its input out first and checks the copy's range,
+  as the generic path does; an input out of range, or weights since quantized to another width, go the
+  generic way, which names the failure.
+Anything else, a body of another length included, goes the generic way.
 """
 
 from __future__ import annotations
@@ -22,13 +26,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from tsqp.model.linear import GroupKey, LinearWeights
-from tsqp.server.handlers import CHUNK_FLOPS
+from tsqp.model.linear import GroupKey
+from tsqp.server.handlers import CHUNK_FLOPS, Handlers
 from tsqp.server.stats import ServerStats
 from tsqp.server.warming import Warmer, site_of
 from tsqp.wire import protocol
 from tsqp.wire.endpoints import frame_buffer
-from tsqp.wire.protocol import COMPACT, COMPACT_ID, Message
+from tsqp.wire.protocol import COMPACT, COMPACT_ID, FIELD_ARGS, Message
 from tsqp.wire.shm import DATA, TABLE, Channel, Layout
 
 MAX_PLANS = 4096  # headers remembered; a decode step uses about 5 a layer (rows grow only in prefills)
@@ -52,11 +56,14 @@ class Plan:
     request: Layout
     reply: Layout
     reply_header: bytes  # the compact reply's header, id and compute_s zero
+    field: tuple[int, int, int] | None = None  # otp's (p, limb_bits, weight_bits); None for a plain float product
 
 
 class FastLane:
-    def __init__(self, weights: LinearWeights, stats: ServerStats, warmer: Warmer, area_bytes: int) -> None:
-        self.weights, self.stats, self.warmer, self.area_bytes = weights, stats, warmer, area_bytes
+    """`plain`: whether plain float products may take the lane (a CPU's float32 weights, no cross-client batching)."""
+
+    def __init__(self, handlers: Handlers, stats: ServerStats, warmer: Warmer, area_bytes: int, plain: bool) -> None:
+        self.handlers, self.stats, self.warmer, self.area_bytes, self.plain = handlers, stats, warmer, area_bytes, plain
         self.plans: dict[bytes, Plan] = {}
 
     def learn(self, frames: list[Any], msg: Message, reply: Message) -> None:
@@ -64,38 +71,66 @@ class FastLane:
         header = frame_buffer(frames[0])
         if len(frames) != 2 or header.nbytes != COMPACT.size or not protocol.is_compact(header) or not reply.ok or len(self.plans) >= MAX_PLANS:
             return
-        x = msg.tensors[0]
-        if msg.op not in ("LINEAR", "LM_HEAD") or x.dtype != torch.float32 or set(msg.args) - {"layer", "modules"} or x.numel() == 0:
+        x, site = msg.tensors[0], site_of(msg)
+        if msg.op not in ("LINEAR", "LM_HEAD") or x.numel() == 0:
             return
         rows, features, out_features = x.numel() // x.shape[-1], x.shape[-1], reply.tensors[0].shape[-1]
-        if 2.0 * rows * features * out_features > CHUNK_FLOPS:
+        field = tuple(msg.args.get(name) for name in FIELD_ARGS)
+        if x.dtype == torch.int64 and set(msg.args) - {"layer", "modules"} == set(FIELD_ARGS):  # otp, checked by the generic path
+            flops = rows * self.handlers.mod_flops_per_row(site, *field[:2])  # type: ignore[arg-type]
+        elif self.plain and x.dtype == torch.float32 and not set(msg.args) - {"layer", "modules"}:
+            flops, field = 2.0 * rows * features * out_features, None
+        else:
+            return
+        if flops > CHUNK_FLOPS:
             return  # the generic path computes it in chunks, answering others in between
         reply_header = protocol.encode_compact(protocol.reply(0, {"compute_s": 0.0}, [reply.tensors[0]]))
-        assert reply_header is not None  # a float32 tensor of at most 8 dims and a float compute_s: always sayable
-        request, answer = Layout.of([COMPACT.size, x.numel() * 4]), Layout.of([COMPACT.size, reply.nbytes])
+        assert reply_header is not None  # a float32 or int64 tensor of at most 8 dims and a float compute_s: always sayable
+        request, answer = Layout.of([COMPACT.size, x.numel() * x.element_size()]), Layout.of([COMPACT.size, reply.nbytes])
         if answer.size > self.area_bytes:
             return  # the generic path sends it over zmq
-        plan = Plan(msg.op, site_of(msg), rows, features, out_features, request, answer, bytes(reply_header[0]))
+        plan = Plan(msg.op, site, rows, features, out_features, request, answer, bytes(reply_header[0]), field)  # type: ignore[arg-type]
         self.plans[request_key(request.table, bytes(header))] = plan
 
     def answer(self, channel: Channel, client: str) -> bool:
-        """Answer the request posted on `channel` in place, if it is a remembered one: the product is computed from
-        the request area into the reply area (the client can change its own input under it, and nothing else)."""
+        """Answer the request posted on `channel` in place, if it is a remembered one that this lane can answer: the
+        product is written into the reply area (a plain one reads the request area, where the client can change its
+        own input under it, and nothing else)."""
         head = bytes(channel.incoming(0, HEAD))  # a copy: what is checked is what is used
         header = head[DATA:]
         plan = self.plans.get(request_key(head[: TABLE.size], header))
         if plan is None:
             return False
-        channel.seq = channel.incoming_seq()
-        x = np.frombuffer(channel.incoming(plan.request.offsets[1], plan.request.lengths[1]), np.float32).reshape(plan.rows, plan.features)
-        out = np.frombuffer(channel.outgoing(plan.reply.offsets[1], plan.reply.lengths[1]), np.float32).reshape(plan.rows, plan.out_features)
+        seq = channel.incoming_seq()
+        x = channel.incoming(plan.request.offsets[1], plan.request.lengths[1])
+        out = channel.outgoing(plan.reply.offsets[1], plan.reply.lengths[1])
         started = time.perf_counter()
-        self.weights.product_into(plan.site, x, out)
+        if plan.field is None:
+            x_rows = np.frombuffer(x, np.float32).reshape(plan.rows, plan.features)
+            self.handlers.weights.product_into(plan.site, x_rows, np.frombuffer(out, np.float32).reshape(plan.rows, plan.out_features))
+        elif not self._product_mod(plan, x, out):
+            return False
         elapsed = time.perf_counter() - started
+        channel.seq = seq
         channel.write(plan.reply, (protocol.stamped(plan.reply_header, protocol.compact_id(header), elapsed),))
         channel.post_seq(channel.seq)
         self._count(plan, client, elapsed)
-        self.warmer.answered(plan.site)
+        if plan.field is None:
+            self.warmer.answered(plan.site)  # (otp's products read other weights)
+        return True
+
+    def _product_mod(self, plan: Plan, x: memoryview, out: memoryview) -> bool:
+        """An otp product of `x` into `out`; False (nothing written) where the generic path must answer."""
+        assert plan.field is not None
+        p, limb_bits, bits = plan.field
+        quantized = self.handlers.quantized
+        if quantized is None or quantized.bits != bits:
+            return False  # quantized to another width since: the generic path quantizes again
+        x_rows = np.frombuffer(x, np.int64).reshape(plan.rows, plan.features).copy()  # ours: the range checked is the range used
+        if int(x_rows.min()) < 0 or int(x_rows.max()) >= p:
+            return False  # the generic path refuses it, naming why
+        y = quantized.product_mod(plan.site, torch.from_numpy(x_rows), p, limb_bits)
+        np.frombuffer(out, np.int64).reshape(plan.rows, plan.out_features)[:] = y.cpu().numpy()
         return True
 
     def _count(self, plan: Plan, client: str, seconds: float) -> None:

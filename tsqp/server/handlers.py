@@ -171,13 +171,19 @@ class Handlers:
         if x.shape[1] != w_q.shape[0]:
             raise ProtocolError(f"input has {x.shape[1]} features, {key} expects {w_q.shape[0]}")
         self.check_result(x.shape[0] * w_q.shape[1])
-        flops_per_row = 2.0 * w_q.shape[0] * w_q.shape[1] * -(-p.bit_length() // max(limb_bits, 1))  # one product per limb
+        flops_per_row = self.mod_flops_per_row(key, p, limb_bits)
         self.check_flops(x.shape[0] * flops_per_row)
         if x.numel() and (int(x.min()) < 0 or int(x.max()) >= p):
             raise ProtocolError("otp input values must lie in [0, p)")
         # Chunked: the limbs' float64 temporaries stay a chunk's, not a multiple of the request's.
         (y,) = self.chunked(x.shape[0], flops_per_row, lambda chunk: [quantized.product_mod(key, rows(x, chunk), p, limb_bits)])
         return protocol.reply(msg.id, tensors=[y.cpu().contiguous()])
+
+    def mod_flops_per_row(self, key: GroupKey | str, p: int, limb_bits: int) -> float:
+        """What the limits count for one row of an otp product at `key`: one product per limb of p."""
+        assert self.quantized is not None
+        k, n = self.quantized.groups[key][0].shape
+        return 2.0 * k * n * -(-p.bit_length() // max(limb_bits, 1))
 
     def quantized_weights(self, bits: int) -> QuantizedWeights:
         if self.quantized is None or self.quantized.bits != bits:

@@ -151,11 +151,12 @@ class Server:
             raise ValueError(f"fault rate {fault_rate} is not a fraction between 0 and 1")
         self.fault_rate = fault_rate
         self._fault_rng = random.Random(fault_seed)
-        # Headers answered once are answered again without the generic path: on a CPU's float32 weights, whose
-        # products are the replies as they are; not where every request must pass through `handle`
-        # (recording, fault injection) or may join a batch.
-        fast = shm_folder is not None and weights.cpu_float32 and not self.batch and self.recorder is None and not fault_rate
-        self.fastlane = FastLane(weights, self.stats, self.warmer, shm_area_bytes) if fast else None
+        # Headers answered once are answered again without the generic path, but not where every request must
+        # pass through `handle` (recording, fault injection); plain products only on a CPU's float32 weights,
+        # whose products are the replies as they are, and where they cannot join a batch.
+        fast = shm_folder is not None and self.recorder is None and not fault_rate
+        plain = weights.cpu_float32 and not self.batch
+        self.fastlane = FastLane(self.handlers, self.stats, self.warmer, shm_area_bytes, plain) if fast else None
         self.context = context or zmq.Context.instance()
         self.socket = new_socket(self.context, zmq.ROUTER, endpoint)
         # Hard cap per frame in libzmq, per connection: a peer declaring a larger frame is dropped before we allocate.
