@@ -188,22 +188,20 @@ def test_json_is_one_object(tiny_chat_path: Path, tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_audit_on_the_default_model() -> None:
-    command = [sys.executable, "-m", "tsqp", "audit", "--json", "--no-integrity", "--shields", "plain,otp,seqmix", "--prompts", "4", "--new-tokens", "4"]
-    # noise-ml runs on otp's recording (nothing else found anything there): minutes on 2 cores
+    """The CLI end to end on real weights: plain gives everything away, otp nothing. (seqmix's and noise's breaks are
+    shown on a random model's recordings in test_attacks.py: a third recording here took the suite ~25 s more.)"""
+    command = [sys.executable, "-m", "tsqp", "audit", "--json", "--no-integrity", "--shields", "plain,otp", "--prompts", "3", "--new-tokens", "6"]
+    # noise-ml runs on otp's recording (nothing else found anything there): most of this test's minute
     done = subprocess.run(command, capture_output=True, text=True, timeout=1800, env={**os.environ, "COLUMNS": "200"})
     assert done.returncode == 0, done.stderr[-2000:]
     results = {r["shield"]: r for r in json.loads(done.stdout)["results"]}
-    assert list(results) == ["plain", "otp", "seqmix"]
-    plain, otp, seqmix = results["plain"], results["otp"], results["seqmix"]
+    assert list(results) == ["plain", "otp"]
+    plain, otp = results["plain"], results["otp"]
     assert plain["prompt_token_recovery"] >= 0.95 and plain["generated_token_recovery"] >= 0.95
-    # One decoded row times a secret scalar hides nothing: every token fed back as the next
-    # forward's row is known plaintext (3 of each 4-token answer, at least 12 of 16). Each answer's
-    # last row only has a sign guess, which missed 2 of 4 in one run (seqmix draws fresh signs).
-    assert seqmix["generated_tokens"] >= 16 and seqmix["generated_token_recovery"] >= 0.75
-    # otp: at chance. Over 157 prompt tokens one lucky guess (0.6%) stays under 1%; a blind guesser
+    # otp: at chance. Over 118 prompt tokens one lucky guess (0.8%) stays under 1%; a blind guesser
     # here hits ~0.02% of prompt tokens (measured on uniform random rows), so two are a ~1e-3 event.
     assert otp["prompt_tokens"] >= 100 and otp["attacks"]["nearest"]["prompt"] <= 0.01 and otp["attacks"]["rank-one"]["prompt"] <= 0.01
     ml = otp["attacks"]["noise-ml"]  # its guesses match frequent tokens no more often than shuffled truth does
     assert ml["prompt"] <= ml["prompt_chance"] + 0.05
-    # 16 answer tokens cannot resolve 1%: at most one lucky guess (random rows hit ~1e-3 per token).
-    assert otp["generated_tokens"] >= 16 and otp["attacks"]["nearest"]["generated"] <= 1 / 16
+    # 18 answer tokens cannot resolve 1%: at most one lucky guess (random rows hit ~1e-3 per token).
+    assert otp["generated_tokens"] >= 18 and otp["attacks"]["nearest"]["generated"] <= 1 / 18
