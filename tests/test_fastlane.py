@@ -54,6 +54,8 @@ def without_id_and_time(header: bytes) -> bytes:
         pytest.param("LINEAR", {"layer": 2, "modules": ["q_proj", "k_proj", "v_proj"]}, x_input(rows=1)[None], id="qkv-decode-row"),
         pytest.param("LINEAR", {"layer": 0, "modules": ["down_proj"]}, x_input(rows=3, features=160), id="down-3-rows"),
         pytest.param("LM_HEAD", {}, x_input(rows=1), id="lm-head"),
+        pytest.param("EMBED", {}, torch.tensor([[3]]), id="embed-decode-token"),
+        pytest.param("EMBED", {}, torch.tensor([[5, 0, 17, 5]]), id="embed-4-tokens"),
         pytest.param("LINEAR", {**OTP_ARGS, "layer": 1, "modules": ["gate_proj", "up_proj"]}, masked(rows=1), id="otp-gate-up-row"),
         pytest.param("LINEAR", {**OTP_ARGS, "layer": 0, "modules": ["o_proj"]}, masked(rows=5), id="otp-o-5-rows"),
         pytest.param("LM_HEAD", OTP_ARGS, masked(rows=1), id="otp-lm-head"),
@@ -73,14 +75,14 @@ def test_a_header_answered_once_is_answered_again_the_fast_way_with_the_same_byt
 
 
 def test_only_what_the_generic_path_answered_is_remembered(server: Any) -> None:
-    """EMBED, refused requests, msgpack headers and empty inputs always take the generic path; a remembered header
-    with a body of another length too, refused as before."""
+    """Refused requests, msgpack headers and empty inputs always take the generic path; a remembered header with a
+    body of another length too, refused as before."""
     client = ShmDealer(server.endpoint)
     lane = server.server.fastlane
     try:
         o_proj = {"layer": 0, "modules": ["o_proj"]}
         for _ in range(2):
-            assert rpc(client, compact("EMBED", 4, {}, torch.tensor([[3]]))).ok
+            assert not rpc(client, compact("EMBED", 4, {}, torch.tensor([[100_000]]))).ok
             assert not rpc(client, compact("LINEAR", 5, {"layer": 7, "modules": ["o_proj"]}, x_input(rows=1))).ok
             assert not rpc(client, compact("LINEAR", 5, {**OTP_ARGS, "weight_bits": 40, **o_proj}, masked(rows=1))).ok
             assert rpc(client, protocol.encode(protocol.request("LINEAR", 6, o_proj, [x_input(rows=1)]))).ok
@@ -118,6 +120,20 @@ def test_a_remembered_otp_header_still_has_its_values_checked(server: Any) -> No
         client.close()
 
 
+def test_a_remembered_embed_header_still_has_its_ids_checked(server: Any, tiny: LoadedModel) -> None:
+    client = ShmDealer(server.endpoint)
+    try:
+        assert rpc(client, compact("EMBED", 1, {}, torch.tensor([[3, 4]]))).ok and fast_answers(client) == 0
+        assert torch.equal(rpc(client, compact("EMBED", 2, {}, torch.tensor([[7, 1]]))).tensors[0][0], tiny.weights["embed"][[7, 1]])
+        assert fast_answers(client) == 1
+        for bad in (-1, tiny.config.vocab_size):
+            refused = rpc(client, compact("EMBED", 3, {}, torch.tensor([[5, bad]])))
+            assert not refused.ok and "out of range" in refused.error
+        assert fast_answers(client) == 1
+    finally:
+        client.close()
+
+
 def test_the_fast_way_keeps_the_same_counters(tiny: LoadedModel) -> None:
     """The same requests to a server with the fast lane and to one without: the same STATS, but for timings."""
     stats = []
@@ -131,8 +147,9 @@ def test_the_fast_way_keeps_the_same_counters(tiny: LoadedModel) -> None:
                 assert rpc(client, compact("LINEAR", i, {"layer": 1, "modules": ["gate_proj", "up_proj"]}, x_input(rows=1, seed=i))).ok
                 assert rpc(client, compact("LM_HEAD", 10 + i, {}, x_input(rows=1, seed=i))).ok
                 assert rpc(client, compact("LINEAR", 20 + i, {**OTP_ARGS, "layer": 0, "modules": ["o_proj"]}, masked(rows=1, seed=i))).ok
+                assert rpc(client, compact("EMBED", 30 + i, {}, torch.tensor([[i]]))).ok
             got = rpc(client, protocol.encode(protocol.request("STATS", 99))).args
-            assert got.pop("fast_lane_requests") == (9 if fast else 0)  # the first of each header answered the generic way
+            assert got.pop("fast_lane_requests") == (12 if fast else 0)  # the first of each header answered the generic way
         finally:
             client.close()
             running.close()
@@ -154,13 +171,14 @@ def test_no_fast_lane_where_every_request_must_pass_the_generic_path(tiny: Loade
 
 @pytest.mark.parametrize("kwargs", [{"batch": True}, {"dtype": "bfloat16"}])
 def test_plain_products_keep_to_the_generic_path_where_they_may_batch_or_are_not_float32(tiny: LoadedModel, kwargs: dict[str, Any]) -> None:
-    """Cross-client batching answers plain products together, and bfloat16 weights' products are not the replies as
-    they are: those stay generic; otp's take the lane (batching leaves them alone)."""
+    """Cross-client batching answers plain products together, and bfloat16 weights' products and rows are not the
+    replies as they are: those, and EMBED with them, stay generic; otp's take the lane (batching leaves them alone)."""
     running = start_server(tiny, **kwargs)
     client = ShmDealer(running.endpoint)
     try:
         for i in range(2):
             assert rpc(client, compact("LINEAR", i, {"layer": 0, "modules": ["o_proj"]}, x_input(rows=1))).ok
+            assert rpc(client, compact("EMBED", 5 + i, {}, torch.tensor([[3]]))).ok
         assert fast_answers(client) == 0
         for i in range(2):
             assert rpc(client, compact("LINEAR", 10 + i, {**OTP_ARGS, "layer": 0, "modules": ["o_proj"]}, masked(rows=1))).ok

@@ -1,9 +1,9 @@
 """The same-host fast lane: products whose compact header the server has answered before.
 
-A decode step sends the same few headers over and over (each layer's four call groups and the lm_head,
-one row each); only the id changes. Whether the server accepts a LINEAR or LM_HEAD request depends on its
-header alone (op, layer, modules, dtype, shape, otp's field and the limits), but for one value check: an
-otp input must lie in [0, p). So once the generic path (`protocol.decode`, `Handlers`) has answered a
+A decode step sends the same few headers over and over (an EMBED under plain, each layer's four call groups
+and the lm_head, one row each); only the id changes. Whether the server accepts such a request depends on its
+header alone (op, layer, modules, dtype, shape, otp's field and the limits), but for two value checks: token
+ids must name vocabulary rows, and an otp input must lie in [0, p). So once the generic path (`protocol.decode`, `Handlers`) has answered a
 compact header, the same bytes, id aside, are accepted again. `FastLane` remembers such requests by their
 frame table and header (`learn`, after the generic path's answer) with what answering them takes, and
 answers them on a shared-memory channel without decoding, dispatch or encoding (`answer`): the table and
@@ -11,9 +11,9 @@ header are copied out and matched, and the product is written into the reply are
 generic path uses, so the reply's bytes and the counters are the generic path's.
 - A plain float product (a CPU's float32 weights; `plain`) reads its input where the client wrote it:
   changing it mid-product changes only that client's answer (`LinearWeights.product_into`).
-- An otp product (`QuantizedWeights.product_mod`) copies its input out first and checks the copy's range,
-  as the generic path does; an input out of range, or weights since quantized to another width, go the
-  generic way, which names the failure.
+- An EMBED (plain, on the same weights) and an otp product (`QuantizedWeights.product_mod`) copy their input
+  out first and check the copy's range, as the generic path does; an input out of range, or otp weights since
+  quantized to another width, go the generic way, which names the failure.
 Anything else, a body of another length included, goes the generic way.
 """
 
@@ -72,11 +72,15 @@ class FastLane:
         if len(frames) != 2 or header.nbytes != COMPACT.size or not protocol.is_compact(header) or not reply.ok or len(self.plans) >= MAX_PLANS:
             return
         x, site = msg.tensors[0], site_of(msg)
-        if msg.op not in ("LINEAR", "LM_HEAD") or x.numel() == 0:
+        if msg.op not in ("EMBED", "LINEAR", "LM_HEAD") or x.numel() == 0:
             return
         rows, features, out_features = x.numel() // x.shape[-1], x.shape[-1], reply.tensors[0].shape[-1]
         field = tuple(msg.args.get(name) for name in FIELD_ARGS)
-        if x.dtype == torch.int64 and set(msg.args) - {"layer", "modules"} == set(FIELD_ARGS):  # otp, checked by the generic path
+        if msg.op == "EMBED":
+            if not self.plain or msg.args:
+                return
+            rows, features, flops, field = x.numel(), 1, 0.0, None
+        elif x.dtype == torch.int64 and set(msg.args) - {"layer", "modules"} == set(FIELD_ARGS):  # otp, checked by the generic path
             flops = rows * self.handlers.mod_flops_per_row(site, *field[:2])  # type: ignore[arg-type]
         elif self.plain and x.dtype == torch.float32 and not set(msg.args) - {"layer", "modules"}:
             flops, field = 2.0 * rows * features * out_features, None
@@ -105,7 +109,10 @@ class FastLane:
         x = channel.incoming(plan.request.offsets[1], plan.request.lengths[1])
         out = channel.outgoing(plan.reply.offsets[1], plan.reply.lengths[1])
         started = time.perf_counter()
-        if plan.field is None:
+        if plan.op == "EMBED":
+            if not self._embed(plan, x, out):
+                return False
+        elif plan.field is None:
             x_rows = np.frombuffer(x, np.float32).reshape(plan.rows, plan.features)
             self.handlers.weights.product_into(plan.site, x_rows, np.frombuffer(out, np.float32).reshape(plan.rows, plan.out_features))
         elif not self._product_mod(plan, x, out):
@@ -117,6 +124,15 @@ class FastLane:
         self._count(plan, client, elapsed)
         if plan.field is None:
             self.warmer.answered(plan.site)  # (otp's products read other weights)
+        return True
+
+    def _embed(self, plan: Plan, x: memoryview, out: memoryview) -> bool:
+        """The vocabulary rows of token ids `x` into `out`; False (nothing written) where an id is out of range."""
+        ids = np.frombuffer(x, np.int64).copy()  # ours: the range checked is the range used
+        table = self.handlers.weights.embedding.detach().numpy()
+        if int(ids.min()) < 0 or int(ids.max()) >= table.shape[0]:
+            return False  # the generic path refuses it, naming why
+        np.take(table, ids, axis=0, out=np.frombuffer(out, np.float32).reshape(plan.rows, plan.out_features))
         return True
 
     def _product_mod(self, plan: Plan, x: memoryview, out: memoryview) -> bool:

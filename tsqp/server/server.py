@@ -384,7 +384,7 @@ class Server:
             return protocol.error_reply(msg.id, f"{msg.op} failed on the server: {type(e).__name__}: {e}")
         if self.shm is not None and (msg.op == "EMBED" or (msg.op in ("LINEAR", "LM_HEAD") and msg.tensors[0].is_floating_point())):
             self.warmer.answered(site_of(msg))  # a plain call (otp's products read other weights)
-        if self.fastlane is not None and msg.op in ("LINEAR", "LM_HEAD"):
+        if self.fastlane is not None and msg.op in ("EMBED", "LINEAR", "LM_HEAD"):
             self.fastlane.learn(frames, msg, reply)
         if msg.op == "HELLO" and self.shm is not None and msg.args.get("transport") == "shm":
             reply.args["shm"] = None  # asked for: `_send`, which knows the requester's socket identity, opens it
