@@ -18,9 +18,10 @@ NEW_TOKENS = 6
 # random (its next-token prior says little), so its noise is scaled down to the same effect.
 NOISE_SCALE = 3.0
 MODEL = dict(vocab_size=VOCAB, hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2)
-# Against otp's uniform masks an attack guesses blindly: ~1/4096 of tokens by chance, a few times more for "hub"
-# tokens that are nearest to many random directions. One hit in 36 prompt tokens came in 1 of 110 recordings (a
-# stress run), two in one suite run; four or more are a < 1e-6 event, while the broken shields give up ≥ 90%.
+# Against otp's uniform masks an attack guesses blindly. Measured on this model with 200,000 uniform rows, `nearest`
+# names one of the 36 prompt tokens at 1.6-3.1e-4 each: 0.0085 hits expected per recording (stress runs: 2 of 190
+# recordings had one), two or more at ~4e-5 (one suite run had two: see the session notes), four or more at ~2e-10,
+# while the broken shields give up >= 90%. The pad itself is checked row by row below.
 MAX_CHANCE_HITS = 3
 
 
@@ -64,6 +65,28 @@ def test_rank_one_unmixing_recovers_seqmix_prompts_and_nothing_under_otp(model: 
     otp = evaluate("otp", weights, *recordings["otp"])
     assert otp.prompt_tokens == 3 * 12  # every prompt row scored: the chance bound is over all of them
     assert at_chance(otp.attacks["rank-one"]["prompt"], otp.prompt_tokens) and at_chance(otp.prompt_token_recovery, otp.prompt_tokens), otp.attacks
+
+
+def test_every_otp_row_the_server_saw_is_masked_by_a_pad_of_its_own(recordings: Recordings) -> None:
+    """Beneath the attacks' chance bounds, the pad itself, row by row, in every recorded otp request (the first
+    layers' and lm_head's): no row small enough to be an unmasked activation (|x_q| < 2^15, where a uniform
+    residue's largest entry lies beyond p/4 but with probability 2^-256), and no two rows of one site whose
+    difference is that small (a pad used twice gives x1 - x2 away)."""
+    messages, _ = recordings["otp"]
+    by_site: dict[tuple[str, object, object], list[np.ndarray]] = {}
+    for m in messages:
+        p = m.args.get("p")
+        assert p is not None and m.tensors[0].dtype == np.int64, (m.op, m.args)  # every product masked mod p
+        rows = np.where(m.tensors[0] > p // 2, m.tensors[0] - p, m.tensors[0]).reshape(-1, m.tensors[0].shape[-1])
+        assert (np.abs(rows).max(axis=1) > p // 4).all(), (m.op, m.args)
+        by_site.setdefault((m.op, m.args.get("layer"), str(m.args.get("modules"))), []).append(m.tensors[0].reshape(-1, rows.shape[1]))
+    assert len(by_site) > 1
+    for site, parts in by_site.items():
+        residues = np.concatenate(parts)
+        difference = (residues[:, None, :] - residues[None, :, :]) % p
+        difference = np.minimum(difference, p - difference).max(axis=2)  # |x1 - x2| as centred residues
+        np.fill_diagonal(difference, p)
+        assert (difference > p // 4).all(), site
 
 
 def test_rank_one_on_synthetic_mixing() -> None:
