@@ -146,7 +146,7 @@ class FastLane:
         if int(x_rows.min()) < 0 or int(x_rows.max()) >= p:
             return False  # the generic path refuses it, naming why
         y = quantized.product_mod(plan.site, torch.from_numpy(x_rows), p, limb_bits)
-        np.frombuffer(out, np.int64).reshape(plan.rows, plan.out_features)[:] = y.cpu().numpy()
+        np.frombuffer(out, np.int64).reshape(plan.rows, plan.out_features)[:] = y.detach().cpu().numpy()
         return True
 
     def _count(self, plan: Plan, client: str, seconds: float) -> None:
