@@ -3,12 +3,13 @@
 A decode step sends the same few headers over and over (an EMBED under plain, each layer's four call groups
 and the lm_head, one row each); only the id changes. Whether the server accepts such a request depends on its
 header alone (op, layer, modules, dtype, shape, otp's field and the limits), but for two value checks: token
-ids must name vocabulary rows, and an otp input must lie in [0, p). So once the generic path (`protocol.decode`, `Handlers`) has answered a
-compact header, the same bytes, id aside, are accepted again. `FastLane` remembers such requests by their
-frame table and header (`learn`, after the generic path's answer) with what answering them takes, and
-answers them on a shared-memory channel without decoding, dispatch or encoding (`answer`): the table and
-header are copied out and matched, and the product is written into the reply area by the kernel the
-generic path uses, so the reply's bytes and the counters are the generic path's.
+ids must name vocabulary rows, and an otp input must lie in [0, p). So once the generic path
+(`protocol.decode`, `Handlers`) has answered a compact header, the same bytes, id aside, are accepted again.
+`FastLane` remembers such requests by their frame table and header (`learn`, after the generic path's
+answer) with what answering them takes, and answers them on a shared-memory channel without decoding,
+dispatch or encoding (`answer`): the table and header are copied out and matched, and the result is written
+into the reply area by the kernel the generic path uses, so the reply's bytes and the counters are the
+generic path's.
 - A plain float product (a CPU's float32 weights; `plain`) reads its input where the client wrote it:
   changing it mid-product changes only that client's answer (`LinearWeights.product_into`).
 - An EMBED (plain, on the same weights) and an otp product (`QuantizedWeights.product_mod`) copy their input
