@@ -169,20 +169,48 @@ def test_no_fast_lane_where_every_request_must_pass_the_generic_path(tiny: Loade
         running.close()
 
 
-@pytest.mark.parametrize("kwargs", [{"batch": True}, {"dtype": "bfloat16"}])
-def test_plain_products_keep_to_the_generic_path_where_they_may_batch_or_are_not_float32(tiny: LoadedModel, kwargs: dict[str, Any]) -> None:
-    """Cross-client batching answers plain products together, and bfloat16 weights' products and rows are not the
-    replies as they are: those, and EMBED with them, stay generic; otp's take the lane (batching leaves them alone)."""
-    running = start_server(tiny, **kwargs)
+@pytest.mark.parametrize("op", ["LINEAR", "EMBED", "LM_HEAD"])
+def test_bfloat16_weights_answer_the_fast_way_with_the_generic_bytes(tiny: LoadedModel, op: str) -> None:
+    """Weights held in another dtype (or on another device): the generic path's product, cast back to float32 as
+    it does, the same bytes."""
+    running = start_server(tiny, dtype="bfloat16")
     client = ShmDealer(running.endpoint)
+    args, x = {
+        "EMBED": ({}, torch.tensor([[3, 9]])),
+        "LINEAR": ({"layer": 1, "modules": ["gate_proj", "up_proj"]}, x_input(rows=2)),
+        "LM_HEAD": ({}, x_input(rows=1)),
+    }[op]
     try:
-        for i in range(2):
-            assert rpc(client, compact("LINEAR", i, {"layer": 0, "modules": ["o_proj"]}, x_input(rows=1))).ok
-            assert rpc(client, compact("EMBED", 5 + i, {}, torch.tensor([[3]]))).ok
-        assert fast_answers(client) == 0
-        for i in range(2):
-            assert rpc(client, compact("LINEAR", 10 + i, {**OTP_ARGS, "layer": 0, "modules": ["o_proj"]}, masked(rows=1))).ok
+        generic = raw_reply(client, compact(op, 1, args, x))
+        fast = raw_reply(client, compact(op, 2, args, x))
         assert fast_answers(client) == 1
+        assert without_id_and_time(fast[0]) == without_id_and_time(generic[0]) and fast[1] == generic[1]
     finally:
         client.close()
+        running.close()
+
+
+def test_with_batching_plain_requests_take_the_lane_only_while_their_client_is_alone(tiny: LoadedModel) -> None:
+    """Cross-client batching answers several clients' plain products with one: with a second client on shared memory,
+    plain requests (EMBED too) go the generic way, to the batcher; otp's take the lane (batching leaves them alone)."""
+    running = start_server(tiny, batch=True)
+    first = ShmDealer(running.endpoint)
+    o_proj = {"layer": 0, "modules": ["o_proj"]}
+    try:
+        for i in range(2):
+            assert rpc(first, compact("LINEAR", i, o_proj, x_input(rows=1))).ok
+        assert fast_answers(first) == 1  # alone: the lane
+        second = ShmDealer(running.endpoint)
+        try:
+            for i in range(2):
+                assert rpc(first, compact("LINEAR", 10 + i, o_proj, x_input(rows=1))).ok
+                assert rpc(first, compact("EMBED", 20 + i, {}, torch.tensor([[3]]))).ok
+            assert fast_answers(first) == 1
+            for i in range(2):
+                assert rpc(first, compact("LINEAR", 30 + i, {**OTP_ARGS, **o_proj}, masked(rows=1))).ok
+            assert fast_answers(first) == 2
+        finally:
+            second.close()
+    finally:
+        first.close()
         running.close()

@@ -10,11 +10,14 @@ answer) with what answering them takes, and answers them on a shared-memory chan
 dispatch or encoding (`answer`): the table and header are copied out and matched, and the result is written
 into the reply area by the kernel the generic path uses, so the reply's bytes and the counters are the
 generic path's.
-- A plain float product (a CPU's float32 weights; `plain`) reads its input where the client wrote it:
-  changing it mid-product changes only that client's answer (`LinearWeights.product_into`).
-- An EMBED (plain, on the same weights) and an otp product (`QuantizedWeights.product_mod`) copy their input
-  out first and check the copy's range, as the generic path does; an input out of range, or otp weights since
-  quantized to another width, go the generic way, which names the failure.
+- A plain float product reads its input where the client wrote it: changing it mid-product changes only that
+  client's answer (`LinearWeights.product_into` on a CPU's float32 weights; elsewhere the generic path's
+  product, cast back to float32 as it does).
+- An EMBED and an otp product (`QuantizedWeights.product_mod`) copy their input out first and check the copy's
+  range, as the generic path does; an input out of range, or otp weights since quantized to another width, go
+  the generic way, which names the failure.
+- With cross-client batching on (`batching`), plain requests take the lane only while their client is the only
+  one on shared memory: with others, the batcher may answer several clients' rows with one product.
 Anything else, a body of another length included, goes the generic way.
 """
 
@@ -61,10 +64,11 @@ class Plan:
 
 
 class FastLane:
-    """`plain`: whether plain float products may take the lane (a CPU's float32 weights, no cross-client batching)."""
+    """`batching`: whether the server batches plain products across clients (then a plain request takes the lane
+    only while its client is alone)."""
 
-    def __init__(self, handlers: Handlers, stats: ServerStats, warmer: Warmer, area_bytes: int, plain: bool) -> None:
-        self.handlers, self.stats, self.warmer, self.area_bytes, self.plain = handlers, stats, warmer, area_bytes, plain
+    def __init__(self, handlers: Handlers, stats: ServerStats, warmer: Warmer, area_bytes: int, batching: bool) -> None:
+        self.handlers, self.stats, self.warmer, self.area_bytes, self.batching = handlers, stats, warmer, area_bytes, batching
         self.plans: dict[bytes, Plan] = {}
 
     def learn(self, frames: list[Any], msg: Message, reply: Message) -> None:
@@ -78,12 +82,12 @@ class FastLane:
         rows, features, out_features = x.numel() // x.shape[-1], x.shape[-1], reply.tensors[0].shape[-1]
         field = tuple(msg.args.get(name) for name in FIELD_ARGS)
         if msg.op == "EMBED":
-            if not self.plain or msg.args:
+            if msg.args:
                 return
             rows, features, flops, field = x.numel(), 1, 0.0, None
         elif x.dtype == torch.int64 and set(msg.args) - {"layer", "modules"} == set(FIELD_ARGS):  # otp, checked by the generic path
             flops = rows * self.handlers.mod_flops_per_row(site, *field[:2])  # type: ignore[arg-type]
-        elif self.plain and x.dtype == torch.float32 and not set(msg.args) - {"layer", "modules"}:
+        elif x.dtype == torch.float32 and not set(msg.args) - {"layer", "modules"}:
             flops, field = 2.0 * rows * features * out_features, None
         else:
             return
@@ -97,14 +101,14 @@ class FastLane:
         plan = Plan(msg.op, site, rows, features, out_features, request, answer, bytes(reply_header[0]), field)  # type: ignore[arg-type]
         self.plans[request_key(request.table, bytes(header))] = plan
 
-    def answer(self, channel: Channel, client: str) -> bool:
+    def answer(self, channel: Channel, client: str, alone: bool = True) -> bool:
         """Answer the request posted on `channel` in place, if it is a remembered one that this lane can answer: the
-        product is written into the reply area (a plain one reads the request area, where the client can change its
-        own input under it, and nothing else)."""
+        result is written into the reply area (a plain product reads the request area, where the client can change
+        its own input under it, and nothing else). `alone`: no other client is on shared memory."""
         head = bytes(channel.incoming(0, HEAD))  # a copy: what is checked is what is used
         header = head[DATA:]
         plan = self.plans.get(request_key(head[: TABLE.size], header))
-        if plan is None:
+        if plan is None or (plan.field is None and self.batching and not alone):
             return False
         seq = channel.incoming_seq()
         x = channel.incoming(plan.request.offsets[1], plan.request.lengths[1])
@@ -114,8 +118,7 @@ class FastLane:
             if not self._embed(plan, x, out):
                 return False
         elif plan.field is None:
-            x_rows = np.frombuffer(x, np.float32).reshape(plan.rows, plan.features)
-            self.handlers.weights.product_into(plan.site, x_rows, np.frombuffer(out, np.float32).reshape(plan.rows, plan.out_features))
+            self._product(plan, x, out)
         elif not self._product_mod(plan, x, out):
             return False
         elapsed = time.perf_counter() - started
@@ -127,13 +130,29 @@ class FastLane:
             self.warmer.answered(plan.site)  # (otp's products read other weights)
         return True
 
+    def _product(self, plan: Plan, x: memoryview, out: memoryview) -> None:
+        """A plain float product of `x` into `out`, with the generic path's kernel (the same bits)."""
+        weights = self.handlers.weights
+        x_rows = np.frombuffer(x, np.float32).reshape(plan.rows, plan.features)
+        out_rows = np.frombuffer(out, np.float32).reshape(plan.rows, plan.out_features)
+        if weights.cpu_float32:
+            weights.product_into(plan.site, x_rows, out_rows)
+            return
+        x_t = torch.from_numpy(x_rows)  # another dtype or device: the generic path's product, cast back as it does
+        y = weights.lm_head(x_t) if plan.site == "lm_head" else weights.group_product(plan.site, x_t)  # type: ignore[arg-type]
+        out_rows[:] = self.handlers.out(y, torch.float32).detach().numpy()
+
     def _embed(self, plan: Plan, x: memoryview, out: memoryview) -> bool:
         """The vocabulary rows of token ids `x` into `out`; False (nothing written) where an id is out of range."""
+        weights = self.handlers.weights
         ids = np.frombuffer(x, np.int64).copy()  # ours: the range checked is the range used
-        table = self.handlers.weights.embedding.detach().numpy()
-        if int(ids.min()) < 0 or int(ids.max()) >= table.shape[0]:
+        if int(ids.min()) < 0 or int(ids.max()) >= weights.embedding.shape[0]:
             return False  # the generic path refuses it, naming why
-        np.take(table, ids, axis=0, out=np.frombuffer(out, np.float32).reshape(plan.rows, plan.out_features))
+        out_rows = np.frombuffer(out, np.float32).reshape(plan.rows, plan.out_features)
+        if weights.cpu_float32:
+            np.take(weights.embedding.detach().numpy(), ids, axis=0, out=out_rows)
+        else:
+            out_rows[:] = self.handlers.out(weights.embed(torch.from_numpy(ids)), torch.float32).detach().numpy()
         return True
 
     def _product_mod(self, plan: Plan, x: memoryview, out: memoryview) -> bool:

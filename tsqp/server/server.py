@@ -152,11 +152,9 @@ class Server:
         self.fault_rate = fault_rate
         self._fault_rng = random.Random(fault_seed)
         # Headers answered once are answered again without the generic path, but not where every request must
-        # pass through `handle` (recording, fault injection); plain products only on a CPU's float32 weights,
-        # whose products are the replies as they are, and where they cannot join a batch.
+        # pass through `handle` (recording, fault injection).
         fast = shm_folder is not None and self.recorder is None and not fault_rate
-        plain = weights.cpu_float32 and not self.batch
-        self.fastlane = FastLane(self.handlers, self.stats, self.warmer, shm_area_bytes, plain) if fast else None
+        self.fastlane = FastLane(self.handlers, self.stats, self.warmer, shm_area_bytes, self.batch) if fast else None
         self.context = context or zmq.Context.instance()
         self.socket = new_socket(self.context, zmq.ROUTER, endpoint)
         # Hard cap per frame in libzmq, per connection: a peer declaring a larger frame is dropped before we allocate.
@@ -244,8 +242,9 @@ class Server:
         return len(self._pending)
 
     def _receive_shm(self, hub: ShmHub) -> None:
+        alone = len(hub.channels) == 1
         for key, channel in list(hub.ready()):
-            if self._answered_fast(channel, key):
+            if self._answered_fast(channel, key, alone):
                 continue
             try:
                 frames = hub.take(key, channel)
@@ -256,11 +255,11 @@ class Server:
                 continue
             self._pending.append(Received(hub.identities.get(key), frames, key, channel))
 
-    def _answered_fast(self, channel: Channel, key: str) -> bool:
-        """Whether the fast lane (if any) answered the request on `channel`; if it failed, the generic path answers
-        (and names the failure)."""
+    def _answered_fast(self, channel: Channel, key: str, alone: bool) -> bool:
+        """Whether the fast lane (if any) answered the request on `channel` (`alone`: its client the only one on
+        shared memory); if it failed, the generic path answers (and names the failure)."""
         try:
-            return self.fastlane is not None and self.fastlane.answer(channel, key)
+            return self.fastlane is not None and self.fastlane.answer(channel, key, alone)
         except Exception:
             log.exception("the fast lane failed on a request of %s; answering it the generic way", key, extra={"client": key})
             return False
