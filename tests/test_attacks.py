@@ -10,7 +10,7 @@ from tsqp.model.loading import LoadedModel, load
 from tsqp.server.recording import Recorded
 from tsqp.tee.generation import Generation
 from tsqp.tools.attacks import permutation_chance, unmix_rank_one
-from tsqp.tools.audit import PublicWeights, evaluate, layer0_references, record_shield, recorded_attack_input
+from tsqp.tools.audit import PublicWeights, evaluate, layer0_references, record_shield, recorded_attack_input, wire_rows
 
 VOCAB = 4096
 NEW_TOKENS = 6
@@ -73,16 +73,15 @@ def test_every_otp_row_the_server_saw_is_masked_by_a_pad_of_its_own(recordings: 
     residue's largest entry lies beyond p/4 but with probability 2^-256), and no two rows of one site whose
     difference is that small (a pad used twice gives x1 - x2 away)."""
     messages, _ = recordings["otp"]
-    by_site: dict[tuple[str, object, object], list[np.ndarray]] = {}
+    by_site: dict[tuple[str, object, object, int], list[np.ndarray]] = {}
     for m in messages:
         p = m.args.get("p")
         assert p is not None and m.tensors[0].dtype == np.int64, (m.op, m.args)  # every product masked mod p
-        rows = np.where(m.tensors[0] > p // 2, m.tensors[0] - p, m.tensors[0]).reshape(-1, m.tensors[0].shape[-1])
-        assert (np.abs(rows).max(axis=1) > p // 4).all(), (m.op, m.args)
-        by_site.setdefault((m.op, m.args.get("layer"), str(m.args.get("modules"))), []).append(m.tensors[0].reshape(-1, rows.shape[1]))
+        assert (np.abs(wire_rows(m)).max(axis=1) > p // 4).all(), (m.op, m.args)  # centred residues
+        by_site.setdefault((m.op, m.args.get("layer"), str(m.args.get("modules")), p), []).append(m.tensors[0].reshape(-1, m.tensors[0].shape[-1]))
     assert len(by_site) > 1
     for site, parts in by_site.items():
-        residues = np.concatenate(parts)
+        p, residues = site[-1], np.concatenate(parts)
         difference = (residues[:, None, :] - residues[None, :, :]) % p
         difference = np.minimum(difference, p - difference).max(axis=2)  # |x1 - x2| as centred residues
         np.fill_diagonal(difference, p)
