@@ -299,6 +299,38 @@ def test_a_killed_server_leaves_no_segment_and_the_client_notices_within_a_secon
 # --- spinning ---------------------------------------------------------------------------------
 
 
+SEQ_WRITER = """
+import sys
+from tsqp.wire.shm import Channel
+channel = Channel.attach({"path": sys.argv[1], "area_bytes": int(sys.argv[2])})
+for seq in range(1, int(sys.argv[3]) + 1):
+    channel.post_seq(seq)
+"""
+
+
+def test_a_side_spinning_on_a_seq_never_reads_it_half_written() -> None:
+    """Every seq the server reads while the client stores them is one the client posted, in order. With struct's
+    byte-wise "<Q" a spinning reader saw 0 for 256 (about one read in a thousand stores here), and the server
+    took that request again: a CI run recorded one EMBED twice."""
+    posts = 300_000
+    server_side = Channel.create(private_folder(), 4096)
+    writer = subprocess.Popen([sys.executable, "-c", SEQ_WRITER, str(server_side.path), "4096", str(posts)])
+    try:
+        last, reads_in_flight, deadline = 0, 0, time.monotonic() + 60
+        while last < posts and time.monotonic() < deadline:
+            seq = server_side.incoming_seq()
+            assert last <= seq <= posts, f"read seq {seq} after {last}: a half-written seq"
+            reads_in_flight += 0 < seq < posts
+            last = seq
+        assert last == posts, "the writer did not finish in time"
+        assert reads_in_flight > 1000  # the reads overlapped the stores, or the test showed nothing
+    finally:
+        writer.kill()
+        writer.wait()
+        server_side.close()
+        server_side.unlink()
+
+
 def test_the_spinner_spins_on_an_idle_machine_and_blocks_on_a_crowded_one(monkeypatch: pytest.MonkeyPatch) -> None:
     """A spin pays only while the peer has a core of its own: on a crowded machine both sides block at once."""
     crowded = False

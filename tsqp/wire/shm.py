@@ -15,8 +15,8 @@ open it. Each side holds a `flock` on the doorbell it reads while it lives (a lo
 file, so it works between threads too): a lock that the other side can take means that its
 holder died.
 
-Control block (little-endian): [0:8] request seq (the client writes it), [8:16] reply seq
-(the server writes it), [16] 1 once the client has attached.
+Control block: [0:8] request seq (the client writes it), [8:16] reply seq (the server writes
+it), each a native 8-byte word stored and loaded whole; [16] 1 once the client has attached.
 An area: u32 frame count, u32 unused, u64 frame lengths[MAX_FRAMES], then the frames, each at
 a 64-byte aligned offset: the same frames a ZeroMQ message has (`protocol.encode`). A count of
 OVER_ZMQ in the reply area: the reply did not fit and went over ZeroMQ.
@@ -58,13 +58,12 @@ DEFAULT_SPIN_US = 1000.0
 SPIN_ALLOWED = platform.machine().lower() in ("x86_64", "amd64")
 
 CONTROL = 64
-REQUEST_SEQ, REPLY_SEQ, ATTACHED = 0, 8, 16
+REQUEST_SEQ, REPLY_SEQ, ATTACHED = 0, 8, 16  # byte offsets in the control block
 MAX_FRAMES = 16
 TABLE = struct.Struct(f"<II{MAX_FRAMES}Q")
 DATA = 192  # the first frame's offset in an area, after the table
 ALIGN = 64
 OVER_ZMQ = 0xFFFFFFFF
-SEQ = struct.Struct("<Q")
 BLOCK_SLICE_S = 0.2  # a blocked wait looks at the peer's liveness this often
 
 
@@ -216,6 +215,10 @@ class Channel:
                 self.unlink()
             raise
         self.buf = memoryview(self.mm)
+        # The seqs as aligned native words: one whole store, one whole load. struct's "<Q" goes byte by
+        # byte, so a side spinning on it read half-written seqs (0 for 256), and the server took a request twice.
+        self._seqs = self.buf[:CONTROL].cast("Q")
+        self._incoming, self._outgoing = (REQUEST_SEQ // 8, REPLY_SEQ // 8) if server else (REPLY_SEQ // 8, REQUEST_SEQ // 8)
         self._poller = select.poll()
         self._poller.register(self.bell_in, select.POLLIN)
         self.created = time.monotonic()
@@ -285,7 +288,7 @@ class Channel:
 
     def post_seq(self, seq: int) -> None:
         self.busy = False
-        SEQ.pack_into(self.buf, REPLY_SEQ if self.server else REQUEST_SEQ, seq)
+        self._seqs[self._outgoing] = seq
         try:
             os.write(self.bell_out, b"\1")
         except BlockingIOError:
@@ -315,14 +318,14 @@ class Channel:
         return [out[o : o + n] for o, n in zip(offsets, lengths[:count])]
 
     def incoming_seq(self) -> int:
-        return SEQ.unpack_from(self.buf, REQUEST_SEQ if self.server else REPLY_SEQ)[0]
+        return self._seqs[self._incoming]
 
     # --- waiting ------------------------------------------------------------
 
     def posted(self, seq: int) -> Callable[[], bool]:
         """A cheap test, for spinning, of whether the peer has posted `seq`."""
-        unpack, buf, offset = SEQ.unpack_from, self.buf, REQUEST_SEQ if self.server else REPLY_SEQ
-        return lambda: unpack(buf, offset)[0] == seq
+        seqs, incoming = self._seqs, self._incoming
+        return lambda: seqs[incoming] == seq
 
     def wait(self, seq: int, spinner: Spinner, deadline: float, on_idle: Callable[[], None]) -> None:
         """Until the peer posts `seq`: spin (as `spinner` says), then block on the doorbell; `on_idle` runs
@@ -361,9 +364,9 @@ class Channel:
     def close(self) -> None:
         """Unmap and close; the memory goes once the peer has done the same (or died)."""
         self.closed = True
-        buf = getattr(self, "buf", None)
-        if buf is not None:
-            buf.release()
+        for view in (getattr(self, "_seqs", None), getattr(self, "buf", None)):
+            if view is not None:
+                view.release()
         mm = getattr(self, "mm", None)
         if mm is not None:
             try:
