@@ -205,6 +205,64 @@ def test_a_faulty_server_stops_every_shield_with_an_integrity_error(shield: str,
         running.close()
 
 
+def watched_session(tiny: LoadedModel, endpoint: str, shield: str, monkeypatch: pytest.MonkeyPatch,
+                    lie_at: tuple[int, tuple[str, ...]] | None = None) -> tuple[Session, list[tuple[object, int, int]]]:  # fmt: skip
+    """A verified session whose checks are logged as (site, requests sent, replies received) when each runs;
+    with `lie_at`, the server's reply for that site is off by one in its first element."""
+    session = shielded_session(tiny, endpoint, shield, verify=True)
+    remote, shield_ = session.backend.remote, session.backend.shield
+    real_call, real_verify, log, sent, before = remote.call, shield_.verify, [], [0], remote.stats.round_trips
+
+    def call(op: str, args: dict, tensors: list[torch.Tensor], while_waiting: Callable[[], None] | None = None) -> object:
+        sent[0] += 1
+        reply = real_call(op, args, tensors, while_waiting=while_waiting)
+        site = "lm_head" if op == "LM_HEAD" else (args.get("layer"), tuple(args.get("modules", ())))
+        if site == lie_at:
+            z = reply.tensors[0]
+            z.view(-1)[0] = (z.view(-1)[0] + 1) % args["p"] if "p" in args else z.view(-1)[0] + 1
+        return reply
+
+    def verify(site: object, wire: torch.Tensor, z: torch.Tensor, state: object) -> None:
+        log.append((site, sent[0], remote.stats.round_trips - before))
+        real_verify(site, wire, z, state)
+
+    monkeypatch.setattr(remote, "call", call)
+    monkeypatch.setattr(shield_, "verify", verify)
+    return session, log
+
+
+@pytest.mark.parametrize("shield", SHIELDS)
+def test_each_check_runs_while_the_next_request_is_out_and_all_before_logits_leave(
+    shield: str, tiny: LoadedModel, server: RunningServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    session, log = watched_session(tiny, server.endpoint, shield, monkeypatch)
+    session.llama.forward(torch.tensor([PROMPT]), session.llama.new_cache(64))
+    calls = 4 * tiny.config.n_layers + 1 + (shield == "plain")  # verified plain embeds on the server (checked at once)
+    products = calls - (shield == "plain")
+    assert len(log) == products  # every product checked before the forward returned its logits
+    first = calls - products
+    # Product i (of the calls, from 1) is checked once request i + 1 is sent and before its reply; lm_head's, the
+    # last, after its own reply and before its logits return.
+    expected = [(first + i + 1, first + i) for i in range(1, products)] + [(calls, calls)]
+    assert [(sent, received) for _, sent, received in log] == expected
+    assert log[-1][0] == "lm_head"
+    session.close()
+
+
+@pytest.mark.parametrize("shield", SHIELDS)
+@pytest.mark.parametrize("where", ["down_proj", "lm_head"])
+def test_a_lie_in_the_last_products_stops_the_forward_before_its_logits(
+    shield: str, where: str, tiny: LoadedModel, server: RunningServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The last layer's product is checked while lm_head's request is out; lm_head's own after its reply."""
+    site = "lm_head" if where == "lm_head" else (tiny.config.n_layers - 1, ("down_proj",))
+    session, log = watched_session(tiny, server.endpoint, shield, monkeypatch, lie_at=site)
+    with pytest.raises(IntegrityError, match="lm_head" if where == "lm_head" else f"layer {site[0]} down_proj"):
+        session.llama.forward(torch.tensor([PROMPT]), session.llama.new_cache(64))
+    assert log[-1][0] == site  # the check that failed was the last to run
+    session.close()
+
+
 @pytest.fixture(scope="module")
 def long_tiny(tmp_path_factory: pytest.TempPathFactory) -> LoadedModel:
     return load(make_tiny_model(tmp_path_factory.mktemp("long"), max_position_embeddings=512, tie_word_embeddings=False), with_tokenizer=False)

@@ -59,7 +59,13 @@ class ShieldedStats:
 
 
 class ShieldedBackend:
-    """A `LinearBackend`: each product masked here, computed by the server, verified and unmasked here."""
+    """A `LinearBackend`: each product masked here, computed by the server, verified and unmasked here.
+
+    A product's check runs while the next request is on its way (the wait would be a spin: on a CPU
+    host the server's product takes longer than the check), and every product is checked before
+    `lm_head` returns logits: nothing computed from an unchecked result leaves the TEE. A failure is
+    raised at the first call after its check ran, naming the product that failed.
+    """
 
     def __init__(self, remote: Any, shield: Shield, embedding: torch.Tensor, verify: bool, pages: FilePages | None = None) -> None:
         self.remote = remote
@@ -68,6 +74,8 @@ class ShieldedBackend:
         self.verify = verify
         self.pages = pages  # the embedding's file pages go back after each lookup
         self.stats = ShieldedStats(remote.stats, shield.times)
+        self._unchecked: list[tuple[Site, torch.Tensor, torch.Tensor, Any]] = []  # (site, wire, z, state), oldest first
+        self._failed: Exception | None = None
 
     def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
         if not self.shield.embeds_remotely:
@@ -93,7 +101,29 @@ class ShieldedBackend:
         return self._call("LINEAR", {"layer": layer, "modules": list(modules)}, site, x, groups)
 
     def lm_head(self, x: torch.Tensor, groups: Sequence[int] | None = None) -> torch.Tensor:
-        return self._call("LM_HEAD", {}, "lm_head", x, groups)[0]
+        logits = self._call("LM_HEAD", {}, "lm_head", x, groups)[0]
+        self.settle()
+        return logits
+
+    def settle(self) -> None:
+        """Check every product not checked yet; raise the first failure."""
+        self._check_unchecked()
+        failed, self._failed = self._failed, None
+        if failed is not None:
+            raise failed
+
+    def _check_unchecked(self) -> None:
+        """The pending checks, oldest first, until one fails (kept for `settle`). Never raises: it runs inside a call."""
+        if not self._unchecked:
+            return
+        started = time.perf_counter()
+        while self._unchecked and self._failed is None:
+            try:
+                self.shield.verify(*self._unchecked.pop(0))
+            except Exception as e:  # IntegrityError, or a bug: raised by `settle`, after the reply is in
+                self._failed = e
+                self._unchecked.clear()
+        self.shield.times.verify_s += time.perf_counter() - started
 
     def matmul(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         raise ShieldError("attention offload sends unmasked activations: it is not available with a shield")
@@ -120,22 +150,30 @@ class ShieldedBackend:
         times = self.shield.times
         stall_before = times.stall_s  # masks made for this call, or waited for, inside `mask`: counted apart
         t0 = time.perf_counter()
-        wire, state = _mask_per_group(self.shield, site, rows, groups) if groups is not None else self.shield.mask(site, rows)
-        t1 = time.perf_counter()
-        with self._as_integrity_failure():
-            parts = self.remote.call(op, {**args, **self.shield.wire_args()}, [wire]).tensors
+        try:
+            wire, state = _mask_per_group(self.shield, site, rows, groups) if groups is not None else self.shield.mask(site, rows)
+            t1 = time.perf_counter()
+            with self._as_integrity_failure():
+                parts = self.remote.call(
+                    op, {**args, **self.shield.wire_args()}, [wire], while_waiting=self._check_unchecked if self._unchecked else None
+                ).tensors
+        except Exception:
+            self.settle()  # a failed check first: what failed after it may be its consequence
+            raise
+        if self._failed is not None:
+            self.settle()
         z = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
         if z.shape != (wire.shape[0], sum(sizes)):
             raise IntegrityError(integrity_message(site, "|".join(module_names(site)), f"shape {list(z.shape)}, expected {[wire.shape[0], sum(sizes)]}"))
         t2 = time.perf_counter()
-        if self.verify:
-            self.shield.verify(site, wire, z, state)
-        t3 = time.perf_counter()
         y = _unmask_per_group(self.shield, site, z, state, groups) if groups is not None else self.shield.unmask(site, z, state)
-        t4 = time.perf_counter()
+        t3 = time.perf_counter()
+        if self.verify:
+            self._unchecked.append((site, wire, z, state))
+            if y is z:  # the result is the reply itself, which the caller may change in place: checked now
+                self.settle()
         times.mask_s += (t1 - t0) - (times.stall_s - stall_before)
-        times.verify_s += (t3 - t2) if self.verify else 0.0
-        times.unmask_s += t4 - t3
+        times.unmask_s += t3 - t2
         return y
 
     @contextmanager

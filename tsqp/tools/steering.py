@@ -75,7 +75,9 @@ class LyingServer:
     def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
         return self.weights.embed(token_ids).to(self.claimed).float()  # rows as the dtype it claims would give them
 
-    def call(self, op: str, args: dict[str, Any], tensors: Sequence[torch.Tensor]) -> Message:
+    def call(self, op: str, args: dict[str, Any], tensors: Sequence[torch.Tensor], while_waiting: Callable[[], None] | None = None) -> Message:
+        if while_waiting is not None:  # the runner's pending checks, as while a real request is on its way
+            while_waiting()
         x = tensors[0]
         p = args.get("p")
         if p is not None:  # exact shields: an integer product mod p

@@ -89,7 +89,7 @@ class WireStats:
     round_trips: int = 0
     bytes_sent: int = 0
     bytes_received: int = 0
-    round_trip_s: float = 0.0  # request sent -> reply received
+    round_trip_s: float = 0.0  # request sent -> reply received, less the caller's work done meanwhile (`while_waiting`)
     server_s: float = 0.0  # compute time the server reports for its replies
     serialize_s: float = 0.0  # encode + decode on this side
 
@@ -148,6 +148,7 @@ class RemoteBackend:
         self._known_calls: dict[tuple[Any, ...], KnownCall | None] = {}  # a hot call's kind -> its bytes (`_known_call`)
         self.out_features = dict(out_features or {})
         self._next_id = 0
+        self._worked_s = 0.0  # the current call's `while_waiting` time
         self._abandoned: set[int] = set()  # ids of timed-out requests, whose late answers are dropped
         self.socket = new_socket(context or zmq.Context.instance(), zmq.DEALER, endpoint)
         if max_reply_bytes is not None:  # libzmq drops a larger frame's connection before allocating it
@@ -257,8 +258,11 @@ class RemoteBackend:
     def server_stats(self) -> dict[str, Any]:
         return self.call("STATS", {}).args
 
-    def call(self, op: str, args: dict[str, Any], tensors: Sequence[torch.Tensor] = (), timeout_s: float | None = None) -> Message:
+    def call(self, op: str, args: dict[str, Any], tensors: Sequence[torch.Tensor] = (), timeout_s: float | None = None,
+             while_waiting: Callable[[], None] | None = None) -> Message:  # fmt: skip
+        """One request and its checked reply; `while_waiting` (it must not raise) runs once the request is on its way."""
         self._next_id += 1
+        self._worked_s = 0.0
         request = protocol.request(op, self._next_id, args, tensors)
         if self.on_send is not None:
             for t in request.tensors:
@@ -266,7 +270,7 @@ class RemoteBackend:
         t0 = time.perf_counter()
         known = self._known_call(request) if self.shm is not None and self._compact and op in HOT_OPS else None
         if known is not None:
-            return self._call_known(known, request, t0, timeout_s)
+            return self._call_known(known, request, t0, timeout_s, while_waiting)
         frames = (protocol.encode_compact(request) if self._compact and op in HOT_OPS else None) or protocol.encode(request)
         t1 = time.perf_counter()
         shm = self.shm if self.shm is not None and op in HOT_OPS and self.shm.fits(frames) else None
@@ -274,10 +278,11 @@ class RemoteBackend:
             self._watch_connection()  # events from before this call (a server restart in between) are not its concern
             self._dropped = False
             self.socket.send_multipart(frames, copy=False)
+            self._work_while_waiting(while_waiting)
         deadline = time.monotonic() + (self.timeout_s if timeout_s is None else timeout_s)
         try:
             if shm is not None:
-                self._shm_round_trip(shm, op, frames, deadline)
+                self._shm_round_trip(shm, op, frames, deadline, while_waiting)
             # Through shared memory: None when the reply was too large for the area and came over zmq.
             reply_frames, reply = self._reply_to(request, deadline, shm.read() if shm is not None else None)
         except ServerUnavailable:
@@ -295,12 +300,19 @@ class RemoteBackend:
         self._count(request.nbytes + header_bytes, reply.nbytes + len(frames[0]), t1 - t0, t2 - t1, time.perf_counter() - t2, reply)
         return reply
 
+    def _work_while_waiting(self, work: Callable[[], None] | None) -> None:
+        """Run `work` while the request is on its way; its time is not the round trip's (`_count`)."""
+        if work is not None:
+            started = time.perf_counter()
+            work()
+            self._worked_s = time.perf_counter() - started
+
     def _count(self, sent: int, received: int, encode_s: float, round_trip_s: float, check_s: float, reply: Message) -> None:
         s = self.stats
         s.round_trips += 1
         s.bytes_sent += sent
         s.bytes_received += received
-        s.round_trip_s += round_trip_s
+        s.round_trip_s += round_trip_s - self._worked_s
         s.serialize_s += encode_s + check_s
         compute = reply.args.get("compute_s")
         s.server_s += compute if isinstance(compute, float) and 0.0 <= compute < math.inf else 0.0
@@ -325,7 +337,8 @@ class RemoteBackend:
         ((shape, dtype),) = expected
         return KnownCall.of(request, shape, dtype, self.shm.area_bytes)
 
-    def _call_known(self, known: KnownCall, request: Message, t0: float, timeout_s: float | None) -> Message:
+    def _call_known(self, known: KnownCall, request: Message, t0: float, timeout_s: float | None,
+                    while_waiting: Callable[[], None] | None) -> Message:  # fmt: skip
         """`call` for a `KnownCall` (begun at `t0`): its bytes written straight into shared memory, an honest reply copied
         straight out."""
         shm = self.shm
@@ -335,7 +348,7 @@ class RemoteBackend:
         t1 = time.perf_counter()
         deadline = time.monotonic() + (self.timeout_s if timeout_s is None else timeout_s)
         try:
-            self._shm_round_trip(shm, request.op, None, deadline)
+            self._shm_round_trip(shm, request.op, None, deadline, while_waiting)
             compute_s = known.honest_compute_s(bytes(shm.incoming(0, known.reply_head)), request.id)
             if compute_s is None:  # anything else (an error, a reply over zmq, a lie) goes the checked way
                 frames, reply = self._reply_to(request, deadline, shm.read())
@@ -404,13 +417,15 @@ class RemoteBackend:
         b = request.tensors[1]  # MATMUL
         return [((*torch.broadcast_shapes(x.shape[:-2], b.shape[:-2]), x.shape[-2], b.shape[-1]), x.dtype)]
 
-    def _shm_round_trip(self, shm: Channel, op: str, frames: list[Any] | None, deadline: float) -> None:
-        """Post a request (its `frames`, or None: written already) and wait for its reply."""
+    def _shm_round_trip(self, shm: Channel, op: str, frames: list[Any] | None, deadline: float,
+                        while_waiting: Callable[[], None] | None = None) -> None:  # fmt: skip
+        """Post a request (its `frames`, or None: written already), run `while_waiting`, and wait for its reply."""
         shm.seq += 1
         if frames is None:
             shm.post_seq(shm.seq)
         else:
             shm.post(frames, shm.seq)
+        self._work_while_waiting(while_waiting)
         try:
             shm.wait(shm.seq, self.spinner, deadline, lambda: self._check_server(op))
         except EndpointError:
