@@ -93,7 +93,7 @@ def start_server(model: LoadedModel, endpoint: str = "tcp://127.0.0.1:0", **kwar
 
 # --- raw DEALER sockets ---------------------------------------------------------------------
 
-REPLY_TIMEOUT_MS = 2000  # generous: a healthy server answers these in milliseconds
+REPLY_TIMEOUT_MS = 10_000  # generous: a healthy server answers in milliseconds, one took over 2 s in a full run on 2 cores
 
 
 def close(a: torch.Tensor, b: torch.Tensor) -> None:
