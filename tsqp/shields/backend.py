@@ -61,10 +61,10 @@ class ShieldedStats:
 class ShieldedBackend:
     """A `LinearBackend`: each product masked here, computed by the server, verified and unmasked here.
 
-    A product's check runs while the next request is on its way (the wait would be a spin: on a CPU
-    host the server's product takes longer than the check), and every product is checked before
-    `lm_head` returns logits: nothing computed from an unchecked result leaves the TEE. A failure is
-    raised at the first call after its check ran, naming the product that failed.
+    A product's check runs while the next request is on its way (where the server computes on other
+    hardware, a GPU or other cores, it leaves the step's critical path), and every product is checked
+    before `lm_head` returns logits: nothing computed from an unchecked result leaves the TEE. A failure
+    is raised at the first call after its check ran, naming the product that failed.
     """
 
     def __init__(self, remote: Any, shield: Shield, embedding: torch.Tensor, verify: bool, pages: FilePages | None = None) -> None:
