@@ -157,11 +157,8 @@ class ShieldedBackend:
                 parts = self.remote.call(
                     op, {**args, **self.shield.wire_args()}, [wire], while_waiting=self._check_unchecked if self._unchecked else None
                 ).tensors
-        except Exception:
-            self.settle()  # a failed check first: what failed after it may be its consequence
-            raise
-        if self._failed is not None:
-            self.settle()
+        finally:
+            self.settle()  # a check that failed meanwhile, first: what failed after it may be its consequence
         z = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
         if z.shape != (wire.shape[0], sum(sizes)):
             raise IntegrityError(integrity_message(site, "|".join(module_names(site)), f"shape {list(z.shape)}, expected {[wire.shape[0], sum(sizes)]}"))
