@@ -39,6 +39,11 @@ GroupKey = tuple[int, tuple[str, ...]]
 NUMPY_MAX_WEIGHTS = 3 << 18
 
 
+def all_within(values: torch.Tensor | np.ndarray, stop: int) -> bool:
+    """Whether every value lies in [0, stop) (none: True): a request's token ids, or otp's residues mod p."""
+    return math.prod(values.shape) == 0 or (int(values.min()) >= 0 and int(values.max()) < stop)
+
+
 def site_parts(weights: Mapping[str, torch.Tensor], n_layers: int) -> Iterator[tuple[GroupKey | str, list[torch.Tensor], list[int]]]:
     """Every product a forward pass makes, as the model holds its matrices: (key, [W_i (N_i, K)], [N_i]),
     each call group of every layer, then ("lm_head", [W (V, D)], [V])."""
@@ -229,7 +234,7 @@ class LinearWeights:
 
     def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
         vocab = self.embedding.shape[0]
-        if token_ids.numel() and (int(token_ids.min()) < 0 or int(token_ids.max()) >= vocab):
+        if not all_within(token_ids, vocab):
             raise ProtocolError(f"token id out of range 0..{vocab - 1}")
         return self.embedding[token_ids.to(self.device)]
 

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from tsqp.model.linear import GroupKey
+from tsqp.model.linear import GroupKey, all_within
 from tsqp.server.handlers import CHUNK_FLOPS, Handlers
 from tsqp.server.stats import ServerStats
 from tsqp.server.warming import Warmer, site_of
@@ -146,7 +146,7 @@ class FastLane:
         """The vocabulary rows of token ids `x` into `out`; False (nothing written) where an id is out of range."""
         weights = self.handlers.weights
         ids = np.frombuffer(x, np.int64).copy()  # ours: the range checked is the range used
-        if int(ids.min()) < 0 or int(ids.max()) >= weights.embedding.shape[0]:
+        if not all_within(ids, weights.embedding.shape[0]):
             return False  # the generic path refuses it, naming why
         out_rows = np.frombuffer(out, np.float32).reshape(plan.rows, plan.out_features)
         if weights.cpu_float32:
@@ -163,7 +163,7 @@ class FastLane:
         if quantized is None or quantized.bits != bits:
             return False  # quantized to another width since: the generic path quantizes again
         x_rows = np.frombuffer(x, np.int64).reshape(plan.rows, plan.features).copy()  # ours: the range checked is the range used
-        if int(x_rows.min()) < 0 or int(x_rows.max()) >= p:
+        if not all_within(x_rows, p):
             return False  # the generic path refuses it, naming why
         y = quantized.product_mod(plan.site, torch.from_numpy(x_rows), p, limb_bits)
         np.frombuffer(out, np.int64).reshape(plan.rows, plan.out_features)[:] = y.detach().cpu().numpy()

@@ -21,7 +21,7 @@ import torch
 from tsqp.errors import ProtocolError
 from tsqp.model import fixedpoint
 from tsqp.model.config import WEIGHT_BITS_RANGE
-from tsqp.model.linear import CALL_GROUPS, GroupKey, LinearWeights, QuantizedWeights, output_widths
+from tsqp.model.linear import CALL_GROUPS, GroupKey, LinearWeights, QuantizedWeights, all_within, output_widths
 from tsqp.model.loading import LoadedModel
 from tsqp.server.stats import ServerStats
 from tsqp.wire import protocol
@@ -173,7 +173,7 @@ class Handlers:
         self.check_result(x.shape[0] * w_q.shape[1])
         flops_per_row = self.mod_flops_per_row(key, p, limb_bits)
         self.check_flops(x.shape[0] * flops_per_row)
-        if x.numel() and (int(x.min()) < 0 or int(x.max()) >= p):
+        if not all_within(x, p):
             raise ProtocolError("otp input values must lie in [0, p)")
         # Chunked: the limbs' float64 temporaries stay a chunk's, not a multiple of the request's.
         (y,) = self.chunked(x.shape[0], flops_per_row, lambda chunk: [quantized.product_mod(key, rows(x, chunk), p, limb_bits)])
