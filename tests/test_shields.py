@@ -3,6 +3,7 @@ and traffic that says nothing about the activations."""
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import math
 import threading
@@ -66,6 +67,28 @@ def test_otp_unmasks_to_the_exact_integer_product(tiny: LoadedModel, server: Run
     y = shield.unmask(site, z, state)
     exact = x @ torch.cat([tiny.weights[f"layers.1.{m}"] for m in site[1]]).t()
     assert (y - exact).abs().max() < 1e-2 * exact.abs().max()  # fixed point: close to the float product
+    session.close()
+
+
+def test_otp_reads_a_reply_outside_the_field_as_its_residues(tiny: LoadedModel, server: RunningServer) -> None:
+    """A reply of the honest residues plus multiples of p (below 0, beyond p) is the same numbers mod p: it unmasks
+    and verifies to the honest result. One residue off by one is caught."""
+    session = shielded_session(tiny, server.endpoint, "otp", verify=True)
+    shield = session.backend.shield
+    site = (0, ("o_proj",))
+    wire, state = shield.mask(site, torch.randn(3, tiny.config.hidden_size))
+    z = session.backend.remote.call("LINEAR", {"layer": 0, "modules": ["o_proj"], **shield.wire_args()}, [wire]).tensors[0]
+    p = shield.field.p
+    shifts = torch.tensor([-3 * p, 0, p, 5 * p]).repeat(z.numel())[: z.numel()].reshape(z.shape)
+    honest, shifted = shield.unmask(site, z, copy.deepcopy(state)), copy.deepcopy(state)
+    assert torch.equal(shield.unmask(site, z + shifts, shifted), honest)
+    shield.verify(site, wire, z + shifts, shifted)
+    off = z.clone()
+    off[0, 0] += 1
+    lied = copy.deepcopy(state)
+    shield.unmask(site, off, lied)
+    with pytest.raises(IntegrityError, match="layer 0 o_proj"):
+        shield.verify(site, wire, off, lied)
     session.close()
 
 

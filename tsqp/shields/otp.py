@@ -111,11 +111,12 @@ class OtpShield(Shield):
             p, z = self.field.p, z.detach().numpy()
             y = z.copy() if call.mask_product is None else np.subtract(z, call.mask_product, out=call.mask_product)
             call.mask_product = None  # y took its place
-            if z.size and (int(z.min()) < 0 or int(z.max()) >= p):
-                y %= p  # outside the field (a dishonest server): reduce, as every honest value is
-            # y in (-p, p): the centred representative by one correction either way (no division).
-            y[y > p // 2] -= p
-            y[y < -(p // 2)] += p
+            # The centred representative in [-(p // 2), p // 2], in three passes whatever the reply held (a value
+            # outside the field, from a dishonest server, is reduced as every honest one is): 2.5-3x faster
+            # than a correction either way after a range test (docs/benchmarks.md).
+            y += p // 2
+            np.remainder(y, p, out=y)
+            y -= p // 2
             call.y = y
         return call.y
 
