@@ -10,7 +10,7 @@ from tsqp.model.loading import LoadedModel, load
 from tsqp.server.recording import Recorded
 from tsqp.tee.generation import Generation
 from tsqp.tools.attacks import permutation_chance, unmix_rank_one
-from tsqp.tools.audit import PublicWeights, evaluate, layer0_references, record_shield, recorded_attack_input, wire_rows
+from tsqp.tools.audit import PublicWeights, evaluate, record_shield, recorded_attack_input, wire_rows
 
 VOCAB = 4096
 NEW_TOKENS = 6
@@ -114,7 +114,6 @@ def test_permutation_baseline_counts_frequent_tokens() -> None:
     truth = np.array([7] * 50 + list(range(50)))  # half the positions one token
     assert permutation_chance(np.full(100, 7), truth) == pytest.approx(0.51)  # 51 sevens: 1/V says nothing of this
     assert permutation_chance(truth, truth) == pytest.approx((51**2 + 49) / 100**2, abs=0.03)
-    assert layer0_references  # the audit's reference rows stay importable for the attacks above
 
 
 def test_the_noise_likelihood_equals_its_direct_formula() -> None:

@@ -24,7 +24,6 @@ from tsqp.tools.audit import (
     evaluate,
     guess_generated_tokens,
     guess_prompt_tokens,
-    layer0_references,
     read_token_ids,
     record_shield,
     recorded_attack_input,
@@ -99,7 +98,7 @@ def test_generated_tokens_survive_a_secret_scalar_of_either_sign() -> None:
     """seqmix multiplies a decoded token's single row by a secret scalar, negative half the time."""
     rng = np.random.default_rng(1)
     weights = synthetic_weights(rng)
-    references = layer0_references(weights)
+    references = weights.layer0_references
     common = rng.normal(size=32)
     common *= 2 / np.linalg.norm(common)  # final hidden states share a direction, as in real models
     messages, generations, scalars, naive_hits, truth_all = [], [], [], 0, []

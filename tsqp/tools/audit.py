@@ -129,14 +129,9 @@ def is_layer0_input(m: Recorded) -> bool:
 # --- the attacks: pure functions of public weights and recorded messages ----------------
 
 
-def layer0_references(weights: PublicWeights) -> np.ndarray:
-    """Every vocabulary row's layer-0 input, rms_norm(embed_v) · attn_norm, as unit rows (V, D)."""
-    return weights.layer0_references
-
-
 def guess_prompt_tokens(weights: PublicWeights, messages: Iterable[Recorded]) -> list[np.ndarray]:
     """Nearest vocabulary row by |cosine| for every row of every layer-0 request, in order."""
-    references = layer0_references(weights)
+    references = weights.layer0_references
     return [np.abs(unit_rows(wire_rows(m)) @ references.T).argmax(axis=-1) for m in messages if is_layer0_input(m)]
 
 
@@ -156,7 +151,7 @@ def fed_back_tokens(weights: PublicWeights, messages: Sequence[Recorded]) -> dic
     A generated token is fed back as the next forward's single layer-0 row; where that row is
     a vocabulary row up to a scalar (|cosine| ≥ EXACT_COSINE), the pair is known plaintext.
     """
-    references = layer0_references(weights)
+    references = weights.layer0_references
     found: dict[int, int] = {}
     heads, pending = 0, None
     for m in messages:
@@ -299,7 +294,7 @@ def _prefills(guesses: Sequence[np.ndarray], read_ids: Sequence[np.ndarray], gen
 
 def unmix_prefills(weights: PublicWeights, messages: Iterable[Recorded]) -> list[np.ndarray]:
     """`rank-one` on every layer-0 request, in order."""
-    references = layer0_references(weights)
+    references = weights.layer0_references
     return [unmix_rank_one(wire_rows(m), references) for m in messages if is_layer0_input(m)]
 
 
