@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from tsqp.errors import IntegrityError, MalformedReply, ShieldError
-from tsqp.model.linear import QuantizedWeights
+from tsqp.model.linear import QuantizedWeights, split_modules
 from tsqp.model.pages import FilePages
 from tsqp.shields.base import Shield
 from tsqp.shields.config import ShieldConfig
@@ -142,7 +142,7 @@ class ShieldedBackend:
         else:
             y = torch.cat([self._product(op, args, site, part) for part in rows.split(limit)])
         y = y.reshape(*x.shape[:-1], y.shape[-1])
-        return list(y.split(sizes, dim=-1)) if len(sizes) > 1 else [y]
+        return split_modules(y, sizes)
 
     def _product(self, op: str, args: dict[str, Any], site: Site, rows: torch.Tensor, groups: Sequence[int] | None = None) -> torch.Tensor:
         """One round trip: `rows` (T, K) masked, computed by the server, verified and unmasked: (T, N)."""
