@@ -507,6 +507,29 @@ def test_a_prompts_masks_leave_the_first_decode_step_its_own() -> None:
     assert len([m for m in made_by if m[2] != "tsqp-mask-pool"]) == own == 1
 
 
+def test_a_prepared_blocks_memory_goes_once_little_of_it_is_left() -> None:
+    """`prepare` makes a prompt's and its answer's rows in one block. Once the prompt's call has taken most of it,
+    the rows left are copied out and the block's memory goes (it stayed whole until its last row, through the
+    whole answer, and a run that left one row kept it into the next). Every row is still handed out once."""
+    from tsqp.shields.pool import COMPACT_SHARE, MaskPool, ShieldTimes
+
+    site = (0, ("o_proj",))
+    made = torch.arange(100 * 4, dtype=torch.float64).reshape(100, 4)
+    pool = MaskPool(lambda s, rows: (made[:rows].clone(), -made[:rows].clone()), [site], ShieldTimes(), {site: 48})
+    pool.prepare(100)
+    assert pool.nbytes() == 100 * 48
+    first, _ = pool.take(site, 70)  # more than half used: a view of the block, as before
+    assert pool.nbytes() == 100 * 48
+    prompt_rows = 100 - 100 // COMPACT_SHARE
+    second, _ = pool.take(site, prompt_rows - 70)
+    assert pool.nbytes() == (100 - prompt_rows) * 48  # only the rows left are held
+    rest = [pool.take(site, 1) for _ in range(100 - prompt_rows)]
+    assert pool.nbytes() == 0 and pool.available(site) == 0
+    handed = torch.cat([first, second, *[r for r, _ in rest]])
+    assert torch.equal(handed, made) and all(torch.equal(rw, -r) for r, rw in rest)  # each row once, in order, its product with it
+    pool.close()
+
+
 def test_a_call_its_sites_stock_covers_does_not_wait_for_the_worker_making_that_site() -> None:
     """Decode refills a site before it runs dry: while the worker makes the site's next block, a call
     still served by the rows held takes them at once (waiting for the block stalled every such step)."""

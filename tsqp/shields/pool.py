@@ -23,6 +23,7 @@ from tsqp.shields.config import POOL_MIB
 from tsqp.shields.sites import Site, call_rows, forward_order
 
 REFILL_ROWS = 16  # rows made at once for a decode site: one pass over its weights serves 16 tokens
+COMPACT_SHARE = 4  # a block larger than a decode batch is copied down once a 1/4 of it or less is left
 WORKER_IDLE_S = 0.5  # how often an idle worker looks whether its pool still exists
 
 
@@ -59,7 +60,8 @@ class MaskPool:
         self._index = {site: i for i, site in enumerate(self.sites)}
         self.budget_bytes = budget_bytes
         self.background = background
-        # Per site, blocks as made: [masks, products, rows made]; a block's memory goes when its last row is used.
+        # Per site, blocks as made: [masks, products, rows made]; a block's memory goes when its last row is used,
+        # or, for one larger than a decode batch, once a quarter of it or less is left (`_pop` copies those out).
         self._blocks: dict[Site, deque[list[Any]]] = {s: deque() for s in self.sites}
         self._rows = dict.fromkeys(self.sites, 0)  # unused rows held per site
         self._tokens = 0  # tokens of the last call: what the next calls likely take (a forward pass sends the same everywhere)
@@ -150,10 +152,17 @@ class MaskPool:
             r, rw, made = blocks[0]
             n = min(rows, r.shape[0])
             parts.append((r[:n], rw[:n]))
-            blocks[0][:2] = r[n:], rw[n:]  # views: the pool hands out each row once
-            if n == r.shape[0]:
+            left = r.shape[0] - n
+            if not left:
                 blocks.popleft()  # spent: the pool keeps nothing of it
                 self._held -= made * self.row_bytes[site]
+            elif made > REFILL_ROWS and left * COMPACT_SHARE <= made:
+                # Little of a large block is left (a prepared prompt's rows are used, its answer's remain): those
+                # rows are copied out, so that the block's memory goes now, not with its last row.
+                blocks[0] = [r[n:].clone(), rw[n:].clone(), left]
+                self._held -= (made - left) * self.row_bytes[site]
+            else:
+                blocks[0][:2] = r[n:], rw[n:]  # views: the pool hands out each row once
             self._rows[site] -= n
             rows -= n
         return parts
