@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import itertools
 import math
 import threading
 import time
@@ -89,6 +90,26 @@ def test_otp_reads_a_reply_outside_the_field_as_its_residues(tiny: LoadedModel, 
     shield.unmask(site, off, lied)
     with pytest.raises(IntegrityError, match="layer 0 o_proj"):
         shield.verify(site, wire, off, lied)
+    session.close()
+
+
+@pytest.mark.parametrize("site", [(1, ("q_proj", "k_proj", "v_proj")), (1, ("gate_proj", "up_proj"))], ids=str)
+def test_otp_checks_a_fused_call_whole_and_names_the_module_a_lie_is_in(site: tuple[int, tuple[str, ...]], tiny: LoadedModel, server: RunningServer) -> None:
+    """One check covers the fused call; a lie in any module's outputs (its first or its last) fails it, named."""
+    session = shielded_session(tiny, server.endpoint, "otp", verify=True)
+    shield = session.backend.shield
+    sizes = shield.sites[site][1]
+    for module, start, end in zip(site[1], itertools.accumulate([0, *sizes]), itertools.accumulate(sizes), strict=False):
+        for column in (start, end - 1):
+            wire, state = shield.mask(site, torch.randn(4, tiny.config.hidden_size))
+            z = session.backend.remote.call("LINEAR", {"layer": 1, "modules": list(site[1]), **shield.wire_args()}, [wire]).tensors[0]
+            honest = copy.deepcopy(state)
+            shield.unmask(site, z, honest)
+            shield.verify(site, wire, z, honest)
+            z[2, column] += 1
+            shield.unmask(site, z, state)
+            with pytest.raises(IntegrityError, match=f"layer 1 {module} "):
+                shield.verify(site, wire, z, state)
     session.close()
 
 

@@ -32,6 +32,17 @@ class _OtpCall:
     y: np.ndarray | None = field(default=None)  # (T, N) int64 the unmasked integers, once computed
 
 
+@dataclass(frozen=True)
+class _Check:
+    """A site's Freivalds vectors mod 2⁶⁴: r (N, 2) on all its outputs and s = W_q·r (K, 2); per module, its
+    outputs start:end and its own s_i = W_q,i·r_i side by side (K, 2M), which sum to s."""
+
+    r: np.ndarray
+    s: np.ndarray
+    modules: list[tuple[int, int]]
+    s_per_module: np.ndarray
+
+
 class OtpShield(Shield):
     """The exact one-time pad over Z_p (see `tsqp.fixedpoint` for the algebra and its bounds).
 
@@ -40,6 +51,8 @@ class OtpShield(Shield):
     Y is first range-checked (|Y| ≤ the honest bound), so a wrong Y differs by some E with
     |E| < 2^(bound bits + 1); E·r ≡ 0 mod 2⁶⁴ then has probability at most 2^-(63 - bound bits)
     per vector, squared for two. Errors that are multiples of p leave Y unchanged: harmless.
+    A fused call (q|k|v, gate|up) is checked as one matrix, one product each way; only a failure is checked
+    per module, to name the module that failed.
     """
 
     name = "otp"
@@ -59,15 +72,17 @@ class OtpShield(Shield):
         self.checks = self._freivalds_vectors() if verify else None
         self._w_scales = {site: scale.detach().numpy() for site, (_, scale, _) in quantized.groups.items()}  # (1, N) float64
 
-    def _freivalds_vectors(self) -> dict[Site, tuple[list[tuple[int, int, np.ndarray]], np.ndarray]]:
-        """Per site: two vectors r_i (N_i, 2) per module, on its outputs start:end, and s = W_q·r (K, 2M) for
-        all of them side by side (r block-diagonal, made for that product only), both mod 2⁶⁴."""
+    def _freivalds_vectors(self) -> dict[Site, _Check]:
+        """Per site, its `_Check`: each module's two vectors r_i (N_i, 2), its s_i from one product with r block-diagonal
+        (made for that product only), and their sums (uint64 sums wrap: mod 2⁶⁴)."""
         checks = {}
         for site, (w_q, _, sizes) in self.quantized.groups.items():
             vectors = [fixedpoint.random_u64((n, self.FREIVALDS_VECTORS)) for n in sizes]
-            s = fixedpoint.matmul_mod_2_64(w_q, block_diagonal(vectors).detach().numpy().view(np.uint64))
+            s_per_module = fixedpoint.matmul_mod_2_64(w_q, block_diagonal(vectors).detach().numpy().view(np.uint64))
+            s = s_per_module.reshape(w_q.shape[0], len(sizes), self.FREIVALDS_VECTORS).sum(axis=1, dtype=np.uint64)
+            r = torch.cat(vectors).detach().numpy().view(np.uint64)
             ends = list(itertools.accumulate(sizes))
-            checks[site] = ([(end - n, end, r.detach().numpy().view(np.uint64)) for n, end, r in zip(sizes, ends, vectors, strict=True)], s)
+            checks[site] = _Check(r, s, [(end - n, end) for n, end in zip(sizes, ends, strict=True)], s_per_module)
         return checks
 
     def max_rows(self, site: Site) -> int | None:
@@ -125,14 +140,16 @@ class OtpShield(Shield):
         y = self._integers(z, state)
         if y.size and max(int(y.max()), -int(y.min())) > self.field.bound:
             raise IntegrityError(integrity_message(site, "|".join(module_names(site)), "a value beyond any honest result"))
-        vectors, s = self.checks[site]
-        y = y.view(np.uint64)
-        lhs = np.concatenate([y[:, start:end] @ r for start, end, r in vectors], axis=1)  # (T, 2M), mod 2⁶⁴
-        rhs = state.x_q.view(np.uint64) @ s
-        bad = (lhs != rhs).any(axis=0)
-        if bad.any():
-            module = module_names(site)[int(np.nonzero(bad)[0][0]) // self.FREIVALDS_VECTORS]
-            raise IntegrityError(integrity_message(site, module, "Freivalds check mod 2^64"))
+        check = self.checks[site]
+        y, x_q = y.view(np.uint64), state.x_q.view(np.uint64)
+        if ((y @ check.r) != (x_q @ check.s)).any():  # (T, 2) each way, mod 2⁶⁴
+            raise IntegrityError(integrity_message(site, self._failed_module(site, check, y, x_q), "Freivalds check mod 2^64"))
+
+    def _failed_module(self, site: Site, check: _Check, y: np.ndarray, x_q: np.ndarray) -> str:
+        """The first module whose own check fails: one does where the whole call's did, as its terms sum to the call's."""
+        lhs = np.concatenate([y[:, start:end] @ check.r[start:end] for start, end in check.modules], axis=1)  # (T, 2M)
+        bad = np.nonzero((lhs != x_q @ check.s_per_module).any(axis=0))[0]
+        return module_names(site)[int(bad[0]) // self.FREIVALDS_VECTORS]
 
     def unmask(self, site: Site, z: torch.Tensor, state: Any) -> torch.Tensor:
         y = self._integers(z, state)
