@@ -79,7 +79,8 @@ class OtpShield(Shield):
         for site, (w_q, _, sizes) in self.quantized.groups.items():
             vectors = [fixedpoint.random_u64((n, self.FREIVALDS_VECTORS)) for n in sizes]
             s_per_module = fixedpoint.matmul_mod_2_64(w_q, block_diagonal(vectors).detach().numpy().view(np.uint64))
-            s = s_per_module.reshape(w_q.shape[0], len(sizes), self.FREIVALDS_VECTORS).sum(axis=1, dtype=np.uint64)
+            # A lone module's s_i is the site's s: shared, not summed into a copy.
+            s = s_per_module if len(sizes) == 1 else s_per_module.reshape(w_q.shape[0], len(sizes), -1).sum(axis=1, dtype=np.uint64)
             r = torch.cat(vectors).detach().numpy().view(np.uint64)
             ends = list(itertools.accumulate(sizes))
             checks[site] = _Check(r, s, [(end - n, end) for n, end in zip(sizes, ends, strict=True)], s_per_module)
