@@ -97,6 +97,36 @@ def test_the_server_warms_after_plain_calls_over_shm_only(tiny: LoadedModel, shm
         plain.close()
 
 
+def test_a_hot_calls_result_is_its_own_memory_and_its_input_may_be_strided(tiny: LoadedModel, shm_server: Any) -> None:
+    """A hot call writes its input into shared memory and copies an honest reply out (`HotCall`): a strided input
+    gives the contiguous one's result, a result stays what it was when later calls reuse the areas, an input that
+    requires grad is refused as over zmq, and a new channel (a second HELLO) gets new views: its calls are answered,
+    and right."""
+    backend = remote(shm_server.endpoint, tiny, "shm")
+    try:
+        weight = tiny.weights["layers.1.o_proj"]
+        x, other = x_input(rows=3), x_input(rows=3, seed=5)
+        strided = torch.stack([x, -x], dim=-1)[..., 0]  # the same values, every other element of a wider tensor
+        assert not strided.is_contiguous() and torch.equal(strided, x)
+        first = backend.linear(1, ["o_proj"], strided)[0]
+        kept = first.clone()
+        for _ in range(3):  # the first goes the general way once, then every call the hot one
+            second = backend.linear(1, ["o_proj"], other)[0]
+        assert backend.server_stats()["fast_lane_requests"] >= 2
+        assert torch.equal(first, kept)  # not a view of the reply area, which the later calls rewrote
+        torch.testing.assert_close(first, x @ weight.T, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(second, other @ weight.T, rtol=1e-5, atol=1e-5)
+        with pytest.raises(RuntimeError, match="requires grad"):  # never detached on the way (`tsqp check-grad`)
+            backend.linear(1, ["o_proj"], x.clone().requires_grad_())
+        old = backend.shm
+        backend.hello(tiny.fingerprint)  # a new channel: the hot calls' views of the old one must not be used
+        assert backend.shm is not old
+        torch.testing.assert_close(backend.linear(1, ["o_proj"], x)[0], x @ weight.T, rtol=1e-5, atol=1e-5)
+        assert backend.stats.round_trips >= 6
+    finally:
+        backend.close()
+
+
 def test_a_server_lying_on_the_fast_paths_is_caught(tiny: LoadedModel, shm_server: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     """Replies taken by their first bytes (`KnownCall`) and answered by the server's fast lane are still checked
     for NaN and infinity; a server that answers another call's shape is caught by name."""

@@ -98,7 +98,7 @@ class ShieldedBackend:
 
     def linear(self, layer: int, modules: Sequence[str], x: torch.Tensor, groups: Sequence[int] | None = None) -> list[torch.Tensor]:
         site = (layer, tuple(modules))
-        return self._call("LINEAR", {"layer": layer, "modules": list(modules)}, site, x, groups)
+        return self._call("LINEAR", {"layer": layer, "modules": site[1]}, site, x, groups)
 
     def lm_head(self, x: torch.Tensor, groups: Sequence[int] | None = None) -> torch.Tensor:
         logits = self._call("LM_HEAD", {}, "lm_head", x, groups)[0]

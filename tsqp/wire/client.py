@@ -14,6 +14,7 @@ control characters before anyone prints it, and no reply frame may exceed `max_r
 from __future__ import annotations
 
 import math
+import mmap
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -82,6 +83,31 @@ class KnownCall:
         return compute_s
 
 
+class HotCall:
+    """A `KnownCall` laid onto one channel: numpy views where its input goes in the request area and where an honest
+    reply's body lies in the reply area, so a call writes its input, and copies the reply's body out, in one step each."""
+
+    def __init__(self, known: KnownCall, channel: Channel, x: torch.Tensor) -> None:
+        self.known = known
+        out, into = channel.outgoing_area, channel.incoming_area
+        self.table = slice(out, out + len(known.request.table))
+        self.header_at = out + known.request.offsets[0]
+        self.header = slice(self.header_at, self.header_at + len(known.header))
+        # Views of the mapping (not of `channel.buf`, which must be releasable at close), dropped with the channel.
+        self.input = np.frombuffer(channel.mm, NUMPY_DTYPES[x.dtype], x.numel(), out + known.request.offsets[1]).reshape(x.shape)
+        self.output = np.frombuffer(channel.mm, known.dtype, math.prod(known.shape), into + known.reply.offsets[1]).reshape(known.shape)
+        self.head = slice(into, into + known.reply_head)
+        self.sent = len(known.header) + known.request.lengths[1]
+        self.received = len(known.reply_header) + known.reply.lengths[1]
+
+    def write(self, mm: mmap.mmap, x: torch.Tensor, msg_id: int) -> None:
+        """Write the request for `x` under `msg_id` into the request area (posting it is the caller's)."""
+        self.input[...] = x.detach().numpy()  # (an x that requires grad never comes here: `call` raises on it)
+        mm[self.header] = self.known.header
+        protocol.stamp_id(mm, self.header_at, msg_id)
+        mm[self.table] = self.known.request.table
+
+
 @dataclass
 class WireStats:
     """What the client spent on the server, summed over calls."""
@@ -145,7 +171,8 @@ class RemoteBackend:
         self.stats = WireStats()
         self.info: dict[str, Any] = {}
         self._compact = False  # hot calls with the compact header: once the server's HELLO says it reads them
-        self._known_calls: dict[tuple[Any, ...], KnownCall | None] = {}  # a hot call's kind -> its bytes (`_known_call`)
+        self._hot_calls: dict[tuple[Any, ...], HotCall | None] = {}  # a hot call's kind -> its bytes on the channel (`_hot_call`)
+        self._split_widths: dict[tuple[str, ...], list[int]] = {}
         self.out_features = dict(out_features or {})
         self._next_id = 0
         self._worked_s = 0.0  # the current call's `while_waiting` time
@@ -173,10 +200,14 @@ class RemoteBackend:
         return self.call("EMBED", {}, [token_ids.to(torch.int64)]).tensors[0]
 
     def linear(self, layer: int, modules: Sequence[str], x: torch.Tensor, groups: Sequence[int] | None = None) -> list[torch.Tensor]:
-        fused = self.call("LINEAR", {"layer": layer, "modules": list(modules)}, [x]).tensors[0]
+        modules = tuple(modules)
+        fused = self.call("LINEAR", {"layer": layer, "modules": modules}, [x]).tensors[0]
         if len(modules) == 1:
             return [fused]
-        return list(fused.split([self._width(m) for m in modules], dim=-1))
+        widths = self._split_widths.get(modules)
+        if widths is None:
+            widths = self._split_widths[modules] = [self._width(m) for m in modules]
+        return list(fused.split(widths, dim=-1))
 
     def _width(self, module: str) -> int:
         if module not in self.out_features and not self.info:
@@ -236,6 +267,7 @@ class RemoteBackend:
                 self.out_features.setdefault(name, width)
 
     def _open_shm(self, offer: Any) -> None:
+        self._hot_calls.clear()  # their views are of the old channel's memory
         if self.shm is not None:
             self.shm.close()
             self.shm = None
@@ -261,6 +293,9 @@ class RemoteBackend:
     def call(self, op: str, args: dict[str, Any], tensors: Sequence[torch.Tensor] = (), timeout_s: float | None = None,
              while_waiting: Callable[[], None] | None = None) -> Message:  # fmt: skip
         """One request and its checked reply; `while_waiting` (it must not raise) runs once the request is on its way."""
+        hot = self._hot_call(op, args, tensors[0]) if len(tensors) == 1 and self.shm is not None else None
+        if hot is not None:
+            return self._call_hot(hot, op, args, tensors[0], timeout_s, while_waiting)
         self._next_id += 1
         self._worked_s = 0.0
         request = protocol.request(op, self._next_id, args, tensors)
@@ -268,9 +303,6 @@ class RemoteBackend:
             for t in request.tensors:
                 self.on_send(op, t)
         t0 = time.perf_counter()
-        known = self._known_call(request) if self.shm is not None and self._compact and op in HOT_OPS else None
-        if known is not None:
-            return self._call_known(known, request, t0, timeout_s, while_waiting)
         frames = (protocol.encode_compact(request) if self._compact and op in HOT_OPS else None) or protocol.encode(request)
         t1 = time.perf_counter()
         shm = self.shm if self.shm is not None and op in HOT_OPS and self.shm.fits(frames) else None
@@ -297,7 +329,9 @@ class RemoteBackend:
             raise RemoteError(f"server refused {request.op}: {clean_text(reply.error)}")
         if request.op in HOT_OPS:
             self._check_reply(request, reply)
-        self._count(request.nbytes + header_bytes, reply.nbytes + len(frames[0]), t1 - t0, t2 - t1, time.perf_counter() - t2, reply)
+        compute = reply.args.get("compute_s")
+        compute_s = compute if isinstance(compute, float) and 0.0 <= compute < math.inf else 0.0
+        self._count(request.nbytes + header_bytes, reply.nbytes + len(frames[0]), t1 - t0, t2 - t1, time.perf_counter() - t2, compute_s)
         return reply
 
     def _work_while_waiting(self, work: Callable[[], None] | None) -> None:
@@ -307,63 +341,71 @@ class RemoteBackend:
             work()
             self._worked_s = time.perf_counter() - started
 
-    def _count(self, sent: int, received: int, encode_s: float, round_trip_s: float, check_s: float, reply: Message) -> None:
+    def _count(self, sent: int, received: int, encode_s: float, round_trip_s: float, check_s: float, compute_s: float) -> None:
         s = self.stats
         s.round_trips += 1
         s.bytes_sent += sent
         s.bytes_received += received
         s.round_trip_s += round_trip_s - self._worked_s
         s.serialize_s += encode_s + check_s
-        compute = reply.args.get("compute_s")
-        s.server_s += compute if isinstance(compute, float) and 0.0 <= compute < math.inf else 0.0
+        s.server_s += compute_s
 
-    def _known_call(self, request: Message) -> KnownCall | None:
-        """The `KnownCall` for `request`, made at its kind's first call; None where its bytes cannot be known here."""
-        if len(request.tensors) != 1:
+    def _hot_call(self, op: str, args: dict[str, Any], x: torch.Tensor) -> HotCall | None:
+        """The `HotCall` for this call, made at its kind's first call; None where its bytes cannot be known here (or
+        it does not go through shared memory). Args equal under == make the same request (the first one's bytes)."""
+        if not self._compact or op not in HOT_OPS or x.requires_grad:
             return None
-        x = request.tensors[0]
-        key = (request.op, x.dtype, x.shape, x.requires_grad, *[(name, type(v), tuple(v) if type(v) is list else v) for name, v in request.args.items()])
-        known = self._known_calls.get(key, False)
-        if known is False:
-            if len(self._known_calls) >= MAX_KNOWN_CALLS:
-                self._known_calls.clear()
-            known = self._known_calls[key] = self._make_known_call(request)
-        return known
+        try:  # the common case: args of hashable values (a tuple of modules)
+            key = (op, x.shape, x.dtype, *args.items())
+            hot = self._hot_calls.get(key, False)
+        except TypeError:
+            key = (op, x.shape, x.dtype, *[(name, tuple(v) if type(v) is list else v) for name, v in args.items()])
+            hot = self._hot_calls.get(key, False)
+        if hot is False:
+            if len(self._hot_calls) >= MAX_KNOWN_CALLS:
+                self._hot_calls.clear()
+            hot = self._hot_calls[key] = self._make_hot_call(protocol.request(op, 0, args, [x]))
+        return hot
 
-    def _make_known_call(self, request: Message) -> KnownCall | None:
+    def _make_hot_call(self, request: Message) -> HotCall | None:
         expected = self._expected(request)
-        if self.shm is None or len(expected) != 1:
+        x = request.tensors[0]
+        if self.shm is None or len(expected) != 1 or x.dtype not in NUMPY_DTYPES:
             return None
         ((shape, dtype),) = expected
-        return KnownCall.of(request, shape, dtype, self.shm.area_bytes)
+        known = KnownCall.of(request, shape, dtype, self.shm.area_bytes)
+        return HotCall(known, self.shm, x) if known is not None else None
 
-    def _call_known(self, known: KnownCall, request: Message, t0: float, timeout_s: float | None,
-                    while_waiting: Callable[[], None] | None) -> Message:  # fmt: skip
-        """`call` for a `KnownCall` (begun at `t0`): its bytes written straight into shared memory, an honest reply copied
-        straight out."""
+    def _call_hot(self, hot: HotCall, op: str, args: dict[str, Any], x: torch.Tensor, timeout_s: float | None,
+                  while_waiting: Callable[[], None] | None) -> Message:  # fmt: skip
+        """`call` for a `HotCall`: its input written straight into shared memory, an honest reply's body copied straight out."""
         shm = self.shm
         assert shm is not None
-        header = protocol.stamped(known.header, request.id, 0.0)
-        shm.write(known.request, (header, protocol.tensor_bytes(request.tensors[0])))
+        if self.on_send is not None:
+            self.on_send(op, x)
+        self._next_id += 1
+        self._worked_s = 0.0
+        msg_id = self._next_id
+        t0 = time.perf_counter()
+        hot.write(shm.mm, x, msg_id)
         t1 = time.perf_counter()
         deadline = time.monotonic() + (self.timeout_s if timeout_s is None else timeout_s)
         try:
-            self._shm_round_trip(shm, request.op, None, deadline, while_waiting)
-            compute_s = known.honest_compute_s(bytes(shm.incoming(0, known.reply_head)), request.id)
+            self._shm_round_trip(shm, op, None, deadline, while_waiting)
+            compute_s = hot.known.honest_compute_s(shm.mm[hot.head], msg_id)
             if compute_s is None:  # anything else (an error, a reply over zmq, a lie) goes the checked way
+                request = protocol.request(op, msg_id, args, [x])
                 frames, reply = self._reply_to(request, deadline, shm.read())
-                return self._checked(request, len(header), frames, reply, t0, t1, time.perf_counter())
-            body = np.frombuffer(bytearray(shm.incoming(known.reply.offsets[1], known.reply.lengths[1])), known.dtype)
+                return self._checked(request, len(hot.known.header), frames, reply, t0, t1, time.perf_counter())
+            body = hot.output.copy()
         except ServerUnavailable:
-            self._abandoned.add(request.id)
+            self._abandoned.add(msg_id)
             raise
         t2 = time.perf_counter()
-        if known.dtype.kind == "f" and not finite_floats(body):
-            raise _not_finite(request, 0)
-        tensor = torch.from_numpy(body.reshape(known.shape))
-        reply = protocol.reply(request.id, {"compute_s": compute_s}, [tensor])
-        self._count(request.nbytes + len(header), body.nbytes + len(known.reply_header), t1 - t0, t2 - t1, time.perf_counter() - t2, reply)
-        return reply
+        if body.dtype.kind == "f" and not finite_floats(body.reshape(-1)):
+            raise _not_finite(op, args, 0)
+        self._count(hot.sent, hot.received, t1 - t0, t2 - t1, time.perf_counter() - t2, compute_s)
+        return protocol.reply(msg_id, {"compute_s": compute_s}, [torch.from_numpy(body)])
 
     def _reply_to(self, request: Message, deadline: float, frames: list[Any] | None = None) -> tuple[list[Any], Message]:
         """The reply to `request` (its `frames` if they came already), skipping late answers to abandoned
@@ -386,22 +428,22 @@ class RemoteBackend:
         """Is the reply what `request` asked for: as many tensors, of the right shapes and dtypes, with finite values?"""
         expected = self._expected(request)
         if len(reply.tensors) != len(expected):
-            raise MalformedReply(f"the server's reply to {_call_name(request)} has {len(reply.tensors)} tensors, expected {len(expected)}")
+            raise MalformedReply(f"the server's reply to {_call_name(request.op, request.args)} has {len(reply.tensors)} tensors, expected {len(expected)}")
         for i, (t, (shape, dtype)) in enumerate(zip(reply.tensors, expected)):
             if t.dtype != dtype:
                 raise MalformedReply(
-                    f"the server's reply to {_call_name(request)}: tensor {i} is {protocol.DTYPE_NAMES[t.dtype]}, expected {protocol.DTYPE_NAMES[dtype]}"
+                    f"the server's reply to {_call_name(request.op, request.args)}: tensor {i} is {protocol.DTYPE_NAMES[t.dtype]}, expected {protocol.DTYPE_NAMES[dtype]}"
                 )
             if len(t.shape) != len(shape) or any(want is not None and got != want for got, want in zip(t.shape, shape)):
                 raise MalformedReply(
-                    f"the server's reply to {_call_name(request)}: tensor {i} has shape {list(t.shape)}, expected {[d if d is not None else 'N' for d in shape]}"
+                    f"the server's reply to {_call_name(request.op, request.args)}: tensor {i} has shape {list(t.shape)}, expected {[d if d is not None else 'N' for d in shape]}"
                 )
             self._check_finite(request, i, t)
 
     @staticmethod
     def _check_finite(request: Message, i: int, t: torch.Tensor) -> None:
         if t.is_floating_point() and not all_finite(t):
-            raise _not_finite(request, i)
+            raise _not_finite(request.op, request.args, i)
 
     def _expected(self, request: Message) -> list[tuple[tuple[int | None, ...], torch.dtype]]:
         """(shape, dtype) of each tensor of an honest reply; None where the width is not known here."""
@@ -484,6 +526,7 @@ class RemoteBackend:
         return f"the CURVE handshake with {server} failed (is --server-key its public key, and this client's key in its --allow-clients folder?)"
 
     def close(self) -> None:
+        self._hot_calls.clear()
         if self.shm is not None:
             self.shm.close()
             self.shm = None
@@ -492,13 +535,13 @@ class RemoteBackend:
         self.socket.close(linger=0)
 
 
-def _call_name(request: Message) -> str:
+def _call_name(op: str, args: Mapping[str, Any]) -> str:
     """A hot call as errors name it: the op, and a LINEAR's layer and modules."""
-    return request.op + (f" (layer {request.args['layer']} {'|'.join(request.args['modules'])})" if request.op == "LINEAR" else "")
+    return op + (f" (layer {args['layer']} {'|'.join(args['modules'])})" if op == "LINEAR" else "")
 
 
-def _not_finite(request: Message, i: int) -> MalformedReply:
-    return MalformedReply(f"the server's reply to {_call_name(request)}: tensor {i} holds NaN or infinite values")
+def _not_finite(op: str, args: Mapping[str, Any], i: int) -> MalformedReply:
+    return MalformedReply(f"the server's reply to {_call_name(op, args)}: tensor {i} holds NaN or infinite values")
 
 
 def all_finite(t: torch.Tensor) -> bool:

@@ -274,6 +274,11 @@ def compact_compute_s(header: Any) -> float:
     return float(_COMPUTE_FIELD.unpack_from(header, COMPACT_COMPUTE)[0])
 
 
+def stamp_id(buffer: Any, header_at: int, msg_id: int) -> None:
+    """Write `msg_id` into the compact header at `header_at` of a writable buffer."""
+    _ID_FIELD.pack_into(buffer, header_at + COMPACT_ID, msg_id)
+
+
 def stamped(header: bytes, msg_id: int, compute_s: float) -> bytearray:
     """A copy of a compact header with this id and compute_s: a known reply's, made without encoding."""
     out = bytearray(header)
@@ -284,7 +289,7 @@ def stamped(header: bytes, msg_id: int, compute_s: float) -> bytearray:
 
 def _joined_names(modules: Any) -> bytes | None:
     """Module names as the compact header holds them, or None where it cannot."""
-    if type(modules) is not list or not modules or not all(type(m) is str and m.isascii() and "|" not in m for m in modules):
+    if type(modules) not in (list, tuple) or not modules or not all(type(m) is str and m.isascii() and "|" not in m for m in modules):
         return None
     names = "|".join(modules).encode()
     return names if len(names) <= 32 else None
