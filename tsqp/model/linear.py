@@ -180,6 +180,14 @@ class LinearWeights:
         else:
             torch.matmul(torch.from_numpy(x), w_t, out=torch.from_numpy(out))
 
+    def one_row_kernel(self, site: GroupKey | str, elements: int) -> np.ndarray | None:
+        """The weight (K, N) that `product_into` multiplies an input of `elements` floats by through numpy, or None where
+        it goes through torch (the server's fast lane calls numpy's matmul with it directly: the same kernel, the same bits)."""
+        if not self._numpy_ok:
+            return None
+        w_t = self.lm_head_t if site == "lm_head" else self._groups[site][0]  # type: ignore[index]
+        return w_t.detach().numpy() if self._on_numpy(elements, w_t) else None
+
     def _on_numpy(self, elements: int, w_t: torch.Tensor) -> bool:
         """Whether a product of an input of `elements` floats goes through numpy: one decode row on CPU, where numpy's
         BLAS call skips torch's dispatch, the larger cost of a small product (from 2 rows torch's kernel is the faster)."""

@@ -63,6 +63,35 @@ class Plan:
     field: tuple[int, int, int] | None = None  # otp's (p, limb_bits, weight_bits); None for a plain float product
 
 
+@dataclass(frozen=True)
+class Place:
+    """Where one plan's request and reply lie on one channel: numpy views of the input and the reply's body, the
+    reply's table and header as slices of the mapping; and the one-row kernel's weight where numpy computes it."""
+
+    x: np.ndarray  # (rows, features), or the token ids (rows, 1) of an EMBED
+    out: np.ndarray  # (rows, out_features)
+    table: slice
+    header: slice
+    reply_table: bytes
+    kernel: np.ndarray | None
+
+    @classmethod
+    def of(cls, channel: Channel, plan: Plan, kernel: np.ndarray | None) -> Place:
+        into, out = channel.incoming_area, channel.outgoing_area
+        in_dtype, out_dtype = (np.int64, np.float32) if plan.op == "EMBED" else (np.float32, np.float32) if plan.field is None else (np.int64, np.int64)
+        x = np.frombuffer(channel.mm, in_dtype, plan.rows * plan.features, into + plan.request.offsets[1]).reshape(plan.rows, plan.features)
+        y = np.frombuffer(channel.mm, out_dtype, plan.rows * plan.out_features, out + plan.reply.offsets[1]).reshape(plan.rows, plan.out_features)
+        header_at = out + plan.reply.offsets[0]
+        table = slice(out, out + len(plan.reply.table))
+        return cls(x, y, table, slice(header_at, header_at + plan.reply.lengths[0]), plan.reply.table, kernel)
+
+    def post(self, channel: Channel, header: bytes | bytearray) -> None:
+        """Post the reply whose body is written: its header, its table, then its seq (`Channel.post_seq`)."""
+        channel.mm[self.header] = header
+        channel.mm[self.table] = self.reply_table
+        channel.post_seq(channel.seq)
+
+
 class FastLane:
     """`batching`: whether the server batches plain products across clients (then a plain request takes the lane
     only while its client is alone)."""
@@ -105,68 +134,72 @@ class FastLane:
         """Answer the request posted on `channel` in place, if it is a remembered one that this lane can answer: the
         result is written into the reply area (a plain product reads the request area, where the client can change
         its own input under it, and nothing else). `alone`: no other client is on shared memory."""
-        head = bytes(channel.incoming(0, HEAD))  # a copy: what is checked is what is used
-        header = head[DATA:]
-        plan = self.plans.get(request_key(head[: TABLE.size], header))
+        head = channel.mm[channel.incoming_area : channel.incoming_area + HEAD]  # a copy: what is checked is what is used
+        key = request_key(head[: TABLE.size], head[DATA:])
+        plan = self.plans.get(key)
         if plan is None or (plan.field is None and self.batching and not alone):
             return False
         seq = channel.incoming_seq()
-        x = channel.incoming(plan.request.offsets[1], plan.request.lengths[1])
-        out = channel.outgoing(plan.reply.offsets[1], plan.reply.lengths[1])
+        place = channel.views.get(key) or self._place(channel, key, plan)
         started = time.perf_counter()
         if plan.op == "EMBED":
-            if not self._embed(plan, x, out):
+            if not self._embed(place):
                 return False
         elif plan.field is None:
-            self._product(plan, x, out)
-        elif not self._product_mod(plan, x, out):
+            self._product(plan, place)
+        elif not self._product_mod(plan, place):
             return False
         elapsed = time.perf_counter() - started
         channel.seq = seq
-        channel.write(plan.reply, (protocol.stamped(plan.reply_header, protocol.compact_id(header), elapsed),))
-        channel.post_seq(channel.seq)
+        place.post(channel, protocol.stamped(plan.reply_header, protocol.compact_id(head[DATA:]), elapsed))
         self._count(plan, client, elapsed)
         if plan.field is None:
             self.warmer.answered(plan.site)  # (otp's products read other weights)
         return True
 
-    def _product(self, plan: Plan, x: memoryview, out: memoryview) -> None:
-        """A plain float product of `x` into `out`, with the generic path's kernel (the same bits)."""
+    def _place(self, channel: Channel, key: bytes, plan: Plan) -> Place:
+        """`plan`'s `Place` on `channel`, made at its first request there."""
         weights = self.handlers.weights
-        x_rows = np.frombuffer(x, np.float32).reshape(plan.rows, plan.features)
-        out_rows = np.frombuffer(out, np.float32).reshape(plan.rows, plan.out_features)
-        if weights.cpu_float32:
-            weights.product_into(plan.site, x_rows, out_rows)
-            return
-        x_t = torch.from_numpy(x_rows)  # another dtype or device: the generic path's product, cast back as it does
-        y = weights.lm_head(x_t) if plan.site == "lm_head" else weights.group_product(plan.site, x_t)  # type: ignore[arg-type]
-        out_rows[:] = self.handlers.out(y, torch.float32).detach().numpy()
+        kernel = weights.one_row_kernel(plan.site, plan.rows * plan.features) if plan.field is None and plan.op != "EMBED" else None
+        place = channel.views[key] = Place.of(channel, plan, kernel)
+        return place
 
-    def _embed(self, plan: Plan, x: memoryview, out: memoryview) -> bool:
-        """The vocabulary rows of token ids `x` into `out`; False (nothing written) where an id is out of range."""
+    def _product(self, plan: Plan, place: Place) -> None:
+        """A plain float product of the request's input into the reply, with the generic path's kernel (the same bits)."""
         weights = self.handlers.weights
-        ids = np.frombuffer(x, np.int64).copy()  # ours: the range checked is the range used
+        if place.kernel is not None:
+            np.matmul(place.x, place.kernel, out=place.out)
+        elif weights.cpu_float32:
+            weights.product_into(plan.site, place.x, place.out)
+        else:
+            x_t = torch.from_numpy(place.x)  # another dtype or device: the generic path's product, cast back as it does
+            y = weights.lm_head(x_t) if plan.site == "lm_head" else weights.group_product(plan.site, x_t)  # type: ignore[arg-type]
+            place.out[:] = self.handlers.out(y, torch.float32).detach().numpy()
+
+    def _embed(self, place: Place) -> bool:
+        """The vocabulary rows of the request's token ids into the reply; False (nothing written) where an id is out of range."""
+        weights = self.handlers.weights
+        ids = place.x.reshape(-1).copy()  # ours: the range checked is the range used
         if not all_within(ids, weights.embedding.shape[0]):
             return False  # the generic path refuses it, naming why
-        out_rows = np.frombuffer(out, np.float32).reshape(plan.rows, plan.out_features)
         if weights.cpu_float32:
-            np.take(weights.embedding.detach().numpy(), ids, axis=0, out=out_rows)
+            np.take(weights.embedding.detach().numpy(), ids, axis=0, out=place.out)
         else:
-            out_rows[:] = self.handlers.out(weights.embed(torch.from_numpy(ids)), torch.float32).detach().numpy()
+            place.out[:] = self.handlers.out(weights.embed(torch.from_numpy(ids)), torch.float32).detach().numpy()
         return True
 
-    def _product_mod(self, plan: Plan, x: memoryview, out: memoryview) -> bool:
-        """An otp product of `x` into `out`; False (nothing written) where the generic path must answer."""
+    def _product_mod(self, plan: Plan, place: Place) -> bool:
+        """An otp product of the request's input into the reply; False (nothing written) where the generic path must answer."""
         assert plan.field is not None
         p, limb_bits, bits = plan.field
         quantized = self.handlers.quantized
         if quantized is None or quantized.bits != bits:
             return False  # quantized to another width since: the generic path quantizes again
-        x_rows = np.frombuffer(x, np.int64).reshape(plan.rows, plan.features).copy()  # ours: the range checked is the range used
+        x_rows = place.x.copy()  # ours: the range checked is the range used
         if not all_within(x_rows, p):
             return False  # the generic path refuses it, naming why
         y = quantized.product_mod(plan.site, torch.from_numpy(x_rows), p, limb_bits)
-        np.frombuffer(out, np.int64).reshape(plan.rows, plan.out_features)[:] = y.detach().cpu().numpy()
+        place.out[:] = y.detach().cpu().numpy()
         return True
 
     def _count(self, plan: Plan, client: str, seconds: float) -> None:

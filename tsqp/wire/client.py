@@ -171,7 +171,6 @@ class RemoteBackend:
         self.stats = WireStats()
         self.info: dict[str, Any] = {}
         self._compact = False  # hot calls with the compact header: once the server's HELLO says it reads them
-        self._hot_calls: dict[tuple[Any, ...], HotCall | None] = {}  # a hot call's kind -> its bytes on the channel (`_hot_call`)
         self._split_widths: dict[tuple[str, ...], list[int]] = {}
         self.out_features = dict(out_features or {})
         self._next_id = 0
@@ -267,7 +266,6 @@ class RemoteBackend:
                 self.out_features.setdefault(name, width)
 
     def _open_shm(self, offer: Any) -> None:
-        self._hot_calls.clear()  # their views are of the old channel's memory
         if self.shm is not None:
             self.shm.close()
             self.shm = None
@@ -293,7 +291,7 @@ class RemoteBackend:
     def call(self, op: str, args: dict[str, Any], tensors: Sequence[torch.Tensor] = (), timeout_s: float | None = None,
              while_waiting: Callable[[], None] | None = None) -> Message:  # fmt: skip
         """One request and its checked reply; `while_waiting` (it must not raise) runs once the request is on its way."""
-        hot = self._hot_call(op, args, tensors[0]) if len(tensors) == 1 and self.shm is not None else None
+        hot = self._hot_call(op, args, tensors[0]) if len(tensors) == 1 else None
         if hot is not None:
             return self._call_hot(hot, op, args, tensors[0], timeout_s, while_waiting)
         self._next_id += 1
@@ -353,18 +351,19 @@ class RemoteBackend:
     def _hot_call(self, op: str, args: dict[str, Any], x: torch.Tensor) -> HotCall | None:
         """The `HotCall` for this call, made at its kind's first call; None where its bytes cannot be known here (or
         it does not go through shared memory). Args equal under == make the same request (the first one's bytes)."""
-        if not self._compact or op not in HOT_OPS or x.requires_grad:
+        if not self._compact or op not in HOT_OPS or x.requires_grad or self.shm is None:
             return None
+        hot_calls = self.shm.views  # a kind's HotCall, or None: kept with the channel whose memory it views
         try:  # the common case: args of hashable values (a tuple of modules)
             key = (op, x.shape, x.dtype, *args.items())
-            hot = self._hot_calls.get(key, False)
+            hot = hot_calls.get(key, False)
         except TypeError:
             key = (op, x.shape, x.dtype, *[(name, tuple(v) if type(v) is list else v) for name, v in args.items()])
-            hot = self._hot_calls.get(key, False)
+            hot = hot_calls.get(key, False)
         if hot is False:
-            if len(self._hot_calls) >= MAX_KNOWN_CALLS:
-                self._hot_calls.clear()
-            hot = self._hot_calls[key] = self._make_hot_call(protocol.request(op, 0, args, [x]))
+            if len(hot_calls) >= MAX_KNOWN_CALLS:
+                hot_calls.clear()
+            hot = hot_calls[key] = self._make_hot_call(protocol.request(op, 0, args, [x]))
         return hot
 
     def _make_hot_call(self, request: Message) -> HotCall | None:
@@ -526,7 +525,6 @@ class RemoteBackend:
         return f"the CURVE handshake with {server} failed (is --server-key its public key, and this client's key in its --allow-clients folder?)"
 
     def close(self) -> None:
-        self._hot_calls.clear()
         if self.shm is not None:
             self.shm.close()
             self.shm = None

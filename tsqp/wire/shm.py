@@ -191,6 +191,7 @@ class Channel:
         self.seq = 0  # the client's last request; on the server, the last request taken
         self.busy = False  # the server: that request is not answered yet
         self.closed = False
+        self.views: dict[Any, Any] = {}  # the owner's numpy views of the areas, by what they are for: dropped at close
         flags = os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC
         self._fds: list[int] = []
         try:
@@ -364,6 +365,7 @@ class Channel:
     def close(self) -> None:
         """Unmap and close; the memory goes once the peer has done the same (or died)."""
         self.closed = True
+        self.views.clear()
         for view in (getattr(self, "_seqs", None), getattr(self, "buf", None)):
             if view is not None:
                 view.release()
