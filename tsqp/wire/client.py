@@ -84,7 +84,7 @@ class KnownCall:
 
 
 class HotCall:
-    """A `KnownCall` laid onto one channel: numpy views where its input goes in the request area and where an honest
+    """A `KnownCall` laid onto one channel: views of where its input goes in the request area and of where an honest
     reply's body lies in the reply area, so a call writes its input, and copies the reply's body out, in one step each."""
 
     def __init__(self, known: KnownCall, channel: Channel, x: torch.Tensor) -> None:
@@ -94,7 +94,9 @@ class HotCall:
         self.header_at = out + known.request.offsets[0]
         self.header = slice(self.header_at, self.header_at + len(known.header))
         # Views of the mapping (not of `channel.buf`, which must be releasable at close), dropped with the channel.
-        self.input = np.frombuffer(channel.mm, NUMPY_DTYPES[x.dtype], x.numel(), out + known.request.offsets[1]).reshape(x.shape)
+        # The input is written by torch's copy (the TEE's own ops keep its code warm: 3.4-3.9 µs a call in a run,
+        # against 6-9 for numpy's assignment), the reply's body copied out by numpy's (2-3 µs against torch's 9-12).
+        self.input = torch.from_numpy(np.frombuffer(channel.mm, NUMPY_DTYPES[x.dtype], x.numel(), out + known.request.offsets[1]).reshape(x.shape))
         self.output = np.frombuffer(channel.mm, known.dtype, math.prod(known.shape), into + known.reply.offsets[1]).reshape(known.shape)
         self.head = slice(into, into + known.reply_head)
         self.sent = len(known.header) + known.request.lengths[1]
@@ -102,7 +104,7 @@ class HotCall:
 
     def write(self, mm: mmap.mmap, x: torch.Tensor, msg_id: int) -> None:
         """Write the request for `x` under `msg_id` into the request area (posting it is the caller's)."""
-        self.input[...] = x.detach().numpy()  # (an x that requires grad never comes here: `call` raises on it)
+        self.input.copy_(x)  # (an x that requires grad never comes here: `call` raises on it)
         mm[self.header] = self.known.header
         protocol.stamp_id(mm, self.header_at, msg_id)
         mm[self.table] = self.known.request.table
