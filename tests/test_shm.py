@@ -12,6 +12,7 @@ import stat
 import struct
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -331,6 +332,7 @@ def test_a_killed_server_leaves_no_segment_and_the_client_notices_within_a_secon
 
 SEQ_WRITER = """
 import sys
+import threading
 from tsqp.wire.shm import Channel
 channel = Channel.attach({"path": sys.argv[1], "area_bytes": int(sys.argv[2])})
 for seq in range(1, int(sys.argv[3]) + 1):
@@ -391,6 +393,47 @@ def test_the_spinner_stops_spinning_while_its_spins_run_out(monkeypatch: pytest.
     while spinner.ran_out > 0.5:  # probes that see the message in time bring the spinning back
         spinner.wait_for(lambda: True)
     assert spinner.budget() == 0.001
+
+
+def channel_pair() -> tuple[Channel, Channel]:
+    """A server's side of a new channel and a client's, in this process."""
+    server_side = Channel.create(private_folder(), 4096)
+    return server_side, Channel.attach({"path": str(server_side.path), "area_bytes": 4096})
+
+
+def test_a_wait_for_a_long_reply_dozes_until_near_its_time_and_wakes_at_a_ring(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A reply expected to outlast the spin budget is waited for blocked first (`Channel._doze`): a ring wakes the
+    wait at once, and a ring its doze drained is not lost when the spin that follows is off (a crowded machine): the
+    blocking wait after it would poll a drained doorbell for a whole slice."""
+    monkeypatch.setattr(shm, "SPIN_ALLOWED", True)
+    server_side, client_side = channel_pair()
+    try:
+        spinner = shm.Spinner(0.001)
+        poster = threading.Timer(0.02, server_side.post_seq, (1,))
+        poster.start()
+        started = time.perf_counter()
+        client_side.wait(1, spinner, time.monotonic() + 5, lambda: None, expected_s=2.0)  # would doze ~2 s unrung
+        assert time.perf_counter() - started < 1.0
+        poster.join()
+
+        monkeypatch.setattr(shm, "machine_crowded", lambda: True)
+        spinner.crowded, spinner._waits = True, 0  # no spin after the doze
+        client_side.drain()
+        os.write(server_side.bell_out, b"\1")  # a stale ring: the doze returns at once and drains...
+        real_drain = client_side.drain
+
+        def drain_as_the_reply_lands() -> None:  # ...just as the server posts reply 2 and rings
+            server_side.post_seq(2)
+            real_drain()
+
+        monkeypatch.setattr(client_side, "drain", drain_as_the_reply_lands)
+        started = time.perf_counter()
+        client_side.wait(2, spinner, time.monotonic() + 5, lambda: None, expected_s=2.0)
+        assert time.perf_counter() - started < shm.BLOCK_SLICE_S / 2
+    finally:
+        client_side.close()
+        server_side.close()
+        server_side.unlink()
 
 
 def test_spinning_is_off_where_the_store_order_is_not_guaranteed(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -101,6 +101,7 @@ class HotCall:
         self.head = slice(into, into + known.reply_head)
         self.sent = len(known.header) + known.request.lengths[1]
         self.received = len(known.reply_header) + known.reply.lengths[1]
+        self.compute_s = 0.0  # the server's time for the last honest reply: what the next one is expected to take
 
     def write(self, mm: mmap.mmap, x: torch.Tensor, msg_id: int) -> None:
         """Write the request for `x` under `msg_id` into the request area (posting it is the caller's)."""
@@ -392,13 +393,14 @@ class RemoteBackend:
         t1 = time.perf_counter()
         deadline = time.monotonic() + (self.timeout_s if timeout_s is None else timeout_s)
         try:
-            self._shm_round_trip(shm, op, None, deadline, while_waiting)
+            self._shm_round_trip(shm, op, None, deadline, while_waiting, hot.compute_s)
             compute_s = hot.known.honest_compute_s(shm.mm[hot.head], msg_id)
             if compute_s is None:  # anything else (an error, a reply over zmq, a lie) goes the checked way
                 request = protocol.request(op, msg_id, args, [x])
                 frames, reply = self._reply_to(request, deadline, shm.read())
                 return self._checked(request, len(hot.known.header), frames, reply, t0, t1, time.perf_counter())
             body = hot.output.copy()
+            hot.compute_s = compute_s
         except ServerUnavailable:
             self._abandoned.add(msg_id)
             raise
@@ -461,8 +463,9 @@ class RemoteBackend:
         return [((*torch.broadcast_shapes(x.shape[:-2], b.shape[:-2]), x.shape[-2], b.shape[-1]), x.dtype)]
 
     def _shm_round_trip(self, shm: Channel, op: str, frames: list[Any] | None, deadline: float,
-                        while_waiting: Callable[[], None] | None = None) -> None:  # fmt: skip
-        """Post a request (its `frames`, or None: written already), run `while_waiting`, and wait for its reply."""
+                        while_waiting: Callable[[], None] | None = None, expected_s: float = 0.0) -> None:  # fmt: skip
+        """Post a request (its `frames`, or None: written already), run `while_waiting`, and wait for its reply (expected
+        to take the server `expected_s`)."""
         shm.seq += 1
         if frames is None:
             shm.post_seq(shm.seq)
@@ -470,7 +473,7 @@ class RemoteBackend:
             shm.post(frames, shm.seq)
         self._work_while_waiting(while_waiting)
         try:
-            shm.wait(shm.seq, self.spinner, deadline, lambda: self._check_server(op))
+            shm.wait(shm.seq, self.spinner, deadline, lambda: self._check_server(op), max(expected_s - self._worked_s, 0.0))
         except EndpointError:
             raise ServerUnavailable(f"the tsqp server at {self.endpoint} went away while answering {op}") from None
         except TimeoutError:
