@@ -174,6 +174,22 @@ def test_a_mask_is_never_reused(shield: str, tiny: LoadedModel, server: RunningS
     session.close()
 
 
+def test_a_run_prepared_for_its_prompt_and_answer_uses_every_row_made_and_makes_none(tiny: LoadedModel, server: RunningServer) -> None:
+    """`prepare(N + M - 1, logits_rows=M)` (the bench's `--precompute`) makes what a run of N prompt and M answer tokens
+    uses: N + M - 1 rows at each layer's sites (the last token needs no forward), M at lm_head (one per forward); none
+    is left, none made during the run."""
+    session = shielded_session(tiny, server.endpoint, "otp", verify=True)
+    shield = session.backend.shield
+    new_tokens = 6
+    shield.prepare(len(PROMPT) + new_tokens - 1, logits_rows=new_tokens)
+    assert shield.pool.available("lm_head") == new_tokens
+    made = shield.times.offline_rows
+    generate(session.llama, PROMPT, new_tokens)
+    assert shield.times.offline_rows == made  # nothing made during the run: the pool was never short
+    assert {site: shield.pool.available(site) for site in shield.sites if shield.pool.available(site)} == {}
+    session.close()
+
+
 def test_the_pool_never_holds_more_than_its_budget(tmp_path: Path) -> None:
     """A small random model whose masks for one token take ~0.1 MiB: a 1 MiB pool holds about 9
     tokens' worth, so its background worker stops at the budget during the chunked prefill and

@@ -27,10 +27,11 @@ class Shield:
         self.freivalds = FloatFreivalds(sites, server_dtype) if verify and self.float_results else None
         self.pool: MaskPool | None = None
 
-    def prepare(self, rows: int) -> None:
-        """Offline phase: masks (and their products) for `rows` tokens at every call site."""
+    def prepare(self, rows: int, logits_rows: int | None = None) -> None:
+        """Offline phase: masks (and their products) for `rows` tokens at every call site; at lm_head for
+        `logits_rows` (default `rows`; a run of N prompt and M answer tokens uses N + M - 1 rows a site, M at lm_head)."""
         if self.pool is not None:
-            self.pool.prepare(rows)
+            self.pool.prepare(rows, logits_rows)
 
     def close(self) -> None:
         """Stop the pool's background worker."""

@@ -83,8 +83,9 @@ class MaskPool:
     def nbytes(self) -> int:
         return self._held
 
-    def prepare(self, rows: int) -> None:
-        """Offline, before a request: make sure every site holds at least `rows` unused rows.
+    def prepare(self, rows: int, logits_rows: int | None = None) -> None:
+        """Offline, before a request: make sure every site holds at least `rows` unused rows, lm_head `logits_rows`
+        (default `rows`): it sees one row per forward, so a run uses one per answer token there.
 
         What is asked for here is held whatever the budget (which grows to hold it); the budget
         bounds what the pool makes ahead on its own. A pool prepared this way is its caller's to
@@ -95,7 +96,7 @@ class MaskPool:
         for site in self.sites:
             with self._lock:
                 self._wait_while_making(site)
-                short = rows - self._rows[site]
+                short = (rows if site != "lm_head" or logits_rows is None else logits_rows) - self._rows[site]
                 if short <= 0:
                     continue
                 self.budget_bytes = max(self.budget_bytes, self._held + short * self.row_bytes[site])

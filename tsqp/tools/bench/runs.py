@@ -183,7 +183,7 @@ def _tsqp_run(session: Any, ids: list[int], precompute: bool = False) -> Callabl
         if shield is not None:
             offline_before, stall_before = shield.times.offline_s, shield.times.stall_s
             if precompute:
-                shield.prepare(len(ids) + new_tokens)
+                shield.prepare(len(ids) + new_tokens - 1, logits_rows=new_tokens)  # what the run uses, no more
         marks: list[dict[str, float]] = []
 
         def on_token(_: int) -> None:
