@@ -333,11 +333,12 @@ class Channel:
         """Until the peer posts `seq`: spin (as `spinner` says), then block on the doorbell; `on_idle` runs
         between blocked slices (it raises to give up), and a dead peer or the deadline raise `EndpointError`.
 
-        A message expected to take longer than the spin budget (`expected_s`, the last like one's time) is first
-        waited for blocked until about half a budget before it is due (`_doze`), then spun for until half a budget
-        after: a spin that ran out, and the wake-up after it, cost a 5 ms lm_head ~285 µs a token on the 2-core VM."""
+        A message expected to take longer than the spin budget and less than a blocked slice (`expected_s`, the last
+        like one's time; a dead peer is still seen within a slice) is first waited for blocked until about half a
+        budget before it is due (`_doze`), then spun for until half a budget after: a spin that ran out, and the
+        wake-up after it, cost a 5 ms lm_head ~285 µs a token on the 2-core VM."""
         spin_until = 0.0
-        if expected_s > spinner.budget_s > 0:
+        if BLOCK_SLICE_S > expected_s > spinner.budget_s > 0:  # (a longer one: the wake-up is small beside it)
             spin_until = time.perf_counter() + expected_s + spinner.budget_s / 2
             if self._doze(seq, expected_s - spinner.budget_s / 2):
                 return
