@@ -15,11 +15,15 @@ from tsqp.model.config import ACTIVATION_BITS_RANGE, WEIGHT_BITS_RANGE
 # --- the fixed-point algebra -------------------------------------------------------------
 
 
-def test_product_mod_is_exact_for_extreme_inputs() -> None:
-    p, limb_bits = fixedpoint.previous_prime(1 << 40), 20
+@pytest.mark.parametrize(("p_bits", "limb_bits", "k"), [(40, 20, 96), (33, 33, 456)], ids=["two-limbs", "one-limb"])
+def test_product_mod_is_exact_for_extreme_inputs(p_bits: int, limb_bits: int, k: int) -> None:
+    """Two 20-bit limbs, and one limb of all p's 33 bits, whose products with a column of 456 weights of 2047
+    (SmolLM2's widest row L1, ~933k) reach 2^52.8: exact below float64's 2^53."""
+    p, weight = fixedpoint.previous_prime(1 << p_bits), 2047
     gen = torch.Generator().manual_seed(0)
-    w = torch.randint(-2047, 2048, (96, 40), generator=gen, dtype=torch.int64)
-    x = torch.randint(0, p, (5, 96), generator=gen, dtype=torch.int64)
+    w = torch.randint(-weight, weight + 1, (k, 40), generator=gen, dtype=torch.int64)
+    w[:, 0] = weight  # a column of the widest weights: its product with p - 1 is the largest
+    x = torch.randint(0, p, (5, k), generator=gen, dtype=torch.int64)
     x[0] = p - 1  # the largest masked values, where a float64 product without limbs would round
     fixedpoint.check_product_exact(fixedpoint.max_row_l1(w.double()), p, limb_bits)
     got = fixedpoint.product_mod(x, w.double(), p, limb_bits)
@@ -131,6 +135,11 @@ def test_field_holds_every_honest_result_and_refuses_what_cannot_be_exact() -> N
     f = fixedpoint.choose_field(l1=933_541, weight_bits=12, activation_bits=16)  # SmolLM2's widest row at 12 bits
     assert f.p > 2 * f.bound and fixedpoint._is_prime(f.p)
     assert f.limbs == 2 and 933_541 * ((1 << f.limb_bits) - 1) < 2**53 and (2 * f.p) << f.limb_bits < 2**63
+    one = fixedpoint.choose_field(l1=933_541, weight_bits=12, activation_bits=13)  # the default: p's 33 bits in one limb
+    assert one.limbs == 1 and one.limb_bits == one.p.bit_length() == 33 and 933_541 * (one.p - 1) < 2**53
+    fixedpoint.check_product_exact(933_541, one.p, one.limb_bits)  # no Horner step: its int64 bound does not apply
+    with pytest.raises(ValueError, match="too wide"):  # a row wider by a sixth: the one limb's products would round
+        fixedpoint.check_product_exact(1_100_000, one.p, one.limb_bits)
     with pytest.raises(ShieldError, match="cannot be exact"):
         fixedpoint.choose_field(l1=1 << 30, weight_bits=16, activation_bits=24)
     with pytest.raises(ValueError, match="too wide"):

@@ -8,7 +8,7 @@ Both sides use this module, so they quantize the public weights identically:
 - The server returns X̃·W_qᵀ mod p, computed exactly: float64 products of integers are exact
   while every partial sum stays below 2⁵³, so X̃ is split into limbs of `limb_bits` bits with
   max_row‖W_q‖₁ · 2^limb_bits < 2⁵³, and the limb products are combined by Horner's rule mod p
-  in int64, which needs 2p · 2^limb_bits < 2⁶³.
+  in int64, which needs 2p · 2^limb_bits < 2⁶³ (one limb, where p's residues fit it, needs no Horner step).
 - The TEE subtracts R·W_qᵀ mod p (precomputed offline) and lifts to the centred representative.
   That equals X_q·W_qᵀ exactly because |X_q·W_qᵀ| ≤ (2^(b_x-1) - 1) · max_row‖W_q‖₁ < p/2.
 
@@ -172,8 +172,11 @@ def choose_field(l1: int, weight_bits: int, activation_bits: int) -> Field:
     if p <= 2 * bound:
         bits += 1
         p = previous_prime(1 << bits)
-    # Horner's acc·2^ℓ + part < 2p·2^ℓ: one spare bit below 2⁶³.
-    limb_bits = min((FLOAT64_EXACT - 1) // max(l1, 1), (INT64_LIMIT - 1) // (2 * p)).bit_length() - 1
+    exact_bits = ((FLOAT64_EXACT - 1) // max(l1, 1)).bit_length() - 1  # the widest limbs whose products stay exact
+    # One limb where p's residues are that narrow: its products are reduced once, no Horner step. Else Horner's
+    # acc·2^ℓ + part < 2p·2^ℓ: one spare bit below 2⁶³. (One limb halves the TEE's mask products: 13-bit activations
+    # give SmolLM2 a 33-bit field and one limb, 16-bit ones 36 bits and two.)
+    limb_bits = p.bit_length() if p.bit_length() <= exact_bits else min(exact_bits, ((INT64_LIMIT - 1) // (2 * p)).bit_length() - 1)
     if limb_bits < 1 or -(-bits // limb_bits) > MAX_LIMBS:
         raise ShieldError(
             f"otp cannot be exact for this model with {weight_bits}-bit weights and {activation_bits}-bit activations: "
@@ -186,7 +189,8 @@ def check_product_exact(l1: int, p: int, limb_bits: int) -> None:
     """The server's side of the bound, for the parameters a client sent."""
     if not 2 < p < INT64_LIMIT or not 1 <= limb_bits <= 52:
         raise ValueError(f"field p={p} / limb_bits={limb_bits} out of range")
-    if l1 * ((1 << limb_bits) - 1) >= FLOAT64_EXACT or p << (limb_bits + 1) >= INT64_LIMIT:
+    one_limb = p.bit_length() <= limb_bits  # no Horner step: its int64 bound does not apply
+    if l1 * ((1 << limb_bits) - 1) >= FLOAT64_EXACT or (not one_limb and p << (limb_bits + 1) >= INT64_LIMIT):
         raise ValueError(f"limbs of {limb_bits} bits are too wide for exact products with p={p} (max row L1 {l1})")
     if -(-p.bit_length() // limb_bits) > MAX_LIMBS:
         raise ValueError(f"p={p} with {limb_bits}-bit limbs needs more than {MAX_LIMBS} limbs")
