@@ -146,14 +146,19 @@ def test_field_holds_every_honest_result_and_refuses_what_cannot_be_exact() -> N
         fixedpoint.check_product_exact(933_541, f.p, f.limb_bits + 8)
 
 
-def test_masks_are_uniform_over_the_field() -> None:
-    p = fixedpoint.previous_prime(1 << 36)
+@pytest.mark.parametrize("p", [fixedpoint.previous_prime(1 << 36), fixedpoint.previous_prime(1 << 33), (1 << 20) + 7, fixedpoint.previous_prime(1 << 61)],
+                         ids=["36-bit", "33-bit", "just-above-2^20", "61-bit"])  # fmt: skip
+def test_masks_are_uniform_over_the_field(p: int) -> None:
+    """Draws of 5 bytes (33-40-bit p), 3 (a p that rejects about half), 8 (61 bits): in range, and uniform by their mean,
+    the share in the top half, and each bit below the top one."""
     r = fixedpoint.random_mod((200_000,), p)
     assert int(r.min()) >= 0 and int(r.max()) < p
-    # Mean and top-bit frequency of a uniform draw, within 6 standard errors.
+    # Mean, top-half share and each bit's frequency of a uniform draw, within 6 standard errors.
     assert abs(float(r.double().mean()) / p - 0.5) < 6 * math.sqrt(1 / 12 / r.numel())
     high = float((r >= p // 2).double().mean())
     assert abs(high - 0.5) < 6 * math.sqrt(0.25 / r.numel())
+    for bit in range(p.bit_length() - 1):
+        assert abs(float(((r >> bit) & 1).double().mean()) - 0.5) < 6 * math.sqrt(0.25 / r.numel()), bit
 
 
 def test_matmul_mod_2_64_equals_wrapping_integer_arithmetic() -> None:
