@@ -174,19 +174,21 @@ class LinearWeights:
     def product_into(self, site: GroupKey | str, x: np.ndarray, out: np.ndarray) -> None:
         """The product `group_product` (or `lm_head`) gives for float32 rows `x` (rows, K) of CPU float32 weights,
         written into `out` (rows, N): the same kernel, so the same bits (the server's fast lane)."""
-        w_t = self.lm_head_t if site == "lm_head" else self._groups[site][0]  # type: ignore[index]
-        if self._on_numpy(x.size, w_t):
-            np.matmul(x, w_t.detach().numpy(), out=out)
+        kernel = self.one_row_kernel(site, x.size)
+        if kernel is not None:
+            np.matmul(x, kernel, out=out)
         else:
-            torch.matmul(torch.from_numpy(x), w_t, out=torch.from_numpy(out))
+            torch.matmul(torch.from_numpy(x), self._site_weight_t(site), out=torch.from_numpy(out))
 
     def one_row_kernel(self, site: GroupKey | str, elements: int) -> np.ndarray | None:
         """The weight (K, N) that `product_into` multiplies an input of `elements` floats by through numpy, or None where
         it goes through torch (the server's fast lane calls numpy's matmul with it directly: the same kernel, the same bits)."""
-        if not self._numpy_ok:
-            return None
-        w_t = self.lm_head_t if site == "lm_head" else self._groups[site][0]  # type: ignore[index]
+        w_t = self._site_weight_t(site)
         return w_t.detach().numpy() if self._on_numpy(elements, w_t) else None
+
+    def _site_weight_t(self, site: GroupKey | str) -> torch.Tensor:
+        """A call group's fused weight (K, N), or lm_head's."""
+        return self.lm_head_t if site == "lm_head" else self._groups[site][0]  # type: ignore[index]
 
     def _on_numpy(self, elements: int, w_t: torch.Tensor) -> bool:
         """Whether a product of an input of `elements` floats goes through numpy: one decode row on CPU, where numpy's

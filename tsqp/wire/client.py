@@ -366,17 +366,17 @@ class RemoteBackend:
         if hot is False:
             if len(hot_calls) >= MAX_KNOWN_CALLS:
                 hot_calls.clear()
-            hot = hot_calls[key] = self._make_hot_call(protocol.request(op, 0, args, [x]))
+            hot = hot_calls[key] = self._make_hot_call(protocol.request(op, 0, args, [x]), self.shm)
         return hot
 
-    def _make_hot_call(self, request: Message) -> HotCall | None:
+    def _make_hot_call(self, request: Message, shm: Channel) -> HotCall | None:
         expected = self._expected(request)
         x = request.tensors[0]
-        if self.shm is None or len(expected) != 1 or x.dtype not in NUMPY_DTYPES:
+        if len(expected) != 1 or x.dtype not in NUMPY_DTYPES:
             return None
         ((shape, dtype),) = expected
-        known = KnownCall.of(request, shape, dtype, self.shm.area_bytes)
-        return HotCall(known, self.shm, x) if known is not None else None
+        known = KnownCall.of(request, shape, dtype, shm.area_bytes)
+        return HotCall(known, shm, x) if known is not None else None
 
     def _call_hot(self, hot: HotCall, op: str, args: dict[str, Any], x: torch.Tensor, timeout_s: float | None,
                   while_waiting: Callable[[], None] | None) -> Message:  # fmt: skip

@@ -275,14 +275,6 @@ class Channel:
                 buf[base + offset : base + offset + n] = memoryview(frame).cast("B")
         buf[base : base + TABLE.size] = layout.table
 
-    def incoming(self, offset: int, n: int) -> memoryview:
-        """`n` bytes of the incoming area from `offset`, in shared memory: copy what must not change under a check."""
-        return self.buf[self.incoming_area + offset : self.incoming_area + offset + n]
-
-    def outgoing(self, offset: int, n: int) -> memoryview:
-        """`n` bytes of the outgoing area from `offset`, to write a frame in place."""
-        return self.buf[self.outgoing_area + offset : self.outgoing_area + offset + n]
-
     def post_over_zmq(self, seq: int) -> None:
         """Tell the client that reply `seq` went over ZeroMQ."""
         struct.pack_into("<I", self.buf, self.reply_area, OVER_ZMQ)
