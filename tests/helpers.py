@@ -46,11 +46,11 @@ def make_tiny_model(folder: Path, seed: int = 0, **overrides: object) -> Path:
     return folder
 
 
-def shielded_session(model: LoadedModel, endpoint: str, shield: str, verify: bool | None = None) -> Session:
-    """A session to `endpoint` behind `shield` (verification: the shield's default unless given)."""
+def shielded_session(model: LoadedModel, endpoint: str, shield: str, verify: bool | None = None, **settings: Any) -> Session:
+    """A session to `endpoint` behind `shield` (verification: the shield's default unless given; other `ShieldConfig` settings)."""
     remote = RemoteBackend(endpoint, timeout_s=30)
     remote.hello(model.fingerprint)
-    return Session(model, shielded(remote, model, ShieldConfig(shield, verify, allow_broken=True)))  # tests compare every shield
+    return Session(model, shielded(remote, model, ShieldConfig(shield, verify, allow_broken=True, **settings)))  # tests compare every shield
 
 
 def local_llama(model: LoadedModel, **kwargs: object) -> Llama:

@@ -72,23 +72,29 @@ def test_balanced_digits_rebuild_the_integer(value: int) -> None:
 
 @pytest.mark.parametrize("bits", [12, 16])
 @pytest.mark.parametrize("rows", [1, 3, 70], ids=lambda n: f"{n}-rows")
-def test_int8_digit_products_are_exact_at_the_extremes(bits: int, rows: int, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The server's int8 W_q: weights at ±top, masked inputs at p - 1 and 0, rows in several products and blocks; the
-    exact product mod p as Python's integers compute it (16-bit weights take three digits, 12-bit two)."""
+@pytest.mark.parametrize(("p", "n"), [(fixedpoint.previous_prime(1 << 40), 5), (fixedpoint.previous_prime(1 << 32), 4)], ids=["40-bit", "32-bit"])
+def test_int8_digit_products_are_exact_at_the_extremes(bits: int, rows: int, p: int, n: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The server's int8 W_q: weights at ±top, masked inputs at p - 1, 0 and either side of where n digits' range turns
+    negative, rows in several products and blocks; the exact product mod p as Python's integers compute it (16-bit
+    weights take three digits, 12-bit two; a p below 256^n takes n digits a value)."""
     top = (1 << (bits - 1)) - 1
-    p = fixedpoint.previous_prime(1 << 40)
     gen = torch.Generator().manual_seed(6)
     w = torch.randint(-top, top + 1, (37, 96), generator=gen, dtype=torch.int64)  # (N, K): odd sizes
     w[0], w[1, :48], w[1, 48:] = top, -top, top  # rows of the largest L1, both signs
     x = torch.randint(0, p, (rows, 96), generator=gen, dtype=torch.int64)
     x[0] = p - 1
     x[-1, :10] = 0
+    highest = 127 * (256**n - 1) // 255  # the largest value n balanced digits hold
+    x[-1, 10:20], x[-1, 20:30] = highest, highest + 1
     held = fixedpoint.Int8Digits(w.to(torch.int16))
-    n = fixedpoint.digits_for(p - 1)
     monkeypatch.setattr(fixedpoint, "PRODUCTS_BYTES", 4 * n * held.m * 37 * 16)  # 16 rows an _int_mm: 70 rows in 5 calls
     monkeypatch.setattr(fixedpoint, "BLOCK_BYTES", 8 * n * held.m * 37 * 5)  # combined 5 rows at a time
+    digits = fixedpoint.balanced_digits
+    counts = []
+    monkeypatch.setattr(fixedpoint, "balanced_digits", lambda values, count: counts.append(count) or digits(values, count))
     assert held.m == (3 if bits == 16 else 2) and held.shape == (96, 37) and held.nbytes == held.m * w.numel()
     assert fixedpoint.product_mod(x, held, p, 20).tolist() == _exact(x, w.t(), p)
+    assert set(counts) == {n}
 
 
 def test_int8_digits_refuse_a_field_their_int64_steps_cannot_hold() -> None:
@@ -132,10 +138,10 @@ def test_quantize_matrix_equals_quantize_rows_in_blocks(monkeypatch: pytest.Monk
 
 
 def test_field_holds_every_honest_result_and_refuses_what_cannot_be_exact() -> None:
-    f = fixedpoint.choose_field(l1=933_541, weight_bits=12, activation_bits=16)  # SmolLM2's widest row at 12 bits
-    assert f.p > 2 * f.bound and fixedpoint._is_prime(f.p)
+    f = fixedpoint.choose_field(l1=933_541, weight_bits=12, activation_bits=16, narrow=False)  # SmolLM2's widest row at 12 bits
+    assert f.p > 2 * f.bound and fixedpoint._is_prime(f.p) and not f.rows_limited
     assert f.limbs == 2 and 933_541 * ((1 << f.limb_bits) - 1) < 2**53 and (2 * f.p) << f.limb_bits < 2**63
-    one = fixedpoint.choose_field(l1=933_541, weight_bits=12, activation_bits=13)  # the default: p's 33 bits in one limb
+    one = fixedpoint.choose_field(l1=933_541, weight_bits=12, activation_bits=13, narrow=False)  # p's 33 bits in one limb
     assert one.limbs == 1 and one.limb_bits == one.p.bit_length() == 33 and 933_541 * (one.p - 1) < 2**53
     fixedpoint.check_product_exact(933_541, one.p, one.limb_bits)  # no Horner step: its int64 bound does not apply
     with pytest.raises(ValueError, match="too wide"):  # a row wider by a sixth: the one limb's products would round
@@ -206,6 +212,43 @@ def test_previous_prime_and_is_prime_against_known_values() -> None:
     # Carmichael numbers and strong pseudoprimes to the first bases are composite
     for composite in (561, 41041, 2047, 3215031751, 3825123056546413051):
         assert not fixedpoint._is_prime(composite), composite
+
+
+def test_a_worst_case_beyond_32_bits_takes_the_narrow_field_where_no_row_loses_more_than_4_bits() -> None:
+    f = fixedpoint.choose_field(l1=933_541, weight_bits=12, activation_bits=16)  # SmolLM2's: a worst case of 2^34.8
+    assert f.rows_limited and f.p.bit_length() == fixedpoint.NARROW_FIELD_BITS and f.bound == f.p // 2 and fixedpoint._is_prime(f.p)
+    assert f.limbs == 1 and 933_541 * (f.p - 1) < 2**53  # the TEE's mask products: one float64 limb
+    fixedpoint.check_product_exact(933_541, f.p, f.limb_bits)  # and the server accepts it
+    assert f.p <= 256**4 < 127 * (256**5 - 1) // 255  # the server's int8 digits: 4 per value, where [0, p) would take 5
+    wide = fixedpoint.choose_field(l1=933_541, weight_bits=12, activation_bits=18)  # 2^36.8: a row could lose 5.8 bits
+    assert not wide.rows_limited and wide.bound == ((1 << 17) - 1) * 933_541
+
+
+def test_widened_scales_bound_every_rows_products_and_leave_the_rows_within_alone() -> None:
+    gen = torch.Generator().manual_seed(8)
+    w_q, _ = fixedpoint.quantize_rows(torch.randn(40, 96, generator=gen), bits=12)  # (N, K)
+    l2sq = fixedpoint.max_row_l2sq(w_q.t())
+    x = torch.randn(300, 96, generator=gen).double()
+    x[0] = torch.sign(w_q[0])  # aligned with a weight row: Cauchy–Schwarz nearly tight
+    x[1] = 0.0
+    x[1, 3] = 2.0  # a lone spike: far within any bound
+    x[2] = 0.0  # all zero: stays zero
+    top = (1 << 15) - 1
+    bound = int(math.isqrt(top * top * 96 * l2sq)) // 2  # half of row 0's norm bound: it must be coarsened
+    x_np = x.numpy()
+    scale = np.abs(x_np).max(axis=1, keepdims=True) / top
+    plain = scale.copy()
+    widened = fixedpoint.widen_scales(x_np, scale, fixedpoint.norm_cap(l2sq, bound, 96))
+    scale[scale == 0] = 1.0
+    x_q = np.rint(x_np / scale).astype(np.int64)
+    fixedpoint.check_rows_bounded(x_q, l2sq, bound)
+    products = x_q @ w_q.t().to(torch.int64).numpy()
+    assert (np.abs(products) <= bound).all()
+    changed = (scale != np.where(plain == 0, 1.0, plain)).ravel()
+    assert changed[0] and not changed[1] and not changed[2] and widened == int(changed.sum()) < 300
+    assert np.abs(products[0]).max() > bound // 2  # no coarser than it had to be (the row nearly meets W_q's row 0)
+    with pytest.raises(ShieldError, match="out of bounds"):
+        fixedpoint.check_rows_bounded(x_q * 2, l2sq, bound)  # the exact check catches a row past the bound
 
 
 @pytest.mark.parametrize(("weight_bits", "activation_bits"), [(2, 2), (8, 8), (12, 16), (4, 24)])

@@ -18,13 +18,14 @@ import torch
 from helpers import RunningServer, make_tiny_model, shielded_session, start_server
 
 from tsqp.errors import IntegrityError, ShieldError
-from tsqp.model.linear import LinearWeights
+from tsqp.model import fixedpoint
+from tsqp.model.linear import LinearWeights, QuantizedWeights
 from tsqp.model.loading import LoadedModel, load
 from tsqp.server import handlers
 from tsqp.server.recording import read_recording
 from tsqp.shields import otp
 from tsqp.shields.backend import ShieldedBackend, describe
-from tsqp.shields.config import SHIELDS, ShieldConfig
+from tsqp.shields.config import SHIELDS, WEIGHT_BITS, ShieldConfig
 from tsqp.shields.freivalds import FloatFreivalds
 from tsqp.shields.otp import OtpShield
 from tsqp.shields.plain_exact import ExactPlainShield
@@ -68,6 +69,43 @@ def test_otp_unmasks_to_the_exact_integer_product(tiny: LoadedModel, server: Run
     y = shield.unmask(site, z, state)
     exact = x @ torch.cat([tiny.weights[f"layers.1.{m}"] for m in site[1]]).t()
     assert (y - exact).abs().max() < 1e-2 * exact.abs().max()  # fixed point: close to the float product
+    session.close()
+
+
+def narrowing_activation_bits(model: LoadedModel) -> int:
+    """The fewest activation bits whose worst case needs a field wider than the narrow one, which `choose_field` then takes."""
+    l1 = QuantizedWeights(model.weights, model.config.n_layers, WEIGHT_BITS).l1
+    return next(a for a in range(2, 25) if fixedpoint.choose_field(l1, WEIGHT_BITS, a).rows_limited)
+
+
+def test_otp_in_a_narrow_field_bounds_each_row_and_stays_exact(tiny: LoadedModel, server: RunningServer) -> None:
+    """Where the worst case needs more than 32 bits, p has 32 and each row is bounded by Cauchy–Schwarz: a row of
+    equal magnitudes (the largest norm there is) is quantized more coarsely, the others are not, and every product
+    unmasks exactly, within the bound, and verified."""
+    bits = narrowing_activation_bits(tiny)
+    session = shielded_session(tiny, server.endpoint, "otp", verify=True, activation_bits=bits)
+    backend = session.backend
+    assert isinstance(backend, ShieldedBackend) and isinstance(backend.shield, OtpShield)
+    shield = backend.shield
+    assert shield.field.rows_limited and shield.field.p.bit_length() == fixedpoint.NARROW_FIELD_BITS and shield.field.limbs == 1
+    site = (1, ("gate_proj", "up_proj"))
+    x = torch.randn(6, tiny.config.hidden_size, generator=torch.Generator().manual_seed(3))
+    x[0] = torch.where(x[0] < 0, -1.0, 1.0)  # every element at the row's max: ‖x_q‖₂ = top·√K
+    x[1] = 0.0
+    x[1, 0] = 1.0  # one element: ‖x_q‖₂ = top, far within
+    wire, state = shield.mask(site, x)
+    z = torch.cat(backend.remote.call("LINEAR", {"layer": 1, "modules": list(site[1]), **shield.wire_args()}, [wire]).tensors, dim=-1)
+    shield.verify(site, wire, z, state)
+    w_q = shield.quantized.groups[site][0].dense().to(torch.int64)  # (K, N)
+    assert torch.equal(torch.from_numpy(state.y), torch.from_numpy(state.x_q) @ w_q)
+    assert np.abs(state.y).max() <= shield.field.bound
+    top = (1 << (bits - 1)) - 1
+    assert np.abs(state.x_q[0]).max() < top and np.abs(state.x_q[1]).max() == top  # the first coarsened, the second not
+    assert shield.rows_coarsened >= 1 and describe(shield)["rows_coarsened"] == shield.rows_coarsened
+    y = shield.unmask(site, z, state)
+    exact = x @ torch.cat([tiny.weights[f"layers.1.{m}"] for m in site[1]]).t()
+    assert (y - exact).abs().max() < 1e-2 * exact.abs().max()  # still close to the float product
+    assert generate(session.llama, PROMPT, 16).token_ids == local_tokens(tiny, PROMPT, 16)
     session.close()
 
 

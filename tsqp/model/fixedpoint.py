@@ -11,6 +11,10 @@ Both sides use this module, so they quantize the public weights identically:
   in int64, which needs 2p · 2^limb_bits < 2⁶³ (one limb, where p's residues fit it, needs no Horner step).
 - The TEE subtracts R·W_qᵀ mod p (precomputed offline) and lifts to the centred representative.
   That equals X_q·W_qᵀ exactly because |X_q·W_qᵀ| ≤ (2^(b_x-1) - 1) · max_row‖W_q‖₁ < p/2.
+- Where that worst case would need a field wider than `NARROW_FIELD_BITS`, and a narrower one costs the
+  widest row at most `NARROW_MAX_LOSS_BITS` bits, the field is that narrow and each activation row is bounded
+  on its own (`widen_scales`): |x_q·w| ≤ ‖x_q‖₂·max‖w‖₂ (Cauchy–Schwarz) must stay ≤ p // 2, and a row that
+  would pass it is quantized more coarsely (SmolLM2: 2 rows in 5, by about a bit; docs/benchmarks.md).
 
 `choose_field` checks these bounds for the loaded model and refuses to run rather than wrap.
 """
@@ -40,6 +44,10 @@ BLOCK_BYTES = 4 << 20
 # The most limb rows a product takes on float32's narrow limbs: beyond, products are compute-bound,
 # and fewer, wider float64 limbs cost less than the conversion of a weight block.
 FLOAT32_LIMB_ROWS = 64
+# p below 2³²: the server multiplies 4 centred int8 digits a value instead of 5 (`Int8Digits`), and the TEE's
+# mask products take one float64 limb instead of two while max row L1 < 2²¹ (SmolLM2's is 2^19.8 at 12-bit weights).
+NARROW_FIELD_BITS = 32
+NARROW_MAX_LOSS_BITS = 4  # the most bits of precision the narrow field may cost any activation row (SmolLM2's: 3.8)
 
 
 @dataclass(frozen=True)
@@ -51,6 +59,7 @@ class Field:
     weight_bits: int
     activation_bits: int
     bound: int  # the largest |X_q·W_qᵀ| any honest result can have
+    rows_limited: bool = False  # bound below the worst case at `activation_bits`: rows are bounded each (`widen_scales`)
 
     @property
     def limbs(self) -> int:
@@ -107,11 +116,14 @@ class DerivedIntegers:
         self._pages = pages if pages is not None and all(pages.holds(part) for part in self.parts) else None
         self.scale = torch.empty(self.shape[1], 1, dtype=torch.float64)  # per output row
         self.l1 = 0  # max row L1 of W_q
+        self.l2sq = 0  # max row ‖W_q‖₂² (`norm_cap`)
         for start, end in block_ranges(self.shape[1], self.shape[0]):
             rows = torch.empty(end - start, self.shape[0], dtype=self.parts[0].dtype)
             self._each_piece(start, end, rows.__setitem__)
             q, self.scale[start:end] = quantize_rows(rows, bits)
-            self.l1 = max(self.l1, int(q.abs().sum(dim=1).max()) if q.numel() else 0)
+            if q.numel():
+                self.l1 = max(self.l1, int(q.abs().sum(dim=1).max()))
+                self.l2sq = max(self.l2sq, int(q.square().sum(dim=1).max()))  # exact: below 2^53 for K < 2^23 at 16 bits
 
     def rows(self, start: int, end: int, out: torch.Tensor | None = None) -> torch.Tensor:
         """Rows start:end of W_q (end - start, K), float64 integers, into `out` if given: exactly `quantize_rows`'."""
@@ -161,8 +173,16 @@ def max_row_l1(w_q: torch.Tensor) -> int:
     return int(w_q.abs().sum(dim=0).max())
 
 
-def choose_field(l1: int, weight_bits: int, activation_bits: int) -> Field:
-    """The smallest prime field that holds every honest result, with limbs that keep products exact."""
+def max_row_l2sq(w_q: torch.Tensor | DerivedIntegers) -> int:
+    """max over output rows of Σ W_q², for W_q (K, N) stored transposed or derived."""
+    if isinstance(w_q, DerivedIntegers):
+        return w_q.l2sq
+    return int(w_q.to(torch.float64).square().sum(dim=0).max()) if w_q.numel() else 0
+
+
+def choose_field(l1: int, weight_bits: int, activation_bits: int, narrow: bool = True) -> Field:
+    """The smallest prime field that holds every honest result, with limbs that keep products exact; with `narrow`, at
+    most `NARROW_FIELD_BITS` wide where that costs no row more than `NARROW_MAX_LOSS_BITS` bits (`widen_scales`)."""
     (w_low, w_high), (a_low, a_high) = WEIGHT_BITS_RANGE, ACTIVATION_BITS_RANGE
     if not w_low <= weight_bits <= w_high or not a_low <= activation_bits <= a_high:
         raise ShieldError(f"otp widths out of range: weight bits {weight_bits} ({w_low}..{w_high}), activation bits {activation_bits} ({a_low}..{a_high})")
@@ -172,6 +192,11 @@ def choose_field(l1: int, weight_bits: int, activation_bits: int) -> Field:
     if p <= 2 * bound:
         bits += 1
         p = previous_prime(1 << bits)
+    rows_limited = False
+    if narrow and bits > NARROW_FIELD_BITS:
+        narrow_p = previous_prime(1 << NARROW_FIELD_BITS)
+        if bound <= (narrow_p // 2) << NARROW_MAX_LOSS_BITS:
+            p, bits, bound, rows_limited = narrow_p, NARROW_FIELD_BITS, narrow_p // 2, True
     exact_bits = ((FLOAT64_EXACT - 1) // max(l1, 1)).bit_length() - 1  # the widest limbs whose products stay exact
     # One limb where p's residues are that narrow: its products are reduced once, no Horner step. Else Horner's
     # acc·2^ℓ + part < 2p·2^ℓ: one spare bit below 2⁶³. (One limb halves the TEE's mask products: 13-bit activations
@@ -182,7 +207,39 @@ def choose_field(l1: int, weight_bits: int, activation_bits: int) -> Field:
             f"otp cannot be exact for this model with {weight_bits}-bit weights and {activation_bits}-bit activations: "
             f"results reach 2^{bound.bit_length()}, products would need more than {MAX_LIMBS} limbs; use fewer bits"
         )
-    return Field(p=p, limb_bits=limb_bits, weight_bits=weight_bits, activation_bits=activation_bits, bound=bound)
+    return Field(p=p, limb_bits=limb_bits, weight_bits=weight_bits, activation_bits=activation_bits, bound=bound, rows_limited=rows_limited)
+
+
+# Relative slack for float64's rounding in `norm_caps`' and `widen_scales`' steps (each within K·2⁻⁵³ of the truth).
+NORM_SLACK = 2.0**-30
+
+
+def norm_cap(w_l2sq: int, bound: int, k: int) -> float:
+    """The largest ‖x / scale‖₂ a row of K features may have so that its integers' products with weights of max row
+    ‖w‖₂² `w_l2sq` stay within `bound`: rounding adds at most ½·√K to the norm, Cauchy–Schwarz does the rest."""
+    cap = bound * (1 - NORM_SLACK) / math.sqrt(max(w_l2sq, 1)) - 0.5 * math.sqrt(k)
+    if cap <= 0:
+        raise ShieldError(f"a field bound of {bound} cannot hold one row of {k} features (max row L2² {w_l2sq})")
+    return cap
+
+
+def widen_scales(x: np.ndarray, x_scale: np.ndarray, cap: float) -> int:
+    """Raise each row's scale (T, 1) to ‖x‖₂ / cap where that is larger, in place (`norm_cap`); returns how many were.
+    (A handful of numpy steps: it runs at every otp call.)"""
+    needed = np.sqrt(np.vecdot(x, x))
+    needed *= (1 + NORM_SLACK) / cap
+    wider = needed > x_scale[:, 0]
+    if not wider.any():
+        return 0
+    x_scale[wider, 0] = needed[wider]
+    return int(wider.sum())
+
+
+def check_rows_bounded(x_q: np.ndarray, w_l2sq: int, bound: int) -> None:
+    """ShieldError unless every row's ‖x_q‖₂·max‖w‖₂ ≤ bound, exactly: the largest squared norm is an int64 sum (exact
+    for |x_q| < 2²³ and K < 2¹⁷), compared in Python's integers."""
+    if x_q.size and int(np.vecdot(x_q, x_q).max()) * w_l2sq > bound * bound:
+        raise ShieldError("an activation row's products could leave the field: scaled rows out of bounds (a bug)")
 
 
 def check_product_exact(l1: int, p: int, limb_bits: int) -> None:
@@ -303,9 +360,13 @@ class Int8Digits:
         row's dozen small integer ops cost ~2 µs each there against ~5 in torch, whose two threads also
         wait on each other when the TEE keeps a core busy (docs/benchmarks.md)."""
         self.check(p)
-        n = digits_for(p - 1)
+        # Each residue's representative in n balanced digits' range [-128·S, 127·S], which holds 256^n ≥ p values:
+        # 4 digits for a 32-bit p, where [0, p) itself would take 5.
+        n = -(-(p - 1).bit_length() // 8)
+        top = 127 * (DIGIT_BASE**n - 1) // (DIGIT_BASE - 1)
         k, n_out = self.shape
         x_np = x.detach().cpu().numpy()
+        x_np = np.where(x_np > top, x_np - p, x_np)
         out = np.empty((x_np.shape[0], n_out), dtype=np.int64)
         per_call = max(1, PRODUCTS_BYTES // (4 * n * self.m * max(n_out, 1)))
         for start in range(0, x_np.shape[0], per_call):

@@ -203,7 +203,8 @@ def describe(shield: Shield) -> dict[str, Any]:
     if isinstance(shield, OtpShield):
         f = shield.field
         info.update(p=f.p, p_bits=f.p.bit_length(), limbs=f.limbs, limb_bits=f.limb_bits, weight_bits=f.weight_bits,
-                    activation_bits=f.activation_bits, bound_bits=f.bound.bit_length())  # fmt: skip
+                    activation_bits=f.activation_bits, bound_bits=f.bound.bit_length(), rows_limited=f.rows_limited,
+                    rows_coarsened=shield.rows_coarsened)  # fmt: skip
     if isinstance(shield, NoiseShield):
         info["noise_scale"] = shield.scale
     if shield.pool is not None:

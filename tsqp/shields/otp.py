@@ -71,6 +71,9 @@ class OtpShield(Shield):
         self.pool = MaskPool(self._make, list(sites), self.times, row_bytes, pool_bytes, self._max_rows) if masked else None  # unmasked: exact plain
         self.checks = self._freivalds_vectors() if verify else None
         self._w_scales = {site: scale.detach().numpy() for site, (_, scale, _) in quantized.groups.items()}  # (1, N) float64
+        self._w_l2sq = {site: fixedpoint.max_row_l2sq(w_q) for site, (w_q, _, _) in quantized.groups.items()} if self.field.rows_limited else {}
+        self._norm_caps = {site: fixedpoint.norm_cap(l2sq, self.field.bound, quantized.groups[site][0].shape[0]) for site, l2sq in self._w_l2sq.items()}
+        self.rows_coarsened = 0  # activation rows quantized more coarsely to stay within a narrow field (`widen_scales`)
 
     def _freivalds_vectors(self) -> dict[Site, _Check]:
         """Per site, its `_Check`: each module's two vectors r_i (N_i, 2), its s_i from one product with r block-diagonal
@@ -107,10 +110,14 @@ class OtpShield(Shield):
         x = x.detach().numpy().astype(np.float64)  # our copy
         top = (1 << (self.field.activation_bits - 1)) - 1
         x_scale = np.abs(x).max(axis=-1, keepdims=True) / top
+        if self.field.rows_limited:  # a narrow field: no row's products may pass its bound
+            self.rows_coarsened += fixedpoint.widen_scales(x, x_scale, self._norm_caps[site])
         x_scale[x_scale == 0] = 1.0  # an all-zero row stays zero
         x /= x_scale
         x_q = np.rint(x, out=x).astype(np.int64)  # |x_q| <= top
         del x
+        if self.field.rows_limited:
+            fixedpoint.check_rows_bounded(x_q, self._w_l2sq[site], self.field.bound)
         if self.pool is None:  # exact plain: the same integers and checks, with R = 0
             return torch.from_numpy(x_q % self.field.p), _OtpCall(x_q, x_scale, None)
         r, rw = self.pool.take(site, x_q.shape[0])
