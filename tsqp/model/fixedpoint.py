@@ -14,7 +14,7 @@ Both sides use this module, so they quantize the public weights identically:
 - Where that worst case would need a field wider than `NARROW_FIELD_BITS`, and a narrower one costs the
   widest row at most `NARROW_MAX_LOSS_BITS` bits, the field is that narrow and each activation row is bounded
   on its own (`widen_scales`): |x_q·w| ≤ ‖x_q‖₂·max‖w‖₂ (Cauchy–Schwarz) must stay ≤ p // 2, and a row that
-  would pass it is quantized more coarsely (SmolLM2: 2 rows in 5, by about a bit; docs/benchmarks.md).
+  would pass it is quantized more coarsely (SmolLM2: 2 rows in 5, by half a bit on average; docs/benchmarks.md).
 
 `choose_field` checks these bounds for the loaded model and refuses to run rather than wrap.
 """
