@@ -89,6 +89,7 @@ def test_otp_in_a_narrow_field_bounds_each_row_and_stays_exact(tiny: LoadedModel
     shield = backend.shield
     assert shield.field.rows_limited and shield.field.p.bit_length() == fixedpoint.NARROW_FIELD_BITS and shield.field.limbs == 1
     site = (1, ("gate_proj", "up_proj"))
+    assert shield.pool is not None and shield.pool.row_bytes[site] == 4 * sum(shield.sites[site][0].shape)  # residues in 4 bytes
     x = torch.randn(6, tiny.config.hidden_size, generator=torch.Generator().manual_seed(3))
     x[0] = torch.where(x[0] < 0, -1.0, 1.0)  # every element at the row's max: ‖x_q‖₂ = top·√K
     x[1] = 0.0
@@ -229,22 +230,22 @@ def test_a_run_prepared_for_its_prompt_and_answer_uses_every_row_made_and_makes_
 
 
 def test_the_pool_never_holds_more_than_its_budget(tmp_path: Path) -> None:
-    """A small random model whose masks for one token take ~0.1 MiB: a 1 MiB pool holds about 9
-    tokens' worth, so its background worker stops at the budget during the chunked prefill and
+    """A small random model whose masks for one token take ~55 KiB (residues in 4 bytes): a 1 MiB pool holds
+    about 18 tokens' worth, so its background worker stops at the budget during the chunked prefill and
     decode, and a call that finds its site short makes its own rows."""
     model = load(make_tiny_model(tmp_path, hidden_size=256, intermediate_size=1024, vocab_size=4096, num_hidden_layers=2), with_tokenizer=False)
     running = start_server(model)
     try:
         remote = RemoteBackend(running.endpoint, timeout_s=30)
         remote.hello(model.fingerprint)
-        config = ShieldConfig("otp", pool_mib=1, prefill_chunk=16)
+        config = ShieldConfig("otp", pool_mib=1, prefill_chunk=24)
         session = Session(model, shielded(remote, model, config), prefill_chunk=config.prefill_chunk)
         shield = session.backend.shield
         prompt = list(range(5, 53))
         assert session.generate(prompt, 24).token_ids == local_tokens(model, prompt, 24)  # exact: chunked, masks made beside the calls
         pool, budget = shield.pool, 1 << 20
         assert budget / 2 < pool.peak_bytes <= budget  # the worker filled it, never beyond
-        assert sum(16 * pool.row_bytes[site] for site in pool.sites) > budget  # one chunk's masks would not have fitted
+        assert sum(24 * pool.row_bytes[site] for site in pool.sites) > budget  # one chunk's masks would not have fitted
         assert shield.times.offline_rows >= shield.times.masked_rows
         session.close()
     finally:

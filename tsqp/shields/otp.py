@@ -28,7 +28,7 @@ CALL_BYTES = 8 << 20
 class _OtpCall:
     x_q: np.ndarray  # (T, K) int64 activations as integers
     x_scale: np.ndarray  # (T, 1) float64
-    mask_product: np.ndarray | None  # (T, N) int64 R·W_qᵀ mod p (None: no pad); its memory becomes y
+    mask_product: np.ndarray | None  # (T, N) R·W_qᵀ mod p as the pool holds it (None: no pad)
     y: np.ndarray | None = field(default=None)  # (T, N) int64 the unmasked integers, once computed
 
 
@@ -66,7 +66,9 @@ class OtpShield(Shield):
         super().__init__(sites, verify, server_dtype)
         self.quantized = quantized
         self.field = fixedpoint.choose_field(quantized.l1, quantized.bits, activation_bits)
-        row_bytes = {site: 8 * sum(w_q.shape) for site, (w_q, _) in sites.items()}  # R (K) and R·W_qᵀ (N), int64
+        # Residues below 2³² are held in 4 bytes (a 32-bit field, `choose_field`): the pool's budget holds twice the rows.
+        self._held_dtype = torch.uint32 if self.field.p <= 1 << 32 else torch.int64
+        row_bytes = {site: self._held_dtype.itemsize * sum(w_q.shape) for site, (w_q, _) in sites.items()}  # R (K) and R·W_qᵀ (N)
         self._max_rows = {site: max(1, CALL_BYTES // (8 * max(w_q.shape))) for site, (w_q, _) in sites.items()}
         self.pool = MaskPool(self._make, list(sites), self.times, row_bytes, pool_bytes, self._max_rows) if masked else None  # unmasked: exact plain
         self.checks = self._freivalds_vectors() if verify else None
@@ -98,7 +100,8 @@ class OtpShield(Shield):
     def _make(self, site: Site, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
         w_q = self.quantized.groups[site][0]
         r = fixedpoint.random_mod((rows, w_q.shape[0]), self.field.p)
-        return r, fixedpoint.product_mod(r, w_q, self.field.p, self.field.limb_bits)
+        rw = fixedpoint.product_mod(r, w_q, self.field.p, self.field.limb_bits)
+        return r.to(self._held_dtype), rw.to(self._held_dtype)
 
     # The per-call work below runs in numpy: 4 calls per layer and decoded token, of a few small
     # elementwise ops each, where torch's dispatch overhead would dominate.
@@ -121,19 +124,17 @@ class OtpShield(Shield):
         if self.pool is None:  # exact plain: the same integers and checks, with R = 0
             return torch.from_numpy(x_q % self.field.p), _OtpCall(x_q, x_scale, None)
         r, rw = self.pool.take(site, x_q.shape[0])
-        # The rows taken are this call's alone (the pool hands each out once): the pad is added in place.
-        wire = r.detach().numpy()
-        wire += x_q  # in [-top, p + top): one correction either way is the residue mod p
+        wire = np.add(r.detach().numpy(), x_q, dtype=np.int64)  # in [-top, p + top): one correction either way is the residue mod p
         wire[wire < 0] += self.field.p
         wire[wire >= self.field.p] -= self.field.p
-        return r, _OtpCall(x_q, x_scale, rw.detach().numpy())
+        return torch.from_numpy(wire), _OtpCall(x_q, x_scale, rw.detach().numpy())
 
     def _integers(self, z: torch.Tensor, call: _OtpCall) -> np.ndarray:
-        """Y = Z - R·W_qᵀ, centred, into the call's own product rows (the pool hands each out once)."""
+        """Y = Z - R·W_qᵀ, centred."""
         if call.y is None:
             p, z = self.field.p, z.detach().numpy()
-            y = z.copy() if call.mask_product is None else np.subtract(z, call.mask_product, out=call.mask_product)
-            call.mask_product = None  # y took its place
+            y = z.copy() if call.mask_product is None else np.subtract(z, call.mask_product, dtype=np.int64)
+            call.mask_product = None  # spent: its memory goes
             # The centred representative in [-(p // 2), p // 2], in three passes whatever the reply held (a value
             # outside the field, from a dishonest server, lands in the field too, and the check judges it): 1.4x
             # faster than a range test and a correction either way at a decode row's widths, 2.7x at lm_head's.
