@@ -199,8 +199,8 @@ def choose_field(l1: int, weight_bits: int, activation_bits: int, narrow: bool =
             p, bits, bound, rows_limited = narrow_p, NARROW_FIELD_BITS, narrow_p // 2, True
     exact_bits = ((FLOAT64_EXACT - 1) // max(l1, 1)).bit_length() - 1  # the widest limbs whose products stay exact
     # One limb where p's residues are that narrow: its products are reduced once, no Horner step. Else Horner's
-    # acc·2^ℓ + part < 2p·2^ℓ: one spare bit below 2⁶³. (One limb halves the TEE's mask products: 13-bit activations
-    # give SmolLM2 a 33-bit field and one limb, 16-bit ones 36 bits and two.)
+    # acc·2^ℓ + part < 2p·2^ℓ: one spare bit below 2⁶³. (One limb halves the TEE's mask products: SmolLM2's narrow
+    # 32-bit field takes one, its worst-case 36-bit field two.)
     limb_bits = p.bit_length() if p.bit_length() <= exact_bits else min(exact_bits, ((INT64_LIMIT - 1) // (2 * p)).bit_length() - 1)
     if limb_bits < 1 or -(-bits // limb_bits) > MAX_LIMBS:
         raise ShieldError(
@@ -210,7 +210,7 @@ def choose_field(l1: int, weight_bits: int, activation_bits: int, narrow: bool =
     return Field(p=p, limb_bits=limb_bits, weight_bits=weight_bits, activation_bits=activation_bits, bound=bound, rows_limited=rows_limited)
 
 
-# Relative slack for float64's rounding in `norm_caps`' and `widen_scales`' steps (each within K·2⁻⁵³ of the truth).
+# Relative slack for float64's rounding in `norm_cap`'s and `widen_scales`' steps (each within K·2⁻⁵³ of the truth).
 NORM_SLACK = 2.0**-30
 
 
