@@ -70,13 +70,17 @@ def test_balanced_digits_rebuild_the_integer(value: int) -> None:
     assert n == 1 or 127 * (256 ** (n - 1) - 1) // 255 < abs(value)  # the fewest digits that hold it
 
 
+@pytest.mark.parametrize("kernel", ["onednn", "int_mm"])
 @pytest.mark.parametrize("bits", [12, 16])
 @pytest.mark.parametrize("rows", [1, 3, 70], ids=lambda n: f"{n}-rows")
 @pytest.mark.parametrize(("p", "n"), [(fixedpoint.previous_prime(1 << 40), 5), (fixedpoint.previous_prime(1 << 32), 4)], ids=["40-bit", "32-bit"])
-def test_int8_digit_products_are_exact_at_the_extremes(bits: int, rows: int, p: int, n: int, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_int8_digit_products_are_exact_at_the_extremes(kernel: str, bits: int, rows: int, p: int, n: int, monkeypatch: pytest.MonkeyPatch) -> None:
     """The server's int8 W_q: weights at ±top, masked inputs at p - 1, 0 and either side of where n digits' range turns
     negative, rows in several products and blocks; the exact product mod p as Python's integers compute it (16-bit
-    weights take three digits, 12-bit two; a p below 256^n takes n digits a value)."""
+    weights take three digits, 12-bit two; a p below 256^n takes n digits a value). oneDNN's products where this CPU
+    passes its probe, `_int_mm`'s otherwise and when told so."""
+    if kernel == "int_mm":
+        monkeypatch.setattr(fixedpoint, "onednn_exact", lambda: False)
     top = (1 << (bits - 1)) - 1
     gen = torch.Generator().manual_seed(6)
     w = torch.randint(-top, top + 1, (37, 96), generator=gen, dtype=torch.int64)  # (N, K): odd sizes
@@ -87,14 +91,46 @@ def test_int8_digit_products_are_exact_at_the_extremes(bits: int, rows: int, p: 
     highest = 127 * (256**n - 1) // 255  # the largest value n balanced digits hold
     x[-1, 10:20], x[-1, 20:30] = highest, highest + 1
     held = fixedpoint.Int8Digits(w.to(torch.int16))
-    monkeypatch.setattr(fixedpoint, "PRODUCTS_BYTES", 4 * n * held.m * 37 * 16)  # 16 rows an _int_mm: 70 rows in 5 calls
+    assert held.onednn == (kernel == "onednn" and fixedpoint.onednn_exact())
+    monkeypatch.setattr(fixedpoint, "PRODUCTS_BYTES", 4 * n * held.m * 37 * 16)  # 16 rows a product: 70 rows in 5 calls
     monkeypatch.setattr(fixedpoint, "BLOCK_BYTES", 8 * n * held.m * 37 * 5)  # combined 5 rows at a time
-    digits = fixedpoint.balanced_digits
     counts = []
-    monkeypatch.setattr(fixedpoint, "balanced_digits", lambda values, count: counts.append(count) or digits(values, count))
+    name = "offset_digits" if held.onednn else "balanced_digits"  # x's digits as each kernel takes them
+    digits = getattr(fixedpoint, name)
+    monkeypatch.setattr(fixedpoint, name, lambda values, count: counts.append(count) or digits(values, count))
     assert held.m == (3 if bits == 16 else 2) and held.shape == (96, 37) and held.nbytes == held.m * w.numel()
     assert fixedpoint.product_mod(x, held, p, 20).tolist() == _exact(x, w.t(), p)
-    assert set(counts) == {n}
+    assert set(counts) == {n} and len(counts) == -(-rows // 16)
+
+
+def test_int8_digits_keep_int_mm_where_float32_products_would_round() -> None:
+    """oneDNN's products come back in float32: a digit row whose L1 times 128 reaches 2²⁴ keeps `_int_mm`'s int32
+    sums (1100 weights of 128, low digit -128: 128 · 140800 > 2²⁴), and stays exact."""
+    w = torch.full((3, 1100), 128, dtype=torch.int16)
+    held = fixedpoint.Int8Digits(w)
+    assert not held.onednn
+    p = fixedpoint.previous_prime(1 << 32)
+    x = torch.full((2, 1100), 127 * (256**4 - 1) // 255, dtype=torch.int64)  # every digit 127
+    assert fixedpoint.product_mod(x, held, p, 20).tolist() == _exact(x, w.t().to(torch.int64), p)
+
+
+def test_onednn_probe_catches_a_kernel_that_saturates(monkeypatch: pytest.MonkeyPatch) -> None:
+    """x86 without VNNI sums u8·s8 byte pairs in int16, saturating at 32767: the probe must see it and say no."""
+
+    def saturating(x: torch.Tensor, w: object) -> torch.Tensor:
+        pairs = (x.to(torch.int64) * w.int8.to(torch.int64)[:, None]).reshape(*w.int8.shape[:1], x.shape[0], -1, 2).sum(-1)
+        sums = pairs.clamp(-32768, 32767).sum(-1).t() - 128 * w.int8.to(torch.int64).sum(1)
+        return sums.to(torch.float32)
+
+    class Held:
+        def __init__(self, w: torch.Tensor) -> None:
+            self.int8 = w
+
+    monkeypatch.setattr(fixedpoint, "_OnednnWeights", Held)
+    monkeypatch.setattr(fixedpoint, "_onednn_products", saturating)
+    assert not fixedpoint.onednn_exact.__wrapped__()
+    monkeypatch.setattr(fixedpoint, "_onednn_products", lambda x, w: ((x.to(torch.int64) - 128) @ w.int8.to(torch.int64).t()).to(torch.float32))
+    assert fixedpoint.onednn_exact.__wrapped__()  # the same probe passes an exact kernel
 
 
 def test_int8_digits_refuse_a_field_their_int64_steps_cannot_hold() -> None:

@@ -21,6 +21,7 @@ Both sides use this module, so they quantize the public weights identically:
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 import os
@@ -296,29 +297,81 @@ def digits_for(magnitude: int) -> int:
 
 def balanced_digits(x: np.ndarray, n: int) -> np.ndarray:
     """Integers x (int64, within `digits_for`'s range for n) -> n int8 digits (n, *x.shape), least
-    significant first, with x = Σ_j digits_j · 256^j.
+    significant first, with x = Σ_j digits_j · 256^j."""
+    out = offset_digits(x, n)
+    np.bitwise_xor(out, 0x80, out=out)  # d + 128 -> d: the top bit flipped
+    return out.view(np.int8)
+
+
+def offset_digits(x: np.ndarray, n: int) -> np.ndarray:
+    """`balanced_digits` each plus 128, as uint8: oneDNN's unsigned operand (zero point 128).
 
     x + Σ_j 128·256^j lies in [0, 256^n) exactly when x is within that range, and its n low bytes are
-    then the digits, each plus 128: one add, a byte view and a flip of each byte's top bit (a few µs
-    for a decode row, where a loop of shifts and subtractions took ~100)."""
+    then the digits plus 128: one add and a byte view (a few µs for a decode row, where a loop of
+    shifts and subtractions took ~100)."""
     offset = np.uint64(128 * (DIGIT_BASE**n - 1) // (DIGIT_BASE - 1))
     shifted = (np.ascontiguousarray(x, dtype=np.int64).view(np.uint64) + offset).astype("<u8", copy=False)  # wraps mod 2⁶⁴: exact for n = 8 too
     low_bytes = shifted.view(np.uint8).reshape(*shifted.shape, 8)[..., :n]
     out = np.empty((n, *shifted.shape), dtype=np.uint8)
-    np.bitwise_xor(np.moveaxis(low_bytes, -1, 0), 0x80, out=out)
-    return out.view(np.int8)
+    np.copyto(out, np.moveaxis(low_bytes, -1, 0))
+    return out
+
+
+FLOAT32_EXACT = 1 << 24  # float32 holds every integer below this exactly
+
+
+@functools.cache
+def onednn_exact() -> bool:
+    """Whether oneDNN's u8·s8 products (`torch.ops.onednn.qlinear_pointwise`) come back exact on this CPU.
+
+    They are, into float32, while a result stays below 2²⁴, where the CPU sums the byte products in
+    int32 (AVX512-VNNI, AMX). Without those, x86 sums byte pairs in int16 and saturates; other CPUs
+    may lack the op. So it is probed once, at the extremes that saturate int16 (255·127 twice), and a
+    CPU that fails keeps `torch._int_mm`."""
+    gen = torch.Generator().manual_seed(0)
+    k = 256
+    x = torch.randint(0, 256, (6, k), generator=gen, dtype=torch.uint8)
+    x[0], x[1], x[2, ::2], x[2, 1::2] = 255, 0, 255, 0
+    w = torch.randint(-128, 128, (5, k), generator=gen, dtype=torch.int8)
+    w[0], w[1], w[2, ::2], w[2, 1::2] = 127, -128, -128, 127
+    try:
+        y = _onednn_products(x, _OnednnWeights(w))
+    except (AttributeError, RuntimeError):  # no oneDNN int8 kernels in this build or on this CPU
+        return False
+    return torch.equal(y.to(torch.int64), (x.to(torch.int64) - 128) @ w.to(torch.int64).t())
+
+
+@dataclass(frozen=True)
+class _OnednnWeights:
+    """int8 weights (N, K) packed for oneDNN's int8 products, with unit scales."""
+
+    packed: torch.Tensor
+    scales: torch.Tensor
+    zero_points: torch.Tensor
+
+    def __init__(self, w: torch.Tensor) -> None:
+        object.__setattr__(self, "packed", torch.ops.onednn.qlinear_prepack(w, None))
+        object.__setattr__(self, "scales", torch.ones(w.shape[0]))
+        object.__setattr__(self, "zero_points", torch.zeros(w.shape[0], dtype=torch.int64))
+
+
+def _onednn_products(x: torch.Tensor, w: _OnednnWeights) -> torch.Tensor:
+    """(x - 128) @ wᵀ for uint8 x (T, K), in float32: exact below 2²⁴ where `onednn_exact`."""
+    return torch.ops.onednn.qlinear_pointwise(x, 1.0, 128, w.packed, w.scales, w.zero_points, None, 1.0, 0, torch.float32, "none", [], "")
 
 
 class Int8Digits:
     """W_q (K, N) integers held as m balanced int8 digits each (`balanced_digits`): the server's otp
     weights on a CPU, 2 bytes a 12-bit weight where float64 takes 8.
 
-    A product x·W_q mod p splits x into int8 digits too and multiplies digits with `torch._int_mm`
-    (int8 products summed in int32: exact while a column's digit sums stay below 2³¹, checked here),
+    A product x·W_q mod p splits x into int8 digits too and multiplies digits in one int8 product,
     then combines the digit products in int64 mod p. Decode is memory-bound, so reading a quarter of
     float64's bytes is what counts; int8 products are also the CPU's widest (docs/benchmarks.md).
-    Stored (K, m·N), the digits' columns side by side: read from memory, not cache, `_int_mm` took
-    0.54 ms for a (K, N) layout against 0.66 for the transposed one (576 x 6144, one core).
+    The product is oneDNN's (`onednn_exact`) where its float32 results are exact: a digit of x (at most
+    128) times a digit row's L1 below 2²⁴. It reads weights packed once, where `torch._int_mm` repacks
+    them at every call: a SmolLM2 decode token took 37 against 60 ms on one core. Elsewhere it is
+    `torch._int_mm`, whose sums are int32, on the digits stored (K, m·N), side by side: read from
+    memory, not cache, it took 0.54 ms for that layout against 0.66 for the transposed one (576 x 6144, one core).
     """
 
     def __init__(self, w_q: torch.Tensor) -> None:
@@ -328,22 +381,21 @@ class Int8Digits:
         self.dtype = torch.int8
         n_out = w_q.shape[0]
         self.m = digits_for(int(w_q.abs().max()) if w_q.numel() else 0)
-        self._w = torch.empty(w_q.shape[1], self.m * n_out, dtype=torch.int8, device=w_q.device)
+        w = torch.empty(self.m * n_out, w_q.shape[1], dtype=torch.int8, device=w_q.device)  # (m·N, K)
         l1 = [0] * self.m  # per digit: the largest Σ_k |digit| of one output row
         for start, end in block_ranges(n_out, w_q.shape[1]):
             digits = torch.from_numpy(balanced_digits(w_q[start:end].detach().cpu().numpy(), self.m))
             for i in range(self.m):
-                self._w[:, i * n_out + start : i * n_out + end] = digits[i].t()
+                w[i * n_out + start : i * n_out + end] = digits[i]
                 if end > start:
-                    l1[i] = max(l1[i], int(digits[i].abs().sum(dim=1, dtype=torch.int64).max()))
+                    l1[i] = max(l1[i], int(digits[i].to(torch.int64).abs().sum(dim=1).max()))  # int8's abs(-128) is -128
         if 128 * max(l1) >= INT32_LIMIT:
             raise ValueError(f"weights too wide for int32 sums of int8 digit products (a digit row's L1 reaches {max(l1)})")
         # |Σ_i P_i · 256^i| for one digit of x (|digit| <= 128): what one of x's digits' recombined products can reach (`_combine_digits`).
         self.digit_bound = 128 * sum(part * DIGIT_BASE**i for i, part in enumerate(l1))
-
-    @property
-    def nbytes(self) -> int:
-        return self._w.nbytes
+        self.nbytes = w.nbytes
+        self.onednn = w.device.type == "cpu" and w.numel() > 0 and 128 * max(l1) < FLOAT32_EXACT and onednn_exact()
+        self._w = _OnednnWeights(w) if self.onednn else w.t().contiguous()
 
     def check(self, p: int) -> None:
         """Whether products mod p stay within int64 (`product_mod`'s Horner steps); else ValueError."""
@@ -353,9 +405,9 @@ class Int8Digits:
     def product_mod(self, x: torch.Tensor, p: int) -> torch.Tensor:
         """x (T, K) int64 in [0, p) -> x·W_q (T, N) int64 in [0, p), exactly.
 
-        One `_int_mm` for as many rows as `PRODUCTS_BYTES` of int32 products allow (each call repacks
-        the weights: a 128-row SmolLM2 chunk took 416 ms over 40 sites in one call each, 485 in 4 MiB
-        blocks), then the digits are combined a cache-sized block of rows at a time, in numpy: a decode
+        One product for as many rows as `PRODUCTS_BYTES` of products allow (`_int_mm` repacks the
+        weights at each: a 128-row SmolLM2 chunk took 416 ms over 40 sites in one call each, 485 in
+        4 MiB blocks), then the digits are combined a cache-sized block of rows at a time, in numpy: a decode
         row's dozen small integer ops cost ~2 µs each there against ~5 in torch, whose two threads also
         wait on each other when the TEE keeps a core busy (docs/benchmarks.md)."""
         self.check(p)
@@ -370,11 +422,19 @@ class Int8Digits:
         per_call = max(1, PRODUCTS_BYTES // (4 * n * self.m * max(n_out, 1)))
         for start in range(0, x_np.shape[0], per_call):
             rows = min(per_call, x_np.shape[0] - start)
-            digits = torch.from_numpy(balanced_digits(x_np[start : start + rows], n).reshape(n * rows, k)).to(self.device)
-            products = torch._int_mm(digits, self._w).detach().cpu().numpy().reshape(n, rows, self.m, n_out)
+            products = self._digit_products(x_np[start : start + rows], n).reshape(n, rows, self.m, n_out)
             for a, b in block_ranges(rows, n * self.m * n_out):
                 _combine_digits(products[:, a:b], p, self.digit_bound, out[start + a : start + b])
         return torch.from_numpy(out).to(x.device)
+
+    def _digit_products(self, x: np.ndarray, n: int) -> np.ndarray:
+        """x (T, K) within n balanced digits' range -> its digits' products with W_q's, (n·T, m·N) int32."""
+        rows = n * x.shape[0]
+        if self.onednn:
+            digits = torch.from_numpy(offset_digits(x, n).reshape(rows, self.shape[0]))
+            return _onednn_products(digits, self._w).to(torch.int32).numpy()
+        digits = torch.from_numpy(balanced_digits(x, n).reshape(rows, self.shape[0])).to(self.device)
+        return torch._int_mm(digits, self._w).cpu().numpy()
 
 
 def _combine_digits(products: np.ndarray, p: int, part_bound: int, out: np.ndarray) -> None:
@@ -401,7 +461,7 @@ def _combine_digits(products: np.ndarray, p: int, part_bound: int, out: np.ndarr
 
 def float32_limb_bits(l1: int) -> int:
     """The widest limbs whose products with weights of max row L1 `l1` stay exact in float32 (0: none)."""
-    return max(((1 << 24) - 1) // max(l1, 1), 0).bit_length() - 1
+    return max((FLOAT32_EXACT - 1) // max(l1, 1), 0).bit_length() - 1
 
 
 def _limbs(x: torch.Tensor, bits: int, p: int, dtype: torch.dtype) -> torch.Tensor:
