@@ -15,7 +15,7 @@ import pytest
 from tsqp.errors import ServerUnavailable
 from tsqp.model.loading import LoadedModel
 from tsqp.shields.config import SHIELDS, ShieldConfig
-from tsqp.tee.private_server import PrivateServer, closed_on_failure, shield_args
+from tsqp.tee.private_server import PrivateServer, closed_on_failure, server_threads, shield_args
 
 # --- shield_args ----------------------------------------------------------------------------
 
@@ -25,6 +25,13 @@ def test_shield_args_quantize_at_start_up_only_for_otp(name: str) -> None:
     expected = "12" if name == "otp" else "0"
     assert shield_args(ShieldConfig(name)) == ["--otp-weight-bits", expected]
     assert shield_args(ShieldConfig(name, weight_bits=8)) == ["--otp-weight-bits", "8" if name == "otp" else "0"]
+
+
+@pytest.mark.parametrize(("cores", "threads"), [(1, 1), (2, 1), (16, 15)])
+def test_the_private_server_leaves_the_runner_a_core(cores: int, threads: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """It shares the host with the runner, whose mask worker computes while it does: all cores but one, at least one."""
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)), raising=False)
+    assert server_threads() == threads
 
 
 # --- closed_on_failure -----------------------------------------------------------------------
@@ -74,6 +81,7 @@ def test_closed_on_failure_without_a_server_just_lets_the_error_through() -> Non
 
 def test_serve_gpu_stops_cleanly_on_sigterm(tiny_path: Path) -> None:
     server = PrivateServer(tiny_path, device="cpu")
+    assert server.process.args[server.process.args.index("--threads") + 1] == str(server_threads())
     server.wait_ready()
     started = time.monotonic()
     server.wait_ready()  # a second wait returns at once

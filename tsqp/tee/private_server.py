@@ -30,6 +30,15 @@ def shield_args(shield: ShieldConfig) -> list[str]:
     return ["--otp-weight-bits", str(shield.weight_bits if shield.exact else 0)]
 
 
+def server_threads() -> int:
+    """The private server's CPU threads: all but one of the cores this process may use.
+
+    It shares the host with the runner, whose mask worker makes masks while the server computes:
+    on 2 cores, one server thread decoded otp at 98.6-122.8 ms a token against 103.5-156.1 with two
+    (6 alternating pairs), plain about even, and prefilled 512 tokens no slower (docs/benchmarks.md)."""
+    return max(1, len(os.sched_getaffinity(0)) - 1) if hasattr(os, "sched_getaffinity") else max(1, (os.cpu_count() or 2) - 1)
+
+
 class PrivateServer:
     """A `tsqp serve-gpu` child process on a private ipc:// endpoint."""
 
@@ -41,7 +50,7 @@ class PrivateServer:
         self.endpoint = f"ipc://{self._dir.name}/server.sock"
         command = [sys.executable, "-m", "tsqp", "serve-gpu", "--model", str(model_folder), "--endpoint", self.endpoint,
                    "--device", device, "--dtype", dtype, "--quiet", "--exit-with-parent", str(os.getpid()), "--private-dir", self._dir.name,
-                   "--shm-dir", self._dir.name, "--spin-us", str(spin_us), *(shield_args(shield) if shield else ()), *extra_args]  # fmt: skip
+                   "--shm-dir", self._dir.name, "--spin-us", str(spin_us), "--threads", str(server_threads()), *(shield_args(shield) if shield else ()), *extra_args]  # fmt: skip
         self._stderr = open(Path(self._dir.name) / "server.log", "w+")
         self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=self._stderr, text=True)
         self.startup_timeout_s = startup_timeout_s
