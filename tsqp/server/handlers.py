@@ -254,7 +254,7 @@ def quantized_dtype(n_weights: int, device: torch.device) -> torch.dtype:
 
     All are exact. On a 2-core CPU, int8 digit products (`torch._int_mm`) took 68 against float64's
     143 ms for a decode row over every SmolLM2 site and 1232 against 1393 ms for a 128-row chunk, and
-    hold a quarter of the bytes (docs/benchmarks.md). A float64 W_q computes a decode row on two limbs; on that CPU it
+    hold a quarter of the bytes (docs/benchmarks.md; oneDNN's int8 products, used since where exact, are faster still). A float64 W_q computes a decode row on two limbs; on that CPU it
     was faster than float32's nine narrow ones (176 against 199 ms per SmolLM2 token), which halve the
     memory and read half the bytes, where a device has cores to spare. On CUDA, `_int_mm` has shape
     limits and is unmeasured here.
