@@ -432,9 +432,9 @@ class Int8Digits:
         rows = n * x.shape[0]
         if self.onednn:
             digits = torch.from_numpy(offset_digits(x, n).reshape(rows, self.shape[0]))
-            return _onednn_products(digits, self._w).to(torch.int32).numpy()
+            return _onednn_products(digits, self._w).detach().to(torch.int32).numpy()
         digits = torch.from_numpy(balanced_digits(x, n).reshape(rows, self.shape[0])).to(self.device)
-        return torch._int_mm(digits, self._w).cpu().numpy()
+        return torch._int_mm(digits, self._w).detach().cpu().numpy()
 
 
 def _combine_digits(products: np.ndarray, p: int, part_bound: int, out: np.ndarray) -> None:
