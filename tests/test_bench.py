@@ -182,7 +182,7 @@ def test_a_decode_call_waiting_for_its_masks_is_counted_as_a_stall_not_as_tee(ti
 
     monkeypatch.setattr(MaskPool, "take", slow_take)
     with connect(tiny_server.endpoint, tiny_path, shield="otp") as session:
-        run = runs._tsqp_run(session, list(range(3, 11)))(4)
+        run = runs.timed_generation(session, list(range(3, 11)))(4)
     calls_per_token = 4 * N_LAYERS + 1  # LINEAR calls and LM_HEAD, each with its masks
     assert run.mask_stall_s >= calls_per_token * 0.002
     assert run.stall_s > run.mask_stall_s  # the prefill's waits too, over the whole run

@@ -90,7 +90,7 @@ def _bench_local(config: BenchConfig, folder: Path, counter: ProgressCounter) ->
             raise TsqpError(f"prompt + new tokens exceed the model's {session.model.config.max_seq_len} positions by {too_long}")
         prompts = {n: prompt_ids(session.model.tokenizer, n, session.model.config.vocab_size) for n in config.prompt_tokens}
         session.prefill_chunk = config.prefill_chunk
-        results = [_measure(config, "local", n, _tsqp_run(session, prompts[n], config.precompute), counter) for n in config.prompt_tokens]
+        results = [_measure(config, "local", n, timed_generation(session, prompts[n], config.precompute), counter) for n in config.prompt_tokens]
     del session
     gc.collect()
     return results, prompts
@@ -112,7 +112,7 @@ def _bench_split(config: BenchConfig, folder: Path, prompts: dict[int, list[int]
             shielding = config.shield(mode)
             backend = shielded(session.backend, session.model, shielding)
             shielded_session = Session(session.model, backend, prefill_chunk=shielding.prefill_chunk)
-            results += [_measure(config, mode, n, _tsqp_run(shielded_session, prompts[n], config.precompute), counter, server_pid=pid,
+            results += [_measure(config, mode, n, timed_generation(shielded_session, prompts[n], config.precompute), counter, server_pid=pid,
                                  pool=getattr(getattr(backend, "shield", None), "pool", None))
                         for n in config.prompt_tokens]  # fmt: skip
             if backend is not session.backend:
@@ -162,7 +162,7 @@ def _measure(config: BenchConfig, mode: str, n: int, once: Callable[[int], Run],
     return aggregate(mode, verify, n, config.new_tokens, runs, peak, pool_mib)
 
 
-def _tsqp_run(session: Any, ids: list[int], precompute: bool = False) -> Callable[[int], Run]:
+def timed_generation(session: Any, ids: list[int], precompute: bool = False) -> Callable[[int], Run]:
     """One generation through the shared `generate` loop, wire counters split at the first token.
 
     A shield's masks are made during the run (by the pool's worker beside the calls, or by a
