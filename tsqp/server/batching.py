@@ -94,9 +94,4 @@ class LinearBatcher:
 
     def _count(self, msg: Message, reply: Message, seconds: float) -> None:
         """The per-op counters the server keeps for each request, for one answered from a batch."""
-        stats = self.stats.ops["LINEAR"]
-        stats.calls += 1
-        stats.bytes_in += msg.nbytes
-        stats.bytes_out += reply.nbytes
-        stats.record(seconds)
-        stats.compute_s += seconds
+        self.stats.ops["LINEAR"].answered(msg.nbytes, reply.nbytes, seconds)

@@ -207,12 +207,7 @@ class FastLane:
         body_in, body_out = plan.request.lengths[1], plan.reply.lengths[1]
         self.stats.fast_lane_requests += 1
         self.stats.requests += 1
-        op = self.stats.ops[plan.op]
-        op.calls += 1
-        op.bytes_in += body_in
-        op.bytes_out += body_out
-        op.record(seconds)
-        op.compute_s += seconds
+        self.stats.ops[plan.op].answered(body_in, body_out, seconds)
         counters = self.stats.client(client)
         counters.requests += 1
         counters.bytes_in += COMPACT.size + body_in
