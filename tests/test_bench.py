@@ -222,6 +222,24 @@ def check_load(data: dict[str, Any], clients: list[int]) -> None:
         assert r["shield"] == "plain", r  # the runners' sessions say so: the mode asked, not connect's default
 
 
+def test_the_tables_fit_80_columns_without_cutting_a_header_or_number(report: BenchReport) -> None:
+    """Written to a file or a pipe, rich assumes 80 columns: every table must fit, with no cell cut to "…"."""
+    import io
+
+    from rich.console import Console
+
+    from tsqp.tools.bench.report import render_table
+
+    console = Console(width=80, file=io.StringIO(), record=True)
+    console.print(render_table(report))
+    text = console.export_text()
+    assert "…" not in text, text
+    assert max(len(line) for line in text.splitlines()) <= 80
+    assert "otp +verify" in text  # the widest mode name, whole
+    for header in ("decode tok/s", "srv MiB", "total", "stall", "verif", "server", "trips", "KiB", "offline ms", "pool MiB", "aggregate tok/s"):
+        assert header in text, header
+
+
 def test_load_test_runs_concurrent_clients_against_one_server(report: BenchReport) -> None:
     data = json.loads(json.dumps(report.to_json()))
     check_load(data, CLIENTS)
