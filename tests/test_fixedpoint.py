@@ -114,23 +114,31 @@ def test_int8_digits_keep_int_mm_where_float32_products_would_round() -> None:
     assert fixedpoint.product_mod(x, held, p, 20).tolist() == _exact(x, w.t().to(torch.int64), p)
 
 
-def test_onednn_probe_catches_a_kernel_that_saturates(monkeypatch: pytest.MonkeyPatch) -> None:
-    """x86 without VNNI sums u8·s8 byte pairs in int16, saturating at 32767: the probe must see it and say no."""
+def test_onednn_probe_catches_kernels_that_saturate_or_round(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two ways a u8·s8 kernel goes wrong, each of which the probe must see: x86 without VNNI sums byte pairs in int16
+    (saturating at 32767); a kernel that takes the zero point's share off in float32, after the uint8 sum (past 2²⁴)
+    was rounded. An exact kernel passes the same probe."""
 
-    def saturating(x: torch.Tensor, w: object) -> torch.Tensor:
-        pairs = (x.to(torch.int64) * w.int8.to(torch.int64)[:, None]).reshape(*w.int8.shape[:1], x.shape[0], -1, 2).sum(-1)
+    def exact(x: torch.Tensor, w: Held) -> torch.Tensor:
+        return ((x.to(torch.int64) - 128) @ w.int8.to(torch.int64).t()).to(torch.float32)
+
+    def saturating(x: torch.Tensor, w: Held) -> torch.Tensor:
+        pairs = (x.to(torch.int64)[None] * w.int8.to(torch.int64)[:, None]).reshape(w.int8.shape[0], x.shape[0], -1, 2).sum(-1)
         sums = pairs.clamp(-32768, 32767).sum(-1).t() - 128 * w.int8.to(torch.int64).sum(1)
         return sums.to(torch.float32)
+
+    def rounding(x: torch.Tensor, w: Held) -> torch.Tensor:
+        unsigned = (x.to(torch.int64) @ w.int8.to(torch.int64).t()).to(torch.float32)
+        return unsigned - (128 * w.int8.to(torch.int64).sum(1)).to(torch.float32)
 
     class Held:
         def __init__(self, w: torch.Tensor) -> None:
             self.int8 = w
 
     monkeypatch.setattr(fixedpoint, "_OnednnWeights", Held)
-    monkeypatch.setattr(fixedpoint, "_onednn_products", saturating)
-    assert not fixedpoint.onednn_exact.__wrapped__()
-    monkeypatch.setattr(fixedpoint, "_onednn_products", lambda x, w: ((x.to(torch.int64) - 128) @ w.int8.to(torch.int64).t()).to(torch.float32))
-    assert fixedpoint.onednn_exact.__wrapped__()  # the same probe passes an exact kernel
+    for kernel, passes in ((saturating, False), (rounding, False), (exact, True)):
+        monkeypatch.setattr(fixedpoint, "_onednn_products", kernel)
+        assert fixedpoint.onednn_exact.__wrapped__() is passes, kernel.__name__
 
 
 def test_int8_digits_refuse_a_field_their_int64_steps_cannot_hold() -> None:

@@ -325,15 +325,17 @@ def onednn_exact() -> bool:
     """Whether oneDNN's u8·s8 products (`torch.ops.onednn.qlinear_pointwise`) come back exact on this CPU.
 
     They are, into float32, while a result stays below 2²⁴, where the CPU sums the byte products in
-    int32 (AVX512-VNNI, AMX). Without those, x86 sums byte pairs in int16 and saturates; other CPUs
-    may lack the op. So it is probed once, at the extremes that saturate int16 (255·127 twice), and a
-    CPU that fails keeps `torch._int_mm`."""
+    int32 (AVX512-VNNI, AMX) and takes the zero point's share (128·Σw) off in int32 too. Without VNNI,
+    x86 sums byte pairs in int16 and saturates; a kernel could take the zero point's share off in
+    float32, after the uint8 sum (2²⁵ here) was rounded; other CPUs may lack the op. So it is
+    probed once, at extremes that catch each: 255·127 twice (int16), uint8 sums past 2²⁴ whose results
+    are odd and below it. A CPU that fails keeps `torch._int_mm`."""
     gen = torch.Generator().manual_seed(0)
-    k = 256
+    k = 1000  # 128 · 128 · k < 2²⁴: every result exact where the kernel is
     x = torch.randint(0, 256, (6, k), generator=gen, dtype=torch.uint8)
-    x[0], x[1], x[2, ::2], x[2, 1::2] = 255, 0, 255, 0
-    w = torch.randint(-128, 128, (5, k), generator=gen, dtype=torch.int8)
-    w[0], w[1], w[2, ::2], w[2, 1::2] = 127, -128, -128, 127
+    x[0], x[1], x[2, ::2], x[2, 1::2], x[3] = 255, 0, 255, 0, torch.randint(250, 256, (k,), generator=gen, dtype=torch.uint8)
+    w = torch.randint(-128, 128, (6, k), generator=gen, dtype=torch.int8)
+    w[0], w[1], w[2, ::2], w[2, 1::2], w[3] = 127, -128, -128, 127, torch.randint(126, 128, (k,), generator=gen, dtype=torch.int8)
     try:
         y = _onednn_products(x, _OnednnWeights(w))
     except Exception:  # no oneDNN int8 kernels in this build, on this CPU, or with this signature: any failure means not here
