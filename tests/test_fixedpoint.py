@@ -103,15 +103,27 @@ def test_int8_digit_products_are_exact_at_the_extremes(kernel: str, bits: int, r
     assert set(counts) == {n} and len(counts) == -(-rows // 16)
 
 
-def test_int8_digits_keep_int_mm_where_float32_products_would_round() -> None:
-    """oneDNN's products come back in float32: a digit row whose L1 times 128 reaches 2²⁴ keeps `_int_mm`'s int32
-    sums (1100 weights of 128, low digit -128: 128 · 140800 > 2²⁴), and stays exact."""
+@pytest.mark.parametrize("span", [fixedpoint.ONEDNN_SPAN, 300])
+def test_int8_digits_split_rows_whose_float32_products_could_round(span: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """oneDNN's products come back in float32: rows whose digit L1 times 128 reaches 2²⁴ (1100 weights of 128, low
+    digit -128: 128 · 140800 > 2²⁴) are split into spans no wider than `ONEDNN_SPAN` (here also 300: four, the
+    last short), their int32 sums added, and stay exact at every digit's extreme."""
+    monkeypatch.setattr(fixedpoint, "ONEDNN_SPAN", span)
     w = torch.full((3, 1100), 128, dtype=torch.int16)
+    w[1] = -2047
     held = fixedpoint.Int8Digits(w)
-    assert not held.onednn
+    assert held.onednn == fixedpoint.onednn_exact()
+    if held.onednn:
+        assert [(a, b) for a, b, _ in held._spans] == [(a, min(a + span, 1100)) for a in range(0, 1100, span)]
     p = fixedpoint.previous_prime(1 << 32)
-    x = torch.full((2, 1100), 127 * (256**4 - 1) // 255, dtype=torch.int64)  # every digit 127
+    top = 127 * (256**4 - 1) // 255
+    x = torch.stack([torch.full((1100,), top), torch.full((1100,), top + 1), torch.randint(0, p, (1100,))])  # digits all 127, all -128, any
     assert fixedpoint.product_mod(x, held, p, 20).tolist() == _exact(x, w.t().to(torch.int64), p)
+
+
+def test_int8_digits_take_one_span_where_float32_products_stay_exact() -> None:
+    held = fixedpoint.Int8Digits(torch.randint(-2047, 2048, (5, 576), dtype=torch.int16))
+    assert not held.onednn or len(held._spans) == 1
 
 
 def test_onednn_probe_catches_kernels_that_saturate_or_round(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -357,6 +357,9 @@ class _OnednnWeights:
         object.__setattr__(self, "zero_points", torch.zeros(w.shape[0], dtype=torch.int64))
 
 
+ONEDNN_SPAN = (FLOAT32_EXACT - 1) // (128 * 128)  # 1023: a digit row this wide has exact float32 products, whatever it holds
+
+
 def _onednn_products(x: torch.Tensor, w: _OnednnWeights) -> torch.Tensor:
     """(x - 128) @ wᵀ for uint8 x (T, K), in float32: exact below 2²⁴ where `onednn_exact`."""
     return torch.ops.onednn.qlinear_pointwise(x, 1.0, 128, w.packed, w.scales, w.zero_points, None, 1.0, 0, torch.float32, "none", [], "")
@@ -369,11 +372,13 @@ class Int8Digits:
     A product x·W_q mod p splits x into int8 digits too and multiplies digits in one int8 product,
     then combines the digit products in int64 mod p. Decode is memory-bound, so reading a quarter of
     float64's bytes is what counts; int8 products are also the CPU's widest (docs/benchmarks.md).
-    The product is oneDNN's (`onednn_exact`) where its float32 results are exact: a digit of x (at most
-    128) times a digit row's L1 below 2²⁴. It reads weights packed once, where `torch._int_mm` repacks
-    them at every call: a SmolLM2 decode token took 37 against 60 ms on one core. Elsewhere it is
-    `torch._int_mm`, whose sums are int32, on the digits stored (K, m·N), side by side: read from
-    memory, not cache, it took 0.54 ms for that layout against 0.66 for the transposed one (576 x 6144, one core).
+    The product is oneDNN's where this CPU's are exact (`onednn_exact`). Its results are float32, exact
+    while a digit of x (at most 128) times a digit row's L1 stays below 2²⁴: wider rows are split into
+    spans of `ONEDNN_SPAN` columns, whose products are added in int32. It reads weights packed once,
+    where `torch._int_mm` repacks them at every call: a SmolLM2 decode token took 37 against 60 ms on
+    one core. Elsewhere it is `torch._int_mm`, whose sums are int32, on the digits stored (K, m·N), side
+    by side: read from memory, not cache, it took 0.54 ms for that layout against 0.66 for the
+    transposed one (576 x 6144, one core).
     """
 
     def __init__(self, w_q: torch.Tensor) -> None:
@@ -396,8 +401,13 @@ class Int8Digits:
         # |Σ_i P_i · 256^i| for one digit of x (|digit| <= 128): what one of x's digits' recombined products can reach (`_combine_digits`).
         self.digit_bound = 128 * sum(part * DIGIT_BASE**i for i, part in enumerate(l1))
         self.nbytes = w.nbytes
-        self.onednn = w.device.type == "cpu" and w.numel() > 0 and 128 * max(l1) < FLOAT32_EXACT and onednn_exact()
-        self._w = _OnednnWeights(w) if self.onednn else w.t().contiguous()
+        self.onednn = w.device.type == "cpu" and w.numel() > 0 and onednn_exact()
+        if self.onednn:  # rows whose products could reach 2²⁴ are split into spans that cannot; their sums are added in int32
+            k = w.shape[1]
+            span = k if 128 * max(l1) < FLOAT32_EXACT else ONEDNN_SPAN
+            self._spans = [(a, min(a + span, k), _OnednnWeights(w[:, a : a + span].contiguous())) for a in range(0, k, span)]
+        else:
+            self._w = w.t().contiguous()
 
     def check(self, p: int) -> None:
         """Whether products mod p stay within int64 (`product_mod`'s Horner steps); else ValueError."""
@@ -434,7 +444,12 @@ class Int8Digits:
         rows = n * x.shape[0]
         if self.onednn:
             digits = torch.from_numpy(offset_digits(x, n).reshape(rows, self.shape[0]))
-            return _onednn_products(digits, self._w).detach().to(torch.int32).numpy()
+            products = None
+            for a, b, span in self._spans:
+                part = _onednn_products(digits if len(self._spans) == 1 else digits[:, a:b].contiguous(), span).detach().to(torch.int32)
+                products = part if products is None else products.add_(part)
+            assert products is not None
+            return products.numpy()
         digits = torch.from_numpy(balanced_digits(x, n).reshape(rows, self.shape[0])).to(self.device)
         return torch._int_mm(digits, self._w).detach().cpu().numpy()
 
