@@ -36,7 +36,14 @@ def serve_gpu(
     ] = "tcp://127.0.0.1:5555",
     device: DeviceOpt = Device.auto,
     dtype: DtypeOpt = Dtype.float32,
-    threads: Annotated[int | None, typer.Option(min=1, help="torch CPU threads for the products (default: torch's choice).")] = None,
+    threads: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="torch CPU threads for the products (default: torch's choice, every core). Beside a runner on the same "
+            "few cores, leave it one: run-tee's own server takes all but one.",
+        ),
+    ] = None,
     quiet: Annotated[bool, typer.Option(help="Print only the ready line (and security warnings).")] = False,
     log_level: Annotated[LogLevel, typer.Option(help="Logging level.")] = LogLevel.warning,
     log_json: Annotated[
