@@ -444,12 +444,12 @@ class Int8Digits:
         rows = n * x.shape[0]
         if self.onednn:
             digits = torch.from_numpy(offset_digits(x, n).reshape(rows, self.shape[0]))
-            products = None
+            products: np.ndarray | None = None
             for a, b, span in self._spans:
-                part = _onednn_products(digits if len(self._spans) == 1 else digits[:, a:b].contiguous(), span).detach().to(torch.int32)
-                products = part if products is None else products.add_(part)
+                part = _onednn_products(digits if len(self._spans) == 1 else digits[:, a:b].contiguous(), span).detach().to(torch.int32).numpy()
+                products = part if products is None else np.add(products, part, out=products)
             assert products is not None
-            return products.numpy()
+            return products
         digits = torch.from_numpy(balanced_digits(x, n).reshape(rows, self.shape[0])).to(self.device)
         return torch._int_mm(digits, self._w).detach().cpu().numpy()
 
