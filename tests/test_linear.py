@@ -286,3 +286,24 @@ def test_large_one_row_products_take_the_way_measured_faster(tiny: LoadedModel, 
     assert sharing._one_row_on_numpy(large) and len(probes) == 1
     row = torch.randn(1, large.shape[0])
     assert torch.allclose(weights.lm_head(row), row @ large, atol=1e-5)  # either way, the product
+
+
+@pytest.mark.parametrize("site", ["lm_head", "gate_proj|up_proj"])
+def test_a_staged_product_gives_the_generic_bits_from_buffers_made_once(tiny: LoadedModel, site: str) -> None:
+    """Weights in another dtype than a CPU's float32 (here bfloat16; a GPU's the same way, with pinned host copies): the
+    fast lane's product writes the generic path's bits (group_product, cast back to float32) into the reply, call after
+    call, from the buffers it made at the start."""
+    import numpy as np
+
+    weights = LinearWeights(tiny.weights, tiny.config.n_layers, dtype=torch.bfloat16)
+    key = "lm_head" if site == "lm_head" else weights.check_linear(0, site.split("|"))
+    staged = weights.staged_product(key, 3)
+    buffers = (staged.x_dev.data_ptr(), staged.y_dev.data_ptr())
+    gen = torch.Generator().manual_seed(2)
+    for _ in range(2):
+        x = torch.randn(3, tiny.config.hidden_size, generator=gen)
+        out = np.full((3, staged.y_dev.shape[1]), np.nan, dtype=np.float32)
+        staged(x.numpy(), out)
+        generic = weights.lm_head(x) if key == "lm_head" else weights.group_product(key, x)
+        assert torch.equal(torch.from_numpy(out), generic.to(torch.float32))
+    assert (staged.x_dev.data_ptr(), staged.y_dev.data_ptr()) == buffers and staged.x_host is None  # no pinned copies on a CPU

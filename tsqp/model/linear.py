@@ -180,6 +180,10 @@ class LinearWeights:
         else:
             torch.matmul(torch.from_numpy(x), self._site_weight_t(site), out=torch.from_numpy(out))
 
+    def staged_product(self, site: GroupKey | str, rows: int) -> StagedProduct:
+        """`rows` float32 rows' product at `site` on weights that are not a CPU's float32, with its buffers made now."""
+        return StagedProduct(self._site_weight_t(site), rows)
+
     def one_row_kernel(self, site: GroupKey | str, elements: int) -> np.ndarray | None:
         """The weight (K, N) that `product_into` multiplies an input of `elements` floats by through numpy, or None where
         it goes through torch (the server's fast lane calls numpy's matmul with it directly: the same kernel, the same bits)."""
@@ -258,6 +262,33 @@ class LinearWeights:
         if a.dim() < 2 or b.dim() < 2 or a.shape[-1] != b.shape[-2]:
             raise ProtocolError(f"matmul shapes {list(a.shape)} @ {list(b.shape)} do not compose")
         return a @ b
+
+
+class StagedProduct:
+    """A product of float32 rows (rows, K) with one site's weights (K, N) on a device or in a dtype other than a CPU's
+    float32, its buffers made once: input and result on the device, and on CUDA pinned host copies of both. A call then
+    allocates nothing, copies each way without blocking on the current stream and waits once, for the result. The
+    kernel and casts are `group_product`'s and the generic path's (`Handlers.out`): the same bits."""
+
+    def __init__(self, w_t: torch.Tensor, rows: int) -> None:
+        self.w_t = w_t
+        self.x_dev = torch.empty(rows, w_t.shape[0], dtype=w_t.dtype, device=w_t.device)
+        self.y_dev = torch.empty(rows, w_t.shape[1], dtype=w_t.dtype, device=w_t.device)
+        cuda = w_t.device.type == "cuda"
+        self.x_host = torch.empty(rows, w_t.shape[0], pin_memory=True) if cuda else None
+        self.y_host = torch.empty(rows, w_t.shape[1], pin_memory=True) if cuda else None
+
+    def __call__(self, x: np.ndarray, out: np.ndarray) -> None:
+        """x (rows, K) float32 -> out (rows, N) float32."""
+        x_host = torch.from_numpy(x) if self.x_host is None else self.x_host.copy_(torch.from_numpy(x))
+        self.x_dev.copy_(x_host, non_blocking=True)
+        torch.matmul(self.x_dev, self.w_t, out=self.y_dev)
+        if self.y_host is None:
+            torch.from_numpy(out).copy_(self.y_dev)
+            return
+        self.y_host.copy_(self.y_dev, non_blocking=True)
+        torch.cuda.current_stream(self.y_dev.device).synchronize()
+        out[:] = self.y_host.numpy()
 
 
 IntegerMatrix = torch.Tensor | fixedpoint.DerivedIntegers | fixedpoint.Int8Digits  # W_q (K, N), however held

@@ -12,7 +12,7 @@ into the reply area by the kernel the generic path uses, so the reply's bytes an
 generic path's.
 - A plain float product reads its input where the client wrote it: changing it mid-product changes only that
   client's answer (`LinearWeights.product_into` on a CPU's float32 weights; elsewhere the generic path's
-  product, cast back to float32 as it does).
+  product, cast back to float32 as it does, into buffers made once: `StagedProduct`, pinned on CUDA).
 - An EMBED and an otp product (`QuantizedWeights.product_mod`) copy their input out first and check the copy's
   range, as the generic path does; an input out of range, or otp weights since quantized to another width, go
   the generic way, which names the failure.
@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from tsqp.model.linear import GroupKey, all_within
+from tsqp.model.linear import GroupKey, StagedProduct, all_within
 from tsqp.server.handlers import CHUNK_FLOPS, Handlers
 from tsqp.server.stats import ServerStats
 from tsqp.server.warming import Warmer, site_of
@@ -74,16 +74,17 @@ class Place:
     header: slice
     reply_table: bytes
     kernel: np.ndarray | None
+    staged: StagedProduct | None = None  # a plain product's buffers, where the weights are not a CPU's float32
 
     @classmethod
-    def of(cls, channel: Channel, plan: Plan, kernel: np.ndarray | None) -> Place:
+    def of(cls, channel: Channel, plan: Plan, kernel: np.ndarray | None, staged: StagedProduct | None = None) -> Place:
         into, out = channel.incoming_area, channel.outgoing_area
         in_dtype, out_dtype = (np.int64, np.float32) if plan.op == "EMBED" else (np.float32, np.float32) if plan.field is None else (np.int64, np.int64)
         x = np.frombuffer(channel.mm, in_dtype, plan.rows * plan.features, into + plan.request.offsets[1]).reshape(plan.rows, plan.features)
         y = np.frombuffer(channel.mm, out_dtype, plan.rows * plan.out_features, out + plan.reply.offsets[1]).reshape(plan.rows, plan.out_features)
         header_at = out + plan.reply.offsets[0]
         table = slice(out, out + len(plan.reply.table))
-        return cls(x, y, table, slice(header_at, header_at + plan.reply.lengths[0]), plan.reply.table, kernel)
+        return cls(x, y, table, slice(header_at, header_at + plan.reply.lengths[0]), plan.reply.table, kernel, staged)
 
     def post(self, channel: Channel, header: bytes | bytearray) -> None:
         """Post the reply whose body is written: its header, its table, then its seq (`Channel.post_seq`)."""
@@ -160,8 +161,10 @@ class FastLane:
     def _place(self, channel: Channel, key: bytes, plan: Plan) -> Place:
         """`plan`'s `Place` on `channel`, made at its first request there."""
         weights = self.handlers.weights
-        kernel = weights.one_row_kernel(plan.site, plan.rows * plan.features) if plan.field is None and plan.op != "EMBED" else None
-        place = channel.views[key] = Place.of(channel, plan, kernel)
+        plain = plan.field is None and plan.op != "EMBED"
+        kernel = weights.one_row_kernel(plan.site, plan.rows * plan.features) if plain else None
+        staged = weights.staged_product(plan.site, plan.rows) if plain and not weights.cpu_float32 else None
+        place = channel.views[key] = Place.of(channel, plan, kernel, staged)
         return place
 
     def _product(self, plan: Plan, place: Place) -> None:
@@ -169,12 +172,10 @@ class FastLane:
         weights = self.handlers.weights
         if place.kernel is not None:
             np.matmul(place.x, place.kernel, out=place.out)
-        elif weights.cpu_float32:
-            weights.product_into(plan.site, place.x, place.out)
+        elif place.staged is not None:  # another dtype or device: the generic path's product, cast back as it does
+            place.staged(place.x, place.out)
         else:
-            x_t = torch.from_numpy(place.x)  # another dtype or device: the generic path's product, cast back as it does
-            y = weights.lm_head(x_t) if plan.site == "lm_head" else weights.group_product(plan.site, x_t)  # type: ignore[arg-type]
-            place.out[:] = self.handlers.out(y, torch.float32).detach().numpy()
+            weights.product_into(plan.site, place.x, place.out)
 
     def _embed(self, place: Place) -> bool:
         """The vocabulary rows of the request's token ids into the reply; False (nothing written) where an id is out of range."""
