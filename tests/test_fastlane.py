@@ -170,9 +170,19 @@ def test_no_fast_lane_where_every_request_must_pass_the_generic_path(tiny: Loade
 
 
 @pytest.mark.parametrize("op", ["LINEAR", "EMBED", "LM_HEAD"])
-def test_bfloat16_weights_answer_the_fast_way_with_the_generic_bytes(tiny: LoadedModel, op: str) -> None:
+@pytest.mark.parametrize("staged", [True, False], ids=["staged", "prefill-sized"])
+def test_bfloat16_weights_answer_the_fast_way_with_the_generic_bytes(tiny: LoadedModel, op: str, staged: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     """Weights held in another dtype (or on another device): the generic path's product, cast back to float32 as
-    it does, the same bytes."""
+    it does, the same bytes; into buffers made once (`StagedProduct`) for a call up to `STAGED_BYTES`, else made
+    at each call (a prefill chunk's would stay held)."""
+    from tsqp.model.linear import LinearWeights
+    from tsqp.server import fastlane
+
+    made: list[int] = []
+    staged_product = LinearWeights.staged_product
+    monkeypatch.setattr(LinearWeights, "staged_product", lambda self, site, rows: made.append(rows) or staged_product(self, site, rows))
+    if not staged:
+        monkeypatch.setattr(fastlane, "STAGED_BYTES", 0)
     running = start_server(tiny, dtype="bfloat16")
     client = ShmDealer(running.endpoint)
     args, x = {
@@ -185,6 +195,7 @@ def test_bfloat16_weights_answer_the_fast_way_with_the_generic_bytes(tiny: Loade
         fast = raw_reply(client, compact(op, 2, args, x))
         assert fast_answers(client) == 1
         assert without_id_and_time(fast[0]) == without_id_and_time(generic[0]) and fast[1] == generic[1]
+        assert made == ([x.shape[0]] if staged and op != "EMBED" else [])
     finally:
         client.close()
         running.close()

@@ -40,6 +40,7 @@ from tsqp.wire.protocol import COMPACT, COMPACT_ID, FIELD_ARGS, Message
 from tsqp.wire.shm import DATA, TABLE, Channel, Layout
 
 MAX_PLANS = 4096  # headers remembered; a decode step uses about 5 a layer (rows grow only in prefills)
+STAGED_BYTES = 1 << 20  # a plain call's input and result up to this size (decode rows, a lm_head row) get buffers made once
 HEAD = DATA + COMPACT.size  # a request area's first bytes: its frame table, then the compact header
 
 
@@ -163,7 +164,8 @@ class FastLane:
         weights = self.handlers.weights
         plain = plan.field is None and plan.op != "EMBED"
         kernel = weights.one_row_kernel(plan.site, plan.rows * plan.features) if plain else None
-        staged = weights.staged_product(plan.site, plan.rows) if plain and not weights.cpu_float32 else None
+        small = 4 * plan.rows * (plan.features + plan.out_features) <= STAGED_BYTES
+        staged = weights.staged_product(plan.site, plan.rows) if plain and small and not weights.cpu_float32 else None
         place = channel.views[key] = Place.of(channel, plan, kernel, staged)
         return place
 
@@ -172,10 +174,14 @@ class FastLane:
         weights = self.handlers.weights
         if place.kernel is not None:
             np.matmul(place.x, place.kernel, out=place.out)
+        elif weights.cpu_float32:
+            weights.product_into(plan.site, place.x, place.out)
         elif place.staged is not None:  # another dtype or device: the generic path's product, cast back as it does
             place.staged(place.x, place.out)
-        else:
-            weights.product_into(plan.site, place.x, place.out)
+        else:  # the same, for a prefill chunk: its buffers would be held (pinned on CUDA) for the lane's lifetime
+            x_t = torch.from_numpy(place.x)
+            y = weights.lm_head(x_t) if plan.site == "lm_head" else weights.group_product(plan.site, x_t)  # type: ignore[arg-type]
+            place.out[:] = self.handlers.out(y, torch.float32).detach().numpy()
 
     def _embed(self, place: Place) -> bool:
         """The vocabulary rows of the request's token ids into the reply; False (nothing written) where an id is out of range."""
