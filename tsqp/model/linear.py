@@ -288,7 +288,7 @@ class StagedProduct:
             return
         self.y_host.copy_(self.y_dev, non_blocking=True)
         torch.cuda.current_stream(self.y_dev.device).synchronize()
-        out[:] = self.y_host.numpy()
+        out[:] = self.y_host.detach().numpy()
 
 
 IntegerMatrix = torch.Tensor | fixedpoint.DerivedIntegers | fixedpoint.Int8Digits  # W_q (K, N), however held
