@@ -34,8 +34,8 @@ def server_threads() -> int:
     """The private server's CPU threads: all but one of the cores this process may use.
 
     It shares the host with the runner, whose mask worker makes masks while the server computes:
-    on 2 cores, one server thread decoded otp at 98.6-122.8 ms a token against 103.5-156.1 with two
-    (6 alternating pairs), plain about even, and prefilled 512 tokens no slower (docs/benchmarks.md)."""
+    on 2 cores, one server thread decoded otp at 98.6-142.7 ms a token against 103.5-152.1 with two
+    (faster in 6 of 6 alternating pairs), plain about even, and prefilled 512 tokens no slower (docs/benchmarks.md)."""
     return max(1, len(os.sched_getaffinity(0)) - 1) if hasattr(os, "sched_getaffinity") else max(1, (os.cpu_count() or 2) - 1)
 
 
