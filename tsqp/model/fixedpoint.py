@@ -343,18 +343,13 @@ def onednn_exact() -> bool:
     return torch.equal(y.to(torch.int64), (x.to(torch.int64) - 128) @ w.to(torch.int64).t())
 
 
-@dataclass(frozen=True)
 class _OnednnWeights:
     """int8 weights (N, K) packed for oneDNN's int8 products, with unit scales."""
 
-    packed: torch.Tensor
-    scales: torch.Tensor
-    zero_points: torch.Tensor
-
     def __init__(self, w: torch.Tensor) -> None:
-        object.__setattr__(self, "packed", torch.ops.onednn.qlinear_prepack(w, None))
-        object.__setattr__(self, "scales", torch.ones(w.shape[0]))
-        object.__setattr__(self, "zero_points", torch.zeros(w.shape[0], dtype=torch.int64))
+        self.packed = torch.ops.onednn.qlinear_prepack(w, None)
+        self.scales = torch.ones(w.shape[0])
+        self.zero_points = torch.zeros(w.shape[0], dtype=torch.int64)
 
 
 ONEDNN_SPAN = (FLOAT32_EXACT - 1) // (128 * 128)  # 1023: a digit row this wide has exact float32 products, whatever it holds
