@@ -298,23 +298,26 @@ def digits_for(magnitude: int) -> int:
 def balanced_digits(x: np.ndarray, n: int) -> np.ndarray:
     """Integers x (int64, within `digits_for`'s range for n) -> n int8 digits (n, *x.shape), least
     significant first, with x = Σ_j digits_j · 256^j."""
-    out = offset_digits(x, n)
-    np.bitwise_xor(out, 0x80, out=out)  # d + 128 -> d: the top bit flipped
+    low_bytes = _offset_bytes(x, n)
+    out = np.empty(low_bytes.shape, dtype=np.uint8)
+    np.bitwise_xor(low_bytes, 0x80, out=out)  # d + 128 -> d: the top bit flipped
     return out.view(np.int8)
 
 
 def offset_digits(x: np.ndarray, n: int) -> np.ndarray:
-    """`balanced_digits` each plus 128, as uint8: oneDNN's unsigned operand (zero point 128).
+    """`balanced_digits` each plus 128, as uint8: oneDNN's unsigned operand (zero point 128)."""
+    return np.ascontiguousarray(_offset_bytes(x, n))
 
-    x + Σ_j 128·256^j lies in [0, 256^n) exactly when x is within that range, and its n low bytes are
-    then the digits plus 128: one add and a byte view (a few µs for a decode row, where a loop of
-    shifts and subtractions took ~100)."""
+
+def _offset_bytes(x: np.ndarray, n: int) -> np.ndarray:
+    """The digits plus 128, as a (n, *x.shape) view of x + Σ_j 128·256^j's bytes.
+
+    That sum lies in [0, 256^n) exactly when x is within n balanced digits' range, and its n low bytes
+    are then the digits plus 128: one add and a byte view (a few µs for a decode row, where a loop of
+    shifts and subtractions took ~100); each caller makes its digits from it in one pass."""
     offset = np.uint64(128 * (DIGIT_BASE**n - 1) // (DIGIT_BASE - 1))
     shifted = (np.ascontiguousarray(x, dtype=np.int64).view(np.uint64) + offset).astype("<u8", copy=False)  # wraps mod 2⁶⁴: exact for n = 8 too
-    low_bytes = shifted.view(np.uint8).reshape(*shifted.shape, 8)[..., :n]
-    out = np.empty((n, *shifted.shape), dtype=np.uint8)
-    np.copyto(out, np.moveaxis(low_bytes, -1, 0))
-    return out
+    return np.moveaxis(shifted.view(np.uint8).reshape(*shifted.shape, 8)[..., :n], -1, 0)
 
 
 FLOAT32_EXACT = 1 << 24  # float32 holds every integer below this exactly
